@@ -1,0 +1,38 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The real MovieLens 100K, kept outside the repository (GroupLens forbids redistribution).
+ML100K = os.path.join(ROOT, '..', 'shared', 'data', 'ml-100k', 'u.data')
+
+
+@pytest.fixture
+def ml100k():
+    if not os.path.isfile(ML100K):
+        pytest.skip('../shared/data/ml-100k/u.data is not here')
+    return ML100K
+
+
+def run_script(*args, env=None, cwd=None):
+    """Run a script of the recipe (a .py with this Python, or a .sh) as a user would."""
+    command = [sys.executable, *args] if args[0].endswith('.py') else list(args)
+    command[1 if args[0].endswith('.py') else 0] = os.path.join(ROOT, args[0])
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd or ROOT,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def assert_one_line_error(completed_or_stderr, *fragments):
+    """A bad input ends in one line on stderr naming the problem, and no traceback."""
+    stderr = getattr(completed_or_stderr, 'stderr', completed_or_stderr)
+    if hasattr(completed_or_stderr, 'returncode'):
+        assert completed_or_stderr.returncode != 0
+    lines = [line for line in stderr.splitlines() if 'error' in line.lower()]
+    assert 'Traceback' not in stderr, stderr
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
