@@ -28,7 +28,8 @@ import torch
 
 from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE,
                          USER_IDS_FILE, ItemExclusion)
-from utils import UsageError, atomic_write, check_writable_directory, exit_on_usage_error
+from utils import (UsageError, atomic_torch_save, atomic_write, check_writable_directory,
+                   exit_on_usage_error)
 
 MIN_RATINGS = 20
 VALID_NEGATIVE = 100
@@ -235,15 +236,6 @@ def write_id_map(path, header, values):
     atomic_write(path, write)
 
 
-def save_tensor(path, tensor):
-    """torch.save through a file object: the archive inside is then always named 'archive'
-    (a path would name it after the temporary file), so the same input gives the same bytes."""
-    def write(temporary):
-        with open(temporary, 'wb') as file:
-            torch.save(tensor.contiguous(), file)
-    atomic_write(path, write)
-
-
 def write_cache(output, result, test_negatives, metadata):
     """Write the cache; metadata.json goes last, so a cache without it is incomplete."""
     os.makedirs(output, exist_ok=True)
@@ -255,8 +247,8 @@ def write_cache(output, result, test_negatives, metadata):
         TEST_FILE: np.stack([result['test_users'], result['test_items']], axis=1),
     }
     for name, array in tensors.items():
-        save_tensor(os.path.join(output, name), torch.from_numpy(array.astype(np.int64)))
-    save_tensor(os.path.join(output, TEST_NEGATIVES_FILE), test_negatives)
+        atomic_torch_save(torch.from_numpy(array.astype(np.int64)), os.path.join(output, name))
+    atomic_torch_save(test_negatives.contiguous(), os.path.join(output, TEST_NEGATIVES_FILE))
     write_id_map(os.path.join(output, USER_IDS_FILE), 'user_id', result['user_values'])
     write_id_map(os.path.join(output, ITEM_IDS_FILE), 'item_id', result['item_values'])
 

@@ -1,5 +1,10 @@
-"""Cached dataset files, and drawing items a user has not interacted with."""
+"""The cached dataset on the device: loading, negative sampling, batching and test candidates."""
+import json
+import os
+
 import torch
+
+from utils import UsageError
 
 # The cache convert.py writes and ncf.py reads (one directory per dataset).
 TRAIN_FILE = 'train_ratings.pt'        # int64 [n_train, 2]: user, item
@@ -63,3 +68,151 @@ class ItemExclusion:
             return torch.zeros_like(query, dtype=torch.bool)
         position = torch.searchsorted(self.keys, query).clamp_(max=len(self.keys) - 1)
         return self.keys[position] == query
+
+
+class Dataset:
+    """The cached split, on one device: training pairs, test positives and test negatives."""
+
+    def __init__(self, train_users, train_items, test_items, test_negatives, n_users, n_items,
+                 metadata):
+        self.train_users, self.train_items = train_users, train_items
+        self.test_items, self.test_negatives = test_items, test_negatives
+        self.n_users, self.n_items, self.metadata = n_users, n_items, metadata
+
+
+def _load_tensor(path, device):
+    if not os.path.isfile(path):
+        raise UsageError(f'{path} is missing: run prepare_dataset.sh or convert.py first')
+    try:
+        tensor = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # any unpickling or zip failure: the file is not a tensor file
+        raise UsageError(f'cannot read {path}: {str(error).splitlines()[0][:200]}') from None
+    if not isinstance(tensor, torch.Tensor):
+        raise UsageError(f'{path} holds a {type(tensor).__name__}, not a tensor')
+    return tensor
+
+
+def _check(tensor, path, shape, high):
+    """int64 of `shape` (None: any length) with values in [0, high) per column."""
+    if tensor.dtype != torch.int64 or tensor.dim() != len(shape) or any(
+            want is not None and have != want for have, want in zip(tensor.shape, shape)):
+        raise UsageError(f'{path} should be int64 of shape '
+                         f'[{", ".join("n" if s is None else str(s) for s in shape)}], '
+                         f'not {str(tensor.dtype).replace("torch.", "")} {list(tensor.shape)}')
+    if tensor.numel():
+        # one synchronisation per file at load time, not in any loop
+        low_value, high_value = int(tensor.min()), int(tensor.max())
+        if low_value < 0 or high_value >= high:
+            raise UsageError(f'{path} has ids outside [0, {high}): {low_value}..{high_value}')
+
+
+def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
+    """Load and check a cache written by convert.py; everything ends up on `device`.
+
+    valid_negative: test negatives per user; when it differs from the cache, new ones are drawn
+    (uniformly from each user's non-training items, with `seed`) and `log` says so.
+    """
+    if not data_dir or not os.path.isdir(data_dir):
+        raise UsageError(f'--data {data_dir!r} is not a directory: run prepare_dataset.sh first')
+    metadata_path = os.path.join(data_dir, METADATA_FILE)
+    if not os.path.isfile(metadata_path):
+        raise UsageError(f'{data_dir} has no {METADATA_FILE}: the cache is missing or incomplete; '
+                         'run prepare_dataset.sh or convert.py again')
+    try:
+        with open(metadata_path) as file:
+            metadata = json.load(file)
+        n_users, n_items = int(metadata['n_users']), int(metadata['n_items'])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f'{metadata_path} is not convert.py metadata: {error}') from None
+
+    path = os.path.join(data_dir, TRAIN_FILE)
+    train = _load_tensor(path, device)
+    _check(train, path, (None, 2), max(n_users, n_items))
+    _check(train[:, 0], path, (None,), n_users)
+    _check(train[:, 1], path, (None,), n_items)
+    path = os.path.join(data_dir, TEST_FILE)
+    test = _load_tensor(path, device)
+    _check(test, path, (n_users, 2), max(n_users, n_items))
+    _check(test[:, 1], path, (n_users,), n_items)
+    if not torch.equal(test[:, 0], torch.arange(n_users, device=device)):
+        raise UsageError(f'{path}: row u must hold user u')
+    path = os.path.join(data_dir, TEST_NEGATIVES_FILE)
+    negatives = _load_tensor(path, device)
+    _check(negatives, path, (n_users, None), n_items)
+
+    train_users, train_items = train[:, 0].contiguous(), train[:, 1].contiguous()
+    if valid_negative is not None and valid_negative != negatives.shape[1]:
+        log(f'Drawing {valid_negative} test negatives per user with seed {seed} '
+            f'(the cache has {negatives.shape[1]})')
+        exclusion = ItemExclusion(train_users, train_items, n_users, n_items)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        users = torch.arange(n_users, device=device).repeat_interleave(valid_negative)
+        negatives = exclusion.sample(users, generator).view(n_users, valid_negative)
+    return Dataset(train_users, train_items, test[:, 1].contiguous(), negatives, n_users, n_items,
+                   metadata)
+
+
+class TrainBatches:
+    """One epoch of training samples at a time, generated on the device.
+
+    Each epoch pairs every training positive with `negative_samples` items drawn uniformly from
+    the whole catalogue (approximate, as the reference: one may be a positive) and shuffles the
+    whole epoch once. Every rank draws the same epoch from the same generator and takes its own
+    slice of each global batch, so that N processes train on exactly the batches one process
+    would (the reference shards before shuffling, so its ranks see different label mixes).
+    A global batch of `batch_size` is `world_size` slices of `grads_accumulated` micro-batches.
+    """
+
+    def __init__(self, users, items, n_items, negative_samples, batch_size, rank=0,
+                 world_size=1, grads_accumulated=1):
+        self.users, self.items, self.n_items = users, items, n_items
+        self.negative_samples = negative_samples
+        self.samples = len(users) * (1 + negative_samples)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.grads_accumulated = grads_accumulated
+        self.micro_batch = batch_size // (world_size * grads_accumulated)
+        # The last partial batch is dropped, as in the reference.
+        self.steps = self.samples // batch_size
+
+    def epoch(self, generator):
+        """(users, items, labels) of this rank: [steps, grads_accumulated, micro_batch] each."""
+        n_positives, device = len(self.users), self.users.device
+        negative_items = torch.randint(0, self.n_items, (n_positives * self.negative_samples,),
+                                       generator=generator, device=device)
+        order = torch.randperm(self.samples, generator=generator, device=device)
+        # Index s < n_positives is positive s; s >= n_positives is negative s - n_positives,
+        # paired with positive (s - n_positives) mod n_positives (the reference's repeat).
+        index = order[:self.steps * self.batch_size].view(
+            self.steps, self.world_size, self.grads_accumulated, self.micro_batch)[:, self.rank]
+        positive = index < n_positives
+        source = index % n_positives
+        users = self.users[source]
+        items = torch.where(positive, self.items[source],
+                            negative_items[(index - n_positives).clamp_(min=0)])
+        return users, items, positive.float()
+
+
+def duplicate_mask(candidates):
+    """True where a candidate repeats an item that stands earlier in its row.
+
+    Column 0 holds the test positive, so it is never masked, and a negative that happens to be
+    the positive item is; each distinct item then counts once (the reference's duplicate mask).
+    """
+    sorted_items, order = torch.sort(candidates, dim=1, stable=True)
+    repeated = torch.zeros_like(candidates, dtype=torch.bool)
+    repeated[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+    return torch.zeros_like(repeated).scatter_(1, order, repeated)
+
+
+def hits_and_ndcg(scores, mask, k):
+    """Sums of HR@k and NDCG@k over rows of `scores` [users, candidates], column 0 the positive.
+
+    The positive's rank is the number of unmasked negatives scoring at least as high (a tie
+    counts against the positive, as the reference's stable top-k with the positive last).
+    """
+    ahead = (scores[:, 1:] >= scores[:, :1]) & ~mask[:, 1:]
+    rank = ahead.sum(1)
+    hit = rank < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), torch.zeros((), dtype=torch.double,
+                                                                              device=rank.device))
+    return hit.sum(), ndcg.sum()

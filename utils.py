@@ -46,3 +46,14 @@ def check_writable_directory(directory):
         raise UsageError(f'output {directory} is not a directory ({path} is a file)')
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f'output {directory} is not writable')
+
+
+def atomic_torch_save(obj, path):
+    """torch.save, atomically. Through a file object, so that the archive inside is always named
+    'archive' (a path would name it after the temporary file): same object, same bytes."""
+    import torch
+
+    def write(temporary):
+        with open(temporary, 'wb') as file:
+            torch.save(obj, file)
+    atomic_write(path, write)

@@ -19,6 +19,7 @@ def test_quick_start_is_two_commands_and_ci_runs_the_test_one():
     install_and_train, test = commands
     assert './prepare_dataset.sh synthetic' in install_and_train
     assert 'pytest' in test
+    assert 'python ncf.py --data data/cache/synthetic' in install_and_train
     with open(os.path.join(ROOT, '.ci', 'run')) as file:
         ci_lines = file.read().splitlines()
-    assert test in ci_lines
+    assert test in ci_lines and install_and_train in ci_lines

@@ -1,0 +1,319 @@
+"""ncf.py end to end on tiny data: learning, sampling, accumulation, torchrun, resume, test mode."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import convert
+import dataloading
+import ncf
+import synthetic
+from conftest import ROOT, assert_one_line_error
+from logger.logger import read_log
+from neumf import NeuMF
+
+# A small model that trains in well under a second an epoch on a CPU.
+TINY = ['-f', '8', '--layers', '32', '16', '8', '-b', '2048', '-l', '0.01', '-b1', '0.9',
+        '-b2', '0.999', '--valid_negative', '50', '--device', 'cpu']
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """A synthetic cache: 300 users, 200 items, 12,000 interactions, 50 test negatives."""
+    directory = tmp_path_factory.mktemp('tiny')
+    ratings = directory / 'ratings.csv'
+    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=12000,
+                                                         groups=4, seed=3))
+    convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
+                  '--valid_negative', '50'])
+    return str(directory / 'cache')
+
+
+def popularity_hr(data_dir, k=10):
+    """HR@k of ranking each user's candidates by training popularity (no model)."""
+    dataset = dataloading.load_dataset(data_dir, torch.device('cpu'))
+    popularity = torch.bincount(dataset.train_items, minlength=dataset.n_items).double()
+    candidates = torch.cat((dataset.test_items[:, None], dataset.test_negatives), dim=1)
+    # Break ties against the positive, as the model's metric does.
+    hits, _ = dataloading.hits_and_ndcg(popularity[candidates],
+                                        dataloading.duplicate_mask(candidates), k)
+    return hits.item() / dataset.n_users
+
+
+def test_training_beats_popularity_and_logs(tiny_data, tmp_path, capsys):
+    result = ncf.main(['--data', tiny_data, '-e', '6', '--checkpoint_dir', str(tmp_path)] + TINY)
+    baseline = popularity_hr(tiny_data)
+    assert result['best_hr'] > baseline + 0.05, (result['hrs'], baseline)
+    assert result['hrs'][-1] > result['hrs'][0]
+    out = capsys.readouterr().out
+    assert 'Epoch 5: HR@10 = ' in out and ', train_time = ' in out
+    assert (tmp_path / 'model.pth').exists() and (tmp_path / 'last.pth').exists()
+
+    records = read_log(tmp_path / 'log.json')
+    parameters = [r for r in records if r['step'] == 'PARAMETER']
+    assert any('torch_version' in r['data'] and 'cpu' in r['data'] for r in parameters)
+    assert any(r['data'].get('batch_size') == 2048 for r in parameters)
+    epochs = [r for r in records if isinstance(r['step'], list) and r['step']]
+    assert [r['step'] for r in epochs] == [[e] for e in range(6)]
+    for key in ('train_throughput', 'eval_throughput', 'hr@10', 'ndcg@10', 'train_loss',
+                'validation_loss'):
+        assert all(r['data'][key] > 0 for r in epochs)
+    summary = [r for r in records if r['step'] == []][-1]['data']
+    assert summary['best_accuracy'] == result['best_hr']
+    assert summary['best_epoch'] == result['hrs'].index(result['best_hr'])
+    for key in ('best_train_throughput', 'best_eval_throughput', 'time_to_target',
+                'time_to_best_model'):
+        assert summary[key] > 0
+
+
+def test_test_mode_reproduces_the_saved_model(tiny_data, tmp_path, capsys):
+    result = ncf.main(['--data', tiny_data, '-e', '3', '--checkpoint_dir', str(tmp_path)] + TINY)
+    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path)]
+                      + TINY)
+    assert tested['hr'] == result['best_hr']
+    assert f"HR@10 = {result['best_hr']:.4f}" in capsys.readouterr().out
+    # A state dict saved from DDP (keys prefixed with 'module.') loads in one process.
+    state = torch.load(tmp_path / 'model.pth', weights_only=True)
+    torch.save({f'module.{key}': value for key, value in state.items()}, tmp_path / 'ddp.pth')
+    again = ncf.main(['--data', tiny_data, '--mode', 'test', '--load_checkpoint_path',
+                      str(tmp_path / 'ddp.pth')] + TINY)
+    assert again['hr'] == result['best_hr']
+
+
+def test_sampler_draws_every_positive_once_and_ranks_split_the_global_batch():
+    users = torch.arange(10).repeat_interleave(3)
+    items = torch.arange(30) % 7
+    single = dataloading.TrainBatches(users, items, n_items=7, negative_samples=3, batch_size=40)
+    assert single.samples == 120 and single.steps == 3 and single.micro_batch == 40
+    u, i, labels = single.epoch(torch.Generator().manual_seed(0))
+    assert u.shape == (3, 1, 40)
+    assert labels.sum().item() == 30  # every positive exactly once (the batch divides the epoch)
+    positive_pairs = sorted(zip(u[labels == 1].tolist(), i[labels == 1].tolist()))
+    assert positive_pairs == sorted(zip(users.tolist(), items.tolist()))
+    # Each positive's user comes back with 3 negatives.
+    assert torch.bincount(u[labels == 0], minlength=10).tolist() == [9] * 10
+    assert i.min() >= 0 and i.max() < 7
+
+    # Two ranks with two micro-batches each: together, exactly the single process's batches.
+    slices = []
+    for rank in range(2):
+        batches = dataloading.TrainBatches(users, items, 7, 3, 40, rank=rank, world_size=2,
+                                           grads_accumulated=2)
+        assert batches.micro_batch == 10 and batches.steps == 3
+        slices.append(batches.epoch(torch.Generator().manual_seed(0)))
+    for single_part, part0, part1 in zip((u, i, labels), *slices):
+        joined = torch.cat((part0.flatten(1), part1.flatten(1)), dim=1)
+        assert torch.equal(joined, single_part.flatten(1))
+
+
+def test_gradient_accumulation_gives_the_same_update():
+    users = torch.arange(40).repeat_interleave(5)
+    items = torch.arange(200) % 31
+
+    def one_step(grads_accumulated):
+        torch.manual_seed(0)
+        model = NeuMF(40, 31, 8, [16, 8], dropout=0.0)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        batches = dataloading.TrainBatches(users, items, 31, 1, 400,
+                                           grads_accumulated=grads_accumulated)
+        scaler = torch.amp.GradScaler('cpu', enabled=False)
+        loss_sum, count = ncf.train_epoch(model, optimizer, scaler, batches,
+                                          torch.Generator().manual_seed(1),
+                                          lambda: torch.autocast('cpu', enabled=False),
+                                          False, lambda steps: steps)
+        return model.state_dict(), loss_sum.item() / count
+
+    whole, whole_loss = one_step(1)
+    for grads_accumulated in (2, 4):
+        split, split_loss = one_step(grads_accumulated)
+        assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+        for key in whole:
+            assert torch.allclose(whole[key], split[key], atol=1e-6), key
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    arguments = ['--data', tiny_data, '-e', '4', '--dropout', '0.3'] + TINY
+    uninterrupted = ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'a')])
+
+    real_train_epoch = ncf.train_epoch
+    calls = []
+
+    def crash_in_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while training epoch 2
+        return real_train_epoch(*args, **kwargs)
+    monkeypatch.setattr(ncf, 'train_epoch', crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'b')])
+    monkeypatch.setattr(ncf, 'train_epoch', real_train_epoch)
+    state = torch.load(tmp_path / 'b' / 'last.pth', weights_only=True)
+    assert state['history']['epoch'] == 1
+
+    resumed = ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'b'), '--resume'])
+    assert resumed['hrs'] == uninterrupted['hrs']
+    assert resumed['best_hr'] == uninterrupted['best_hr']
+    epochs = [r['step'] for r in read_log(tmp_path / 'b' / 'log.json')
+              if isinstance(r['step'], list) and r['step']]
+    assert epochs == [[0], [1], [2], [3]]  # the resumed run appends to the log
+
+
+def test_valid_negative_other_than_the_cache_draws_new_negatives(tiny_data, capsys):
+    result = ncf.main(['--data', tiny_data, '-e', '1'] + TINY + ['--valid_negative', '20'])
+    out = capsys.readouterr().out
+    assert 'Drawing 20 test negatives per user with seed 1 (the cache has 50)' in out
+    assert 0 < result['best_hr'] <= 1
+    dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'), valid_negative=20)
+    assert dataset.test_negatives.shape == (300, 20)
+    exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items, 300, 200)
+    users = torch.arange(300)[:, None].expand(-1, 20)
+    assert not exclusion.contains(users, dataset.test_negatives).any()
+
+
+def free_port_env():
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+
+
+def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
+    arguments = ['--data', tiny_data, '-e', '2', '--dropout', '0'] + TINY
+    single = ncf.main(arguments)
+    completed = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         os.path.join(ROOT, 'ncf.py')] + arguments + ['--checkpoint_dir', str(tmp_path)],
+        capture_output=True, text=True, env=free_port_env(), timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    epoch_lines = [line for line in completed.stdout.splitlines() if line.startswith('Epoch ')]
+    assert len(epoch_lines) == 2  # only rank 0 prints
+    assert 'processes: 2' in completed.stdout
+    for line, hr in zip(epoch_lines, single['hrs']):
+        distributed_hr = float(line.split('HR@10 = ')[1].split(',')[0])
+        # Same batches, gradients averaged in another order: the same up to rounding.
+        assert distributed_hr == pytest.approx(hr, abs=2 / 300)
+    # The DDP run's checkpoint loads in one process.
+    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path)]
+                      + TINY)
+    best = max(float(line.split('HR@10 = ')[1].split(',')[0]) for line in epoch_lines)
+    assert tested['hr'] == pytest.approx(best, abs=1e-4)
+
+
+def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tiny_data,
+                                                                           tmp_path):
+    ncf.main(['--data', tiny_data, '-e', '1', '--checkpoint_dir', str(tmp_path)] + TINY)
+    single = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path)]
+                      + TINY)
+    completed = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
+         '--master_port=29533', os.path.join(ROOT, 'ncf.py'), '--data', tiny_data,
+         '--mode', 'test', '--checkpoint_dir', str(tmp_path)] + TINY,
+        capture_output=True, text=True, env=free_port_env(), timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count('HR@10 = ') == 1
+    assert f"HR@10 = {single['hr']:.4f}" in completed.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_gpu_mixed_precision_and_fused_adam(tiny_data):
+    result = ncf.main(['--data', tiny_data, '-e', '3', '--amp'] +
+                      [a for a in TINY if a not in ('--device', 'cpu')] + ['--device', 'cuda'])
+    assert result['best_hr'] > popularity_hr(tiny_data)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 1, no traceback.
+
+def damaged(train):
+    out_of_range = train.clone()
+    out_of_range[5, 0] = 300
+    return {  # case: (file, its new content: None removes it, bytes replace it), error fragment
+        'missing file': ('test_negatives.pt', None, 'test_negatives.pt is missing'),
+        'wrong shape': ('train_ratings.pt', torch.zeros(10, 3, dtype=torch.long), 'shape [n, 2]'),
+        'wrong dtype': ('train_ratings.pt', train.int(), 'not int32'),
+        'id out of range': ('train_ratings.pt', out_of_range, 'outside [0, 300)'),
+        'not a tensor file': ('test_ratings.pt', b'garbage', 'cannot read'),
+        'not a tensor': ('test_ratings.pt', {'a': 1}, 'holds a dict'),
+        'test rows out of order': ('test_ratings.pt', torch.zeros(300, 2, dtype=torch.long),
+                                   'row u must hold user u'),
+    }
+
+
+@pytest.mark.parametrize('case', sorted(damaged(torch.zeros(6, 2, dtype=torch.long))))
+def test_bad_data(case, tiny_data, tmp_path, capsys):
+    train = torch.load(os.path.join(tiny_data, 'train_ratings.pt'), weights_only=True)
+    name, content, fragment = damaged(train)[case]
+    data_dir = tmp_path / 'data'
+    shutil.copytree(tiny_data, data_dir)
+    if content is None:
+        os.remove(data_dir / name)
+    elif isinstance(content, bytes):
+        (data_dir / name).write_bytes(content)
+    else:
+        torch.save(content, data_dir / name)
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(['--data', str(data_dir), '-e', '1', '--checkpoint_dir', str(tmp_path / 'ck')]
+                 + TINY)
+    assert exit_info.value.code == 1
+    assert_one_line_error(capsys.readouterr().err, fragment)
+    assert not (tmp_path / 'ck').exists()  # nothing written
+
+
+@pytest.mark.parametrize('arguments, fragment', [
+    (['--layers', '33', '16'], 'must be even'),
+    (['-b', '1001', '--grads_accumulated', '2'], 'not divisible by world size 1 x'),
+    (['-k', '52'], 'larger than the 51 candidates'),
+    (['-b', '10000000'], 'larger than an epoch'),
+    (['--amp', '--opt_level', 'O0'], 'contradict'),
+    (['--precision', 'fp16'], 'fp16 needs CUDA'),
+    (['--opt_level', 'O2', '--precision', 'fp32'], 'contradicts'),
+    (['--resume'], '--resume needs --checkpoint_dir'),
+    (['--dropout', '1.5'], '--dropout'),
+])
+def test_bad_flags(arguments, fragment, tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(['--data', tiny_data, '-e', '1'] + TINY + arguments)
+    assert exit_info.value.code == 1
+    assert_one_line_error(capsys.readouterr().err, fragment)
+    assert os.listdir(tmp_path) == []  # not even a log
+
+
+def test_bad_paths_and_checkpoints(tiny_data, tmp_path, capsys):
+    def fails(arguments, fragment):
+        with pytest.raises(SystemExit) as exit_info:
+            ncf.main(arguments)
+        assert exit_info.value.code == 1
+        assert_one_line_error(capsys.readouterr().err, fragment)
+
+    fails(['-e', '1'] + TINY, "--data None is not a directory")
+    fails(['--data', str(tmp_path / 'nowhere')] + TINY, 'is not a directory')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    fails(['--data', str(empty)] + TINY, 'has no metadata.json')
+    fails(['--data', tiny_data, '--resume', '--checkpoint_dir', str(tmp_path / 'none')] + TINY,
+          'last.pth does not exist')
+    fails(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path / 'none')]
+          + TINY, 'model.pth does not exist')
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'PK\x03\x04 not really a zip')
+    fails(['--data', tiny_data, '--mode', 'test', '--load_checkpoint_path', str(corrupt)] + TINY,
+          'cannot read checkpoint')
+    other = tmp_path / 'other'
+    ncf.main(['--data', tiny_data, '-e', '1', '--checkpoint_dir', str(other)] + TINY)
+    capsys.readouterr()
+    wider = [a if a != '8' else '16' for a in TINY]  # -f 16 instead of 8
+    fails(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(other)] + wider,
+          'mf_user_embed.weight is [300, 8] there, [300, 16] here')
+    fails(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(other), '--layers',
+           '64', '8'] + TINY[:2] + TINY[6:], 'not a NeuMF of these --layers')
+    if not torch.cuda.is_available():
+        fails(['--data', tiny_data] + TINY[:-2] + ['--device', 'cuda'], 'CUDA is not available')
+
+
+def test_cli_error_has_no_traceback(tmp_path):
+    completed = subprocess.run([sys.executable, os.path.join(ROOT, 'ncf.py'), '--data',
+                                str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert_one_line_error(completed, 'has no metadata.json')
