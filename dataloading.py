@@ -141,7 +141,10 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     _check(negatives, path, (n_users, None), n_items)
 
     train_users, train_items = train[:, 0].contiguous(), train[:, 1].contiguous()
+    metadata['test_negatives'] = f'{negatives.shape[1]} per user, from the cache'
     if valid_negative is not None and valid_negative != negatives.shape[1]:
+        metadata['test_negatives'] = (f'{valid_negative} per user, drawn at load time with seed '
+                                      f'{seed} (the cache has {negatives.shape[1]})')
         log(f'Drawing {valid_negative} test negatives per user with seed {seed} '
             f'(the cache has {negatives.shape[1]})')
         exclusion = ItemExclusion(train_users, train_items, n_users, n_items)

@@ -327,6 +327,7 @@ def run(args, device):
     logger = Logger(log_path if rank0 else None, append=args.resume or args.mode == 'test')
     log_hardware(logger)
     log_args(logger, args)
+    logger.log('PARAMETER', {'dataset': dataset.metadata})
     logger.metadata('train_throughput', {'unit': 'samples/s', 'format': ':.3e'})
     logger.metadata('eval_throughput', {'unit': 'samples/s', 'format': ':.3e'})
     logger.metadata(f'hr@{args.topk}', {'unit': None, 'format': ':.5f'})

@@ -162,10 +162,14 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_data, tmp_path, 
     assert epochs == [[0], [1], [2], [3]]  # the resumed run appends to the log
 
 
-def test_valid_negative_other_than_the_cache_draws_new_negatives(tiny_data, capsys):
-    result = ncf.main(['--data', tiny_data, '-e', '1'] + TINY + ['--valid_negative', '20'])
+def test_valid_negative_other_than_the_cache_draws_new_negatives(tiny_data, tmp_path, capsys):
+    result = ncf.main(['--data', tiny_data, '-e', '1', '--log_path', str(tmp_path / 'log.json')]
+                      + TINY + ['--valid_negative', '20'])
     out = capsys.readouterr().out
     assert 'Drawing 20 test negatives per user with seed 1 (the cache has 50)' in out
+    logged = [r['data']['dataset'] for r in read_log(tmp_path / 'log.json')
+              if 'dataset' in r['data']]
+    assert 'drawn at load time with seed 1 (the cache has 50)' in logged[0]['test_negatives']
     assert 0 < result['best_hr'] <= 1
     dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'), valid_negative=20)
     assert dataset.test_negatives.shape == (300, 20)
