@@ -61,6 +61,18 @@ class ItemExclusion:
         position = torch.searchsorted(self.shifted_keys, users * self.n_items + rank, right=True)
         return rank + (position - self.starts[users])
 
+    def pairs_of(self, users):
+        """(row, item) of every pair of the given users; row is the user's position in `users`.
+
+        Sizing the result reads one count on the host: call it per chunk, not per sample.
+        """
+        users = users.long()
+        counts = self.counts[users]
+        rows = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+        first_of_row = torch.cumsum(counts, 0) - counts
+        rank_in_user = torch.arange(len(rows), device=users.device) - first_of_row[rows]
+        return rows, self.keys[self.starts[users][rows] + rank_in_user] % self.n_items
+
     def contains(self, users, items):
         """Boolean mask: whether each (user, item) pair is one of the pairs given."""
         query = users.long() * self.n_items + items.long()
@@ -167,18 +179,21 @@ class TrainBatches:
     """
 
     def __init__(self, users, items, n_items, negative_samples, batch_size, rank=0,
-                 world_size=1, grads_accumulated=1):
+                 world_size=1, grads_accumulated=1, max_micro_batch=None):
         self.users, self.items, self.n_items = users, items, n_items
         self.negative_samples = negative_samples
         self.samples = len(users) * (1 + negative_samples)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.grads_accumulated = grads_accumulated
-        self.micro_batch = batch_size // (world_size * grads_accumulated)
+        # Micro-batches per step: grads_accumulated, times whatever splits each into at most
+        # max_micro_batch samples (the same update: the gradients add up to the batch's).
+        self.micro_batches = grads_accumulated * _split_factor(
+            batch_size // (world_size * grads_accumulated), max_micro_batch)
+        self.micro_batch = batch_size // (world_size * self.micro_batches)
         # The last partial batch is dropped, as in the reference.
         self.steps = self.samples // batch_size
 
     def epoch(self, generator):
-        """(users, items, labels) of this rank: [steps, grads_accumulated, micro_batch] each."""
+        """(users, items, labels) of this rank: [steps, micro_batches, micro_batch] each."""
         n_positives, device = len(self.users), self.users.device
         negative_items = torch.randint(0, self.n_items, (n_positives * self.negative_samples,),
                                        generator=generator, device=device)
@@ -186,13 +201,24 @@ class TrainBatches:
         # Index s < n_positives is positive s; s >= n_positives is negative s - n_positives,
         # paired with positive (s - n_positives) mod n_positives (the reference's repeat).
         index = order[:self.steps * self.batch_size].view(
-            self.steps, self.world_size, self.grads_accumulated, self.micro_batch)[:, self.rank]
+            self.steps, self.world_size, self.micro_batches, self.micro_batch)[:, self.rank]
         positive = index < n_positives
         source = index % n_positives
         users = self.users[source]
         items = torch.where(positive, self.items[source],
                             negative_items[(index - n_positives).clamp_(min=0)])
         return users, items, positive.float()
+
+
+def _split_factor(samples, max_samples):
+    """The least m dividing `samples` into m parts of at most `max_samples` (and at least a
+    quarter of it, or small parts would cost more than they save); 1 if there is none."""
+    if not max_samples or samples <= max_samples:
+        return 1
+    for parts in range(2, samples + 1):
+        if samples % parts == 0 and samples // parts <= max_samples:
+            return parts if samples // parts >= max_samples // 4 else 1
+    return 1
 
 
 def duplicate_mask(candidates):
@@ -214,8 +240,12 @@ def hits_and_ndcg(scores, mask, k):
     counts against the positive, as the reference's stable top-k with the positive last).
     """
     ahead = (scores[:, 1:] >= scores[:, :1]) & ~mask[:, 1:]
-    rank = ahead.sum(1)
+    return rank_metrics(ahead.sum(1), k)
+
+
+def rank_metrics(rank, k):
+    """Sums of HR@k and NDCG@k for 0-based ranks of the test positives."""
     hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0), torch.zeros((), dtype=torch.double,
-                                                                              device=rank.device))
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0),
+                       torch.zeros((), dtype=torch.double, device=rank.device))
     return hit.sum(), ndcg.sum()

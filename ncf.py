@@ -21,6 +21,9 @@ from logger.autologging import log_args, log_hardware
 from neumf import NeuMF
 from utils import UsageError, atomic_torch_save
 
+# On a CPU the fast path trains and evaluates in pieces of at most this many samples: their
+# activations stay in cache (the update is the same: gradients add up over the pieces).
+CPU_CHUNK = 16384
 BEST_MODEL_FILE = 'model.pth'      # state dict of the best model so far, as the reference
 LAST_CHECKPOINT_FILE = 'last.pth'  # everything --resume needs, after every epoch
 LOG_FILE = 'log.json'
@@ -73,10 +76,14 @@ def parse_args(argv=None):
                              'step (each is batch_size / (world_size * grads_accumulated))')
     parser.add_argument('--opt_level', default=None, type=str, choices=['O0', 'O2'],
                         help='Optimization level for Automatic Mixed Precision: O2 = mixed '
-                             'precision (default on GPU), O0 = fp32 (default on CPU)')
+                             'precision (the default; on a CPU without native bf16, fp32), '
+                             'O0 = fp32')
     parser.add_argument('--amp', action='store_true', help='Enable mixed precision (= O2)')
     parser.add_argument('--precision', choices=['fp32', 'fp16', 'bf16'], default=None,
                         help='Finer than --opt_level: O2 means fp16 on GPU and bf16 on CPU')
+    parser.add_argument('--plain', action='store_true',
+                        help="Use the plain eager implementation (the reference's forward, "
+                             'autograd, plain Adam on CPU) instead of the fast path')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
                         help='auto: CUDA when available')
     parser.add_argument('--log_path', default=None, type=str,
@@ -123,13 +130,24 @@ def resolve_precision(args, device):
         precision = args.precision
     elif level == 'O0':
         precision = 'fp32'
-    elif level == 'O2' or device.type == 'cuda':  # the reference's default is O2 on GPU
-        precision = 'fp16' if device.type == 'cuda' else 'bf16'
+    elif device.type == 'cuda':
+        precision = 'fp16'  # O2, the reference's default
+    elif level == 'O2' or cpu_has_native_bf16():
+        precision = 'bf16'  # asked for, or the default where the CPU computes in bf16 natively
     else:
         precision = 'fp32'
     if precision == 'fp16' and device.type != 'cuda':
         raise UsageError('fp16 needs CUDA; on CPU use --precision bf16 (or --amp)')
     return precision
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX): elsewhere bf16
+    is emulated, and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def check_args(args):
@@ -161,6 +179,34 @@ def synchronized_time(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def build_model(args, dataset):
+    return NeuMF(dataset.n_users, dataset.n_items, mf_dim=args.factors,
+                 mlp_layer_sizes=args.layers, dropout=args.dropout, fast=not args.plain)
+
+
+def build_batches(args, dataset, device):
+    on_cpu_fast = device.type == 'cpu' and not args.plain
+    return dataloading.TrainBatches(dataset.train_users, dataset.train_items, dataset.n_items,
+                                    args.negative_samples, args.batch_size, args.rank,
+                                    args.world_size, args.grads_accumulated,
+                                    max_micro_batch=CPU_CHUNK if on_cpu_fast else None)
+
+
+def build_optimizer(args, model, device):
+    """Adam; fused (one kernel over all parameters) on CUDA as apex FusedAdam was, and on a CPU
+    in the fast path. The plain path keeps torch's plain Adam on a CPU."""
+    return torch.optim.Adam(model.parameters(), lr=args.learning_rate,
+                            betas=(args.beta1, args.beta2), eps=args.eps,
+                            fused=device.type == 'cuda' or not args.plain)
+
+
+def eval_chunk(args, device):
+    """(user, item) pairs per evaluation forward."""
+    if device.type == 'cpu' and not args.plain:
+        return min(args.valid_batch_size, CPU_CHUNK)
+    return args.valid_batch_size
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +302,7 @@ def validate(model, candidates, topk, valid_batch_size, autocast, distributed):
 def train_epoch(model, optimizer, scaler, batches, generator, autocast, distributed, progress):
     """One pass over a freshly drawn epoch; returns this rank's (loss sum, sample count)."""
     users, items, labels = batches.epoch(generator)
-    accumulated = batches.grads_accumulated
+    accumulated = batches.micro_batches
     loss_sum = torch.zeros((), dtype=torch.float64, device=users.device)
     for step in progress(range(batches.steps)):
         for micro in range(accumulated):
@@ -306,14 +352,11 @@ def run(args, device):
     main_start = synchronized_time(device)
     dataset = dataloading.load_dataset(args.data, device, args.valid_negative, args.seed, say)
     candidates = TestCandidates(dataset, args.rank, args.world_size)
-    batches = dataloading.TrainBatches(dataset.train_users, dataset.train_items, dataset.n_items,
-                                       args.negative_samples, args.batch_size, args.rank,
-                                       args.world_size, args.grads_accumulated)
+    batches = build_batches(args, dataset, device)
     if args.mode == 'train' and batches.steps == 0:
         raise UsageError(f'--batch_size {args.batch_size} is larger than an epoch '
                          f'({batches.samples} samples): no step would be trained')
-    model = NeuMF(dataset.n_users, dataset.n_items, mf_dim=args.factors,
-                  mlp_layer_sizes=args.layers, dropout=args.dropout)
+    model = build_model(args, dataset)
     if load_path is not None:
         load_model_state(model, loaded_state, load_path)
     if resume_state is not None:
@@ -337,11 +380,12 @@ def run(args, device):
     model = model.to(device)
     say(model)
     say(f'{sum(p.numel() for p in model.parameters())} parameters')
-    say(f'Precision: {precision}, device: {device}, processes: {args.world_size}')
+    say(f'Precision: {precision}, device: {device}, processes: {args.world_size}, '
+        f'{"plain" if args.plain else "fast"} path')
 
     if args.mode == 'test':
         start = synchronized_time(device)
-        hr, ndcg, val_loss = validate(model, candidates, args.topk, args.valid_batch_size,
+        hr, ndcg, val_loss = validate(model, candidates, args.topk, eval_chunk(args, device),
                                       autocast, args.distributed)
         val_time = synchronized_time(device) - start
         eval_throughput = candidates.total_samples / val_time
@@ -353,9 +397,7 @@ def run(args, device):
         logger.close()
         return {'hr': hr, 'ndcg': ndcg}
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.learning_rate,
-                                 betas=(args.beta1, args.beta2), eps=args.eps,
-                                 fused=device.type == 'cuda')
+    optimizer = build_optimizer(args, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
                                          else None) if args.distributed else model)
@@ -393,7 +435,7 @@ def run(args, device):
         train_loss_sum, train_samples = all_reduce_sums([loss_sum, samples], device,
                                                         args.distributed)
         begin = synchronized_time(device)
-        hr, ndcg, val_loss = validate(model, candidates, args.topk, args.valid_batch_size,
+        hr, ndcg, val_loss = validate(model, candidates, args.topk, eval_chunk(args, device),
                                       autocast, args.distributed)
         val_time = synchronized_time(device) - begin
         # Samples actually trained (the last partial batch is dropped), over all ranks.

@@ -36,3 +36,23 @@ def assert_one_line_error(completed_or_stderr, *fragments):
     assert len(lines) == 1, stderr
     for fragment in fragments:
         assert fragment in lines[0], stderr
+
+
+# A small model that trains in well under a second an epoch on a CPU.
+TINY = ['-f', '8', '--layers', '32', '16', '8', '-b', '2048', '-l', '0.01', '-b1', '0.9',
+        '-b2', '0.999', '--valid_negative', '50', '--device', 'cpu']
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """A synthetic cache: 300 users, 200 items, 12,000 interactions, 50 test negatives."""
+    import convert
+    import synthetic
+
+    directory = tmp_path_factory.mktemp('tiny')
+    ratings = directory / 'ratings.csv'
+    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=12000,
+                                                         groups=4, seed=3))
+    convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
+                  '--valid_negative', '50'])
+    return str(directory / 'cache')
