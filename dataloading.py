@@ -171,16 +171,18 @@ class TrainBatches:
     """One epoch of training samples at a time, generated on the device.
 
     Each epoch pairs every training positive with `negative_samples` items drawn uniformly from
-    the whole catalogue (approximate, as the reference: one may be a positive) and shuffles the
-    whole epoch once. Every rank draws the same epoch from the same generator and takes its own
+    the whole catalogue (approximate, as the reference: one may be a positive) or, given an
+    ItemExclusion of the training pairs, from the items the user has no training pair with
+    (exact), and shuffles the whole epoch once. Every rank draws the same epoch from the same generator and takes its own
     slice of each global batch, so that N processes train on exactly the batches one process
     would (the reference shards before shuffling, so its ranks see different label mixes).
     A global batch of `batch_size` is `world_size` slices of `grads_accumulated` micro-batches.
     """
 
     def __init__(self, users, items, n_items, negative_samples, batch_size, rank=0,
-                 world_size=1, grads_accumulated=1, max_micro_batch=None):
+                 world_size=1, grads_accumulated=1, max_micro_batch=None, exclusion=None):
         self.users, self.items, self.n_items = users, items, n_items
+        self.exclusion = exclusion  # given: exact negatives, never one of the user's positives
         self.negative_samples = negative_samples
         self.samples = len(users) * (1 + negative_samples)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -195,8 +197,12 @@ class TrainBatches:
     def epoch(self, generator):
         """(users, items, labels) of this rank: [steps, micro_batches, micro_batch] each."""
         n_positives, device = len(self.users), self.users.device
-        negative_items = torch.randint(0, self.n_items, (n_positives * self.negative_samples,),
-                                       generator=generator, device=device)
+        if self.exclusion is None:
+            negative_items = torch.randint(0, self.n_items, (n_positives * self.negative_samples,),
+                                           generator=generator, device=device)
+        else:
+            negative_items = self.exclusion.sample(self.users.repeat(self.negative_samples),
+                                                   generator)
         order = torch.randperm(self.samples, generator=generator, device=device)
         # Index s < n_positives is positive s; s >= n_positives is negative s - n_positives,
         # paired with positive (s - n_positives) mod n_positives (the reference's repeat).

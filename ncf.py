@@ -3,6 +3,7 @@
     python ncf.py --data data/cache/ml-20m
     torchrun --nproc_per_node=8 ncf.py --data /data/cache/ml-20m
     python ncf.py --data data/cache/ml-20m --mode test --load_checkpoint_path checkpoints/model.pth
+    python ncf.py --data data/cache/ml-20m --mode recommend --load_checkpoint_path ... --users 12,57
 """
 import argparse
 import contextlib
@@ -16,9 +17,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 import dataloading
+import recommend
 from logger import Logger
 from logger.autologging import log_args, log_hardware
-from neumf import NeuMF
+from neumf import NeuMF, all_item_scores
 from utils import UsageError, atomic_torch_save
 
 # On a CPU the fast path trains and evaluates in pieces of at most this many samples: their
@@ -68,9 +70,11 @@ def parse_args(argv=None):
     parser.add_argument('--load_checkpoint_path', default=None, type=str,
                         help='Path to the checkpoint file to be loaded before training/evaluation '
                              '(test mode default: CHECKPOINT_DIR/model.pth)')
-    parser.add_argument('--mode', choices=['train', 'test'], default='train', type=str,
+    parser.add_argument('--mode', choices=['train', 'test', 'recommend'], default='train',
+                        type=str,
                         help='Passing "test" will only run a single evaluation, otherwise full '
-                             'training will be performed')
+                             'training will be performed; "recommend" writes each user\'s top-K '
+                             'unseen items')
     parser.add_argument('--grads_accumulated', default=1, type=int,
                         help='Number of gradients to accumulate before performing an optimization '
                              'step (each is batch_size / (world_size * grads_accumulated))')
@@ -91,6 +95,24 @@ def parse_args(argv=None):
                              'CHECKPOINT_DIR, or in the current directory)')
     parser.add_argument('--resume', action='store_true',
                         help='Continue from CHECKPOINT_DIR/last.pth')
+    parser.add_argument('--eval_mode', choices=['sampled', 'full'], default='sampled',
+                        help="sampled: the test positive against its test negatives (the "
+                             "reference's); full: against every item without a training "
+                             'interaction')
+    parser.add_argument('--negative_sampling', choices=['approximate', 'exact'],
+                        default='approximate',
+                        help="approximate: training negatives uniform over all items (the "
+                             "reference's, one may be a positive); exact: never a training "
+                             'positive of the user')
+    parser.add_argument('--users', default=None,
+                        help='recommend mode: comma-separated user ids (the dataset\'s own; '
+                             'default: all users)')
+    parser.add_argument('--users_file', default=None,
+                        help='recommend mode: a file of user ids, one per line')
+    parser.add_argument('--output', default=None,
+                        help='recommend mode: CSV file to write (default: stdout)')
+    parser.add_argument('--tensorboard', default=None, metavar='DIR',
+                        help='also write the per-epoch figures as TensorBoard scalars to DIR')
     parser.add_argument('--local_rank', '--local-rank', default=0, type=int,
                         help='Set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)')
     return parser.parse_args(argv)
@@ -165,13 +187,43 @@ def check_args(args):
     if args.batch_size % (args.world_size * args.grads_accumulated):
         raise UsageError(f'--batch_size {args.batch_size} is not divisible by world size '
                          f'{args.world_size} x --grads_accumulated {args.grads_accumulated}')
-    if args.topk > args.valid_negative + 1:
+    if args.mode != 'recommend' and args.eval_mode == 'sampled' and \
+            args.topk > args.valid_negative + 1:
         raise UsageError(f'--topk {args.topk} is larger than the {args.valid_negative + 1} '
                          'candidates of each user (--valid_negative + 1)')
+    if args.mode != 'recommend' and (args.users or args.users_file or args.output):
+        raise UsageError('--users, --users_file and --output are for --mode recommend')
+    if args.mode == 'recommend' and args.distributed:
+        raise UsageError('--mode recommend runs in one process, not under torchrun')
     if args.resume and not args.checkpoint_dir:
         raise UsageError('--resume needs --checkpoint_dir (it continues from last.pth there)')
     if args.resume and args.mode == 'test':
         raise UsageError('--resume is for training; --mode test takes --load_checkpoint_path')
+
+
+def check_args_against_data(args, dataset):
+    if (args.mode == 'recommend' or args.eval_mode == 'full') and args.topk > dataset.n_items:
+        raise UsageError(f'--topk {args.topk} is larger than the catalogue '
+                         f'({dataset.n_items} items)')
+
+
+def check_free_items(args, exclusion):
+    """Exact negatives need an item outside each user's training items."""
+    if args.negative_sampling == 'exact' and args.mode == 'train':
+        full = torch.nonzero(exclusion.free_counts == 0).flatten()
+        if len(full):
+            raise UsageError(f'user {int(full[0])} (mapped id) has a training interaction with '
+                             'every item: --negative_sampling exact has nothing to draw')
+
+
+def tensorboard_writer_class():
+    """torch's SummaryWriter, which needs the tensorboard package: checked before any work."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UsageError('--tensorboard needs the tensorboard package: pip install tensorboard') \
+            from None
+    return SummaryWriter
 
 
 def synchronized_time(device):
@@ -186,12 +238,14 @@ def build_model(args, dataset):
                  mlp_layer_sizes=args.layers, dropout=args.dropout, fast=not args.plain)
 
 
-def build_batches(args, dataset, device):
+def build_batches(args, dataset, device, exclusion=None):
+    """exclusion: the training pairs, needed for --negative_sampling exact."""
     on_cpu_fast = device.type == 'cpu' and not args.plain
-    return dataloading.TrainBatches(dataset.train_users, dataset.train_items, dataset.n_items,
-                                    args.negative_samples, args.batch_size, args.rank,
-                                    args.world_size, args.grads_accumulated,
-                                    max_micro_batch=CPU_CHUNK if on_cpu_fast else None)
+    return dataloading.TrainBatches(
+        dataset.train_users, dataset.train_items, dataset.n_items, args.negative_samples,
+        args.batch_size, args.rank, args.world_size, args.grads_accumulated,
+        max_micro_batch=CPU_CHUNK if on_cpu_fast else None,
+        exclusion=exclusion if args.negative_sampling == 'exact' else None)
 
 
 def build_optimizer(args, model, device):
@@ -251,19 +305,75 @@ def load_model_state(model, state, path):
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 
-class TestCandidates:
-    """This rank's users, their candidates [users, 1 + valid_negative] (column 0 the test
-    positive) and the duplicate mask; ranks split the users into contiguous chunks."""
+class Evaluation:
+    """This rank's share of the test users (contiguous chunks) and how they are scored.
 
-    def __init__(self, dataset, rank, world_size):
+    sampled (the reference's): the test positive against its test negatives, a repeated
+    candidate counted once. full: against every item the user has no training interaction with.
+    """
+
+    def __init__(self, dataset, args, device, exclusion=None):
         n_users = dataset.n_users
-        first, last = n_users * rank // world_size, n_users * (rank + 1) // world_size
-        self.users = torch.arange(first, last, device=dataset.test_items.device)
-        self.items = torch.cat((dataset.test_items[first:last, None],
-                                dataset.test_negatives[first:last]), dim=1)
-        self.mask = dataloading.duplicate_mask(self.items)
-        self.total_users = n_users
-        self.total_samples = n_users * self.items.shape[1]
+        first, last = n_users * args.rank // args.world_size, n_users * (args.rank + 1) // args.world_size
+        self.users = torch.arange(first, last, device=device)
+        self.positives = dataset.test_items[first:last]
+        self.topk, self.chunk, self.distributed = args.topk, eval_chunk(args, device), args.distributed
+        self.full = args.eval_mode == 'full'
+        if self.full:
+            self.exclusion = exclusion
+            self.samples = n_users * dataset.n_items  # (user, item) pairs scored, all ranks
+        else:
+            # column 0: the positive
+            self.items = torch.cat((self.positives[:, None], dataset.test_negatives[first:last]), 1)
+            self.mask = dataloading.duplicate_mask(self.items)
+            self.samples = n_users * self.items.shape[1]
+
+    def __call__(self, model, autocast):
+        """HR@K, NDCG@K and the validation loss over all ranks' users."""
+        model.eval()
+        with torch.no_grad(), autocast():
+            sums = self._full(model) if self.full else self._sampled(model)
+        hits, ndcg, loss_sum, loss_count, users = all_reduce_sums(
+            [*sums, len(self.users)], self.users.device, self.distributed)
+        model.train()
+        return hits / users, ndcg / users, loss_sum / max(loss_count, 1)
+
+    def _sampled(self, model):
+        width = self.items.shape[1]
+        rows = max(1, self.chunk // width)
+        scores = torch.cat([model(self.users[start:start + rows].repeat_interleave(width),
+                                  self.items[start:start + rows].reshape(-1)).float().view(-1, width)
+                            for start in range(0, len(self.users), rows)]
+                           or [torch.empty(0, width, device=self.users.device)])
+        hits, ndcg = dataloading.hits_and_ndcg(scores, self.mask, self.topk)
+        labels = torch.zeros_like(scores)
+        labels[:, 0] = 1.0
+        counted = ~self.mask
+        losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')[counted]
+        return hits, ndcg, losses.sum(), counted.sum()
+
+    def _full(self, model):
+        n_items = self.exclusion.n_items
+        rows = max(1, self.chunk // n_items)
+        device = self.users.device
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        for start in range(0, len(self.users), rows):
+            users, positives = self.users[start:start + rows], self.positives[start:start + rows]
+            scores = all_item_scores(model, users, n_items)
+            trained = torch.zeros_like(scores, dtype=torch.bool)
+            trained[self.exclusion.pairs_of(users)] = True
+            row = torch.arange(len(users), device=device)
+            competitors = ~trained
+            competitors[row, positives] = False
+            # As in sampled mode, an item scoring as high as the positive ranks ahead of it.
+            rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
+            hits, ndcg = dataloading.rank_metrics(rank, self.topk)
+            labels = torch.zeros_like(scores)
+            labels[row, positives] = 1.0
+            losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')[~trained]
+            sums += torch.stack([hits.double(), ndcg, losses.sum().double(),
+                                 torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
+        return sums.unbind()
 
 
 def all_reduce_sums(values, device, distributed):
@@ -272,31 +382,6 @@ def all_reduce_sums(values, device, distributed):
     if distributed:
         dist.all_reduce(totals)
     return totals.tolist()
-
-
-def validate(model, candidates, topk, valid_batch_size, autocast, distributed):
-    """HR@topk, NDCG@topk and the validation loss, over all ranks' users."""
-    model.eval()
-    width = candidates.items.shape[1]
-    rows = max(1, valid_batch_size // width)
-    scores = []
-    with torch.no_grad(), autocast():
-        for start in range(0, len(candidates.users), rows):
-            users = candidates.users[start:start + rows]
-            items = candidates.items[start:start + rows]
-            scores.append(model(users.repeat_interleave(width), items.reshape(-1))
-                          .float().view(-1, width))
-    scores = torch.cat(scores) if scores else torch.empty(0, width, device=candidates.items.device)
-    hits, ndcg = dataloading.hits_and_ndcg(scores, candidates.mask, topk)
-    labels = torch.zeros_like(scores)
-    labels[:, 0] = 1.0
-    losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')
-    counted = ~candidates.mask
-    hits, ndcg, loss_sum, loss_count, users = all_reduce_sums(
-        [hits, ndcg, losses[counted].sum(), counted.sum(), len(candidates.users)],
-        scores.device, distributed)
-    model.train()
-    return hits / users, ndcg / users, loss_sum / loss_count
 
 
 def train_epoch(model, optimizer, scaler, batches, generator, autocast, distributed, progress):
@@ -340,10 +425,11 @@ def run(args, device):
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
     torch.manual_seed(args.seed)
+    summary_writer_class = tensorboard_writer_class() if args.tensorboard and rank0 else None
     last_path = os.path.join(args.checkpoint_dir, LAST_CHECKPOINT_FILE)
     resume_state = read_checkpoint(last_path) if args.resume else None
     load_path = None
-    if args.mode == 'test' or args.load_checkpoint_path:
+    if args.mode != 'train' or args.load_checkpoint_path:
         load_path = args.load_checkpoint_path or os.path.join(args.checkpoint_dir, BEST_MODEL_FILE)
         loaded_state = read_checkpoint(load_path)
 
@@ -351,8 +437,14 @@ def run(args, device):
         dist.barrier()  # start the clock together
     main_start = synchronized_time(device)
     dataset = dataloading.load_dataset(args.data, device, args.valid_negative, args.seed, say)
-    candidates = TestCandidates(dataset, args.rank, args.world_size)
-    batches = build_batches(args, dataset, device)
+    check_args_against_data(args, dataset)
+    exclusion = None
+    if args.mode == 'recommend' or args.eval_mode == 'full' or args.negative_sampling == 'exact':
+        exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
+                                              dataset.n_users, dataset.n_items)
+        check_free_items(args, exclusion)
+    evaluation = Evaluation(dataset, args, device, exclusion)
+    batches = build_batches(args, dataset, device, exclusion)
     if args.mode == 'train' and batches.steps == 0:
         raise UsageError(f'--batch_size {args.batch_size} is larger than an epoch '
                          f'({batches.samples} samples): no step would be trained')
@@ -361,6 +453,16 @@ def run(args, device):
         load_model_state(model, loaded_state, load_path)
     if resume_state is not None:
         load_model_state(model, resume_state, last_path)
+    model = model.to(device)
+
+    if args.mode == 'recommend':
+        def warn(message):
+            print(f'ncf.py: warning: {message}', file=sys.stderr)
+        users, rows = recommend.recommend(model, exclusion, args, device, autocast,
+                                          eval_chunk(args, device), warn)
+        print(f'Recommended up to {args.topk} items for each of {users} users ({rows} rows)'
+              + (f' to {args.output}' if args.output else ''), file=sys.stderr)
+        return {'users': users, 'rows': rows}
 
     # Every input has been checked: only now is anything written.
     if args.checkpoint_dir and rank0 and args.mode == 'train':
@@ -377,18 +479,16 @@ def run(args, device):
 
     say(f'Load data done [{time.perf_counter() - main_start:.1f} s]. #user={dataset.n_users}, '
         f'#item={dataset.n_items}, #train={len(dataset.train_users)}, #test={dataset.n_users}')
-    model = model.to(device)
     say(model)
     say(f'{sum(p.numel() for p in model.parameters())} parameters')
     say(f'Precision: {precision}, device: {device}, processes: {args.world_size}, '
-        f'{"plain" if args.plain else "fast"} path')
+        f'{"plain" if args.plain else "fast"} path, {args.eval_mode} evaluation')
 
     if args.mode == 'test':
         start = synchronized_time(device)
-        hr, ndcg, val_loss = validate(model, candidates, args.topk, eval_chunk(args, device),
-                                      autocast, args.distributed)
+        hr, ndcg, val_loss = evaluation(model, autocast)
         val_time = synchronized_time(device) - start
-        eval_throughput = candidates.total_samples / val_time
+        eval_throughput = evaluation.samples / val_time
         say(f'HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}')
         say(f'validation_loss = {val_loss:.4f}, eval_throughput = {eval_throughput:.3e} samples/s, '
             f'val_time = {val_time:.2f}')
@@ -397,6 +497,20 @@ def run(args, device):
         logger.close()
         return {'hr': hr, 'ndcg': ndcg}
 
+    summary_writer = summary_writer_class(args.tensorboard) if summary_writer_class else None
+    try:
+        return train(args, device, model, batches, evaluation, precision, autocast, logger,
+                     summary_writer, resume_state, main_start, say)
+    finally:
+        logger.close()
+        if summary_writer is not None:
+            summary_writer.close()
+
+
+def train(args, device, model, batches, evaluation, precision, autocast, logger, summary_writer,
+          resume_state, main_start, say):
+    rank0 = args.rank == 0
+    last_path = os.path.join(args.checkpoint_dir, LAST_CHECKPOINT_FILE)
     optimizer = build_optimizer(args, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
@@ -435,12 +549,11 @@ def run(args, device):
         train_loss_sum, train_samples = all_reduce_sums([loss_sum, samples], device,
                                                         args.distributed)
         begin = synchronized_time(device)
-        hr, ndcg, val_loss = validate(model, candidates, args.topk, eval_chunk(args, device),
-                                      autocast, args.distributed)
+        hr, ndcg, val_loss = evaluation(model, autocast)
         val_time = synchronized_time(device) - begin
         # Samples actually trained (the last partial batch is dropped), over all ranks.
         train_throughput = batches.steps * batches.batch_size / train_time
-        eval_throughput = candidates.total_samples / val_time
+        eval_throughput = evaluation.samples / val_time
         history['train_throughputs'].append(train_throughput)
         history['eval_throughputs'].append(eval_throughput)
         history['hrs'].append(hr)
@@ -452,10 +565,15 @@ def run(args, device):
         say(f'         train_loss = {train_loss:.4f}, validation_loss = {val_loss:.4f}, '
             f'train_throughput = {train_throughput:.3e} samples/s, '
             f'eval_throughput = {eval_throughput:.3e} samples/s')
-        logger.log((epoch,), {'train_throughput': train_throughput, f'hr@{args.topk}': hr,
-                              f'ndcg@{args.topk}': ndcg, 'train_epoch_time': train_time,
-                              'validation_epoch_time': val_time, 'eval_throughput': eval_throughput,
-                              'train_loss': train_loss, 'validation_loss': val_loss})
+        figures = {'train_throughput': train_throughput, f'hr@{args.topk}': hr,
+                   f'ndcg@{args.topk}': ndcg, 'train_epoch_time': train_time,
+                   'validation_epoch_time': val_time, 'eval_throughput': eval_throughput,
+                   'train_loss': train_loss, 'validation_loss': val_loss}
+        logger.log((epoch,), figures)
+        if summary_writer is not None:
+            for name, value in figures.items():
+                summary_writer.add_scalar(name, value, epoch)
+            summary_writer.flush()
 
         history['elapsed'] = time_offset + synchronized_time(device) - main_start
         if hr > history['best_hr']:
@@ -491,7 +609,6 @@ def run(args, device):
         'time_to_best_model': history['best_model_elapsed'],
     }
     logger.log((), summary)
-    logger.close()
     say(', '.join(f'{key} = {value:.4g}' if isinstance(value, float) else f'{key} = {value}'
                   for key, value in summary.items()))
     return {'hrs': history['hrs'], 'best_hr': history['best_hr'], 'summary': summary}

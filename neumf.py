@@ -135,3 +135,30 @@ def lecun_uniform_(weight):
     limit = math.sqrt(3.0 / weight.shape[1])
     with torch.no_grad():
         return weight.uniform_(-limit, limit)
+
+
+def all_item_scores(model, users, n_items):
+    """Logits of every item for each of `users`: [len(users), n_items], as float32.
+
+    One forward over len(users) * n_items pairs: callers size `users` to bound the memory.
+    """
+    items = torch.arange(n_items, device=users.device)
+    logits = model(users.repeat_interleave(n_items), items.repeat(len(users)))
+    return logits.float().view(len(users), n_items)
+
+
+def shapes_of(state):
+    """(nb_users, nb_items, mf_dim, mlp_layer_sizes) of a NeuMF state dict, or of a last.pth
+    holding one under 'model'; ValueError if it is not one."""
+    if isinstance(state, dict) and isinstance(state.get('model'), dict):
+        state = state['model']
+    try:
+        state = {key.removeprefix('module.'): value for key, value in state.items()}
+        nb_users, mf_dim = state['mf_user_embed.weight'].shape
+        nb_items = state['mf_item_embed.weight'].shape[0]
+        layers = [state['mlp_user_embed.weight'].shape[1] * 2]
+        while f'mlp.{len(layers) - 1}.weight' in state:
+            layers.append(state[f'mlp.{len(layers) - 1}.weight'].shape[0])
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise ValueError('not a NeuMF state dict') from None
+    return nb_users, nb_items, mf_dim, layers

@@ -20,7 +20,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -104,11 +103,10 @@ def time_path(name, argv, dataset, device, steps):
                     lambda steps: steps)
     epoch_time = ncf.synchronized_time(device) - begin
 
-    candidates = ncf.TestCandidates(dataset, 0, 1)
-    ncf.validate(model, candidates, args.topk, ncf.eval_chunk(args, device), autocast, False)
+    evaluation = ncf.Evaluation(dataset, args, device)
+    evaluation(model, autocast)  # warm-up
     begin = ncf.synchronized_time(device)
-    hr, _, _ = ncf.validate(model, candidates, args.topk, ncf.eval_chunk(args, device), autocast,
-                            False)
+    hr, _, _ = evaluation(model, autocast)
     eval_time = ncf.synchronized_time(device) - begin
     figures = {
         'precision': precision,
@@ -118,7 +116,7 @@ def time_path(name, argv, dataset, device, steps):
         'train_step_samples_per_s': args.batch_size / step_time,
         'train_epoch_samples_per_s': batches.steps * args.batch_size / epoch_time,
         'epoch_s': round(epoch_time, 3),
-        'eval_samples_per_s': candidates.total_samples / eval_time,
+        'eval_samples_per_s': evaluation.samples / eval_time,
         'eval_s': round(eval_time, 3),
         'first_step_s': round(first_step, 2),
         'hr_after_one_epoch': round(hr, 4),
@@ -130,7 +128,6 @@ def time_path(name, argv, dataset, device, steps):
           f'{figures["train_epoch_samples_per_s"]:.3e} samples/s, eval {eval_time:.2f} s = '
           f'{figures["eval_samples_per_s"]:.3e} samples/s, first step after '
           f'{first_step:.2f} s', file=sys.stderr, flush=True)
-    del model, optimizer, users, items, labels
     return figures
 
 

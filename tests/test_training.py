@@ -1,5 +1,4 @@
 """ncf.py end to end on tiny data: learning, sampling, accumulation, torchrun, resume, test mode."""
-import json
 import os
 import shutil
 import subprocess

@@ -1,0 +1,61 @@
+"""Cost of exact training negatives: one epoch's generation, approximate against exact.
+
+    python benchmarks/negative_sampling.py --data data/cache/ml-20m [--device cuda]
+
+Times dataloading.TrainBatches.epoch (negatives, shuffle and the batch gather) with
+--negative_sampling approximate and exact, and the one-off ItemExclusion build, with device
+synchronisation; the median of --repeat epochs each. The last line is JSON.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dataloading  # noqa: E402
+from ncf import synchronized_time  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--data', required=True, help='a cache written by convert.py')
+    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
+    parser.add_argument('-b', '--batch_size', type=int, default=2 ** 20)
+    parser.add_argument('-n', '--negative_samples', type=int, default=4)
+    parser.add_argument('--repeat', type=int, default=3)
+    args = parser.parse_args()
+    use_cuda = args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
+    device = torch.device('cuda' if use_cuda else 'cpu')
+    dataset = dataloading.load_dataset(args.data, device)
+
+    start = synchronized_time(device)
+    exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
+                                          dataset.n_users, dataset.n_items)
+    build = synchronized_time(device) - start
+    result = {'benchmark': 'negative_sampling', 'device': str(device),
+              'n_train': len(dataset.train_users), 'n_items': dataset.n_items,
+              'negative_samples': args.negative_samples, 'exclusion_build_s': round(build, 3)}
+    for name, excluded in (('approximate', None), ('exact', exclusion)):
+        batches = dataloading.TrainBatches(dataset.train_users, dataset.train_items,
+                                           dataset.n_items, args.negative_samples,
+                                           args.batch_size, exclusion=excluded)
+        generator = torch.Generator(device=device).manual_seed(1)
+        times = []
+        for _ in range(args.repeat):
+            start = synchronized_time(device)
+            epoch = batches.epoch(generator)
+            times.append(synchronized_time(device) - start)
+            del epoch
+        result[f'{name}_epoch_s'] = round(statistics.median(times), 3)
+        print(f'{name}: {result[f"{name}_epoch_s"]:.3f} s per epoch', file=sys.stderr)
+    result['exact_extra_s'] = round(result['exact_epoch_s'] - result['approximate_epoch_s'], 3)
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,23 @@
+"""torch.hub entry point: `torch.hub.load('OWNER/ncf', 'neumf', ...)` or, from a clone,
+`torch.hub.load('path/to/ncf', 'neumf', source='local', checkpoint='checkpoints/model.pth')`."""
+dependencies = ['torch']
+
+
+def neumf(nb_users=138493, nb_items=26744, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64),
+          dropout=0.5, checkpoint=None, fast=True):
+    """NeuMF as in the reference recipe (defaults: ML-20m's tables).
+
+    checkpoint: path to a model.pth or last.pth written by ncf.py (or the reference); the table
+    sizes, factors and layers then come from it and its weights are loaded.
+    """
+    import ncf
+    from neumf import NeuMF, shapes_of
+
+    state = None
+    if checkpoint is not None:
+        state = ncf.read_checkpoint(checkpoint)
+        nb_users, nb_items, mf_dim, mlp_layer_sizes = shapes_of(state)
+    model = NeuMF(nb_users, nb_items, mf_dim, list(mlp_layer_sizes), dropout, fast=fast)
+    if state is not None:
+        ncf.load_model_state(model, state, checkpoint)
+    return model

@@ -1,0 +1,147 @@
+"""Benchmark inference performance of the NCF model: latency and throughput per batch size.
+
+    python inference.py                                       # random weights, ML-20m's tables
+    python inference.py --load_checkpoint_path checkpoints/model.pth --batch_sizes 1,64,1024
+    python inference.py --device cpu --precision bf16
+
+For each batch size: --num_batches timed forwards (after warm-up) of random (user, item) pairs,
+each synchronised; mean, p90, p95 and p99 latency and the mean throughput, printed as a table
+and written to the JSON log (dllogger's layout: one [batch_size] record each, [] for the
+summary). With a checkpoint, the table sizes and layers come from it.
+"""
+import argparse
+import sys
+
+import numpy as np
+import torch
+
+from logger import Logger
+from logger.autologging import log_args, log_hardware
+import ncf
+from neumf import NeuMF, shapes_of
+from utils import UsageError, exit_on_usage_error
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Benchmark inference performance of the NCF '
+                                                 'model',
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--load_checkpoint_path', default=None, type=str,
+                        help='Checkpoint to load (model.pth or last.pth); default: random weights')
+    parser.add_argument('--n_users', default=138493, type=int,
+                        help='Number of users (ML-20m after preprocessing); from the checkpoint '
+                             'when one is given')
+    parser.add_argument('--n_items', default=26744, type=int,
+                        help='Number of items (ML-20m after preprocessing); likewise')
+    parser.add_argument('-f', '--factors', type=int, default=64, help='Number of predictive factors')
+    parser.add_argument('--dropout', type=float, default=0.5,
+                        help='Dropout probability (inactive in inference)')
+    parser.add_argument('--layers', nargs='+', type=int, default=[256, 256, 128, 64],
+                        help='Sizes of hidden layers for MLP')
+    parser.add_argument('--batch_sizes', default='1,64,1024,4096,16384,65536,262144,1048576',
+                        help='Comma-separated batch sizes')
+    parser.add_argument('--num_batches', default=20, type=int,
+                        help='Number of batches for which to measure latency and throughput')
+    parser.add_argument('--warmup', default=5, type=int, help='Untimed batches first')
+    parser.add_argument('--opt_level', default=None, choices=['O0', 'O2'],
+                        help='O2 = mixed precision (the default), O0 = fp32')
+    parser.add_argument('--precision', choices=['fp32', 'fp16', 'bf16'], default=None,
+                        help='Finer than --opt_level: O2 means fp16 on GPU and bf16 on CPU')
+    parser.add_argument('--plain', action='store_true',
+                        help="The plain eager forward instead of the fast path's")
+    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
+    parser.add_argument('--log_path', default='log.json', type=str,
+                        help='Path for the JSON log')
+    parser.add_argument('-s', '--seed', type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def percentile_ms(latencies, q):
+    return float(np.percentile(latencies, q) * 1000)
+
+
+def benchmark(args):
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        raise UsageError('--device cuda, but CUDA is not available')
+    use_cuda = args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
+    device = torch.device('cuda' if use_cuda else 'cpu')
+    try:
+        batch_sizes = [int(size) for size in args.batch_sizes.split(',')]
+    except ValueError:
+        raise UsageError(f'--batch_sizes must be comma-separated integers, not '
+                         f'{args.batch_sizes!r}') from None
+    if not batch_sizes or min(batch_sizes) < 1 or args.num_batches < 1:
+        raise UsageError('batch sizes and --num_batches must be positive')
+    args.amp = False  # ncf.py's precision rules, with no --amp flag here
+    precision = ncf.resolve_precision(args, device)
+    dtype = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
+
+    torch.manual_seed(args.seed)
+    state = None
+    if args.load_checkpoint_path:
+        state = ncf.read_checkpoint(args.load_checkpoint_path)
+        try:
+            args.n_users, args.n_items, args.factors, args.layers = shapes_of(state)
+        except ValueError as error:
+            raise UsageError(f'checkpoint {args.load_checkpoint_path}: {error}') from None
+    if args.layers[0] % 2:
+        raise UsageError(f'--layers: the first size ({args.layers[0]}) must be even')
+    model = NeuMF(args.n_users, args.n_items, args.factors, args.layers, args.dropout,
+                  fast=not args.plain)
+    if state is not None:
+        ncf.load_model_state(model, state, args.load_checkpoint_path)
+    model = model.to(device).eval()
+
+    logger = Logger(args.log_path)
+    log_hardware(logger)
+    log_args(logger, args)
+    print(f'NeuMF {args.n_users} users x {args.n_items} items, factors {args.factors}, layers '
+          f'{args.layers}, {"random" if state is None else "checkpoint"} weights; {precision}, '
+          f'{device}, {"plain" if args.plain else "fast"} path')
+    header = (f'{"batch size":>11} {"throughput avg":>15} {"latency avg":>12} {"p90":>9} '
+              f'{"p95":>9} {"p99":>9}   (samples/s, ms)')
+    print(header)
+    results = []
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for batch_size in batch_sizes:
+            users = torch.randint(0, args.n_users, (batch_size,), device=device,
+                                  generator=generator)
+            items = torch.randint(0, args.n_items, (batch_size,), device=device,
+                                  generator=generator)
+            latencies = []
+            for index in range(args.warmup + args.num_batches):
+                start = ncf.synchronized_time(device)
+                model(users, items, sigmoid=True)
+                latency = ncf.synchronized_time(device) - start
+                if index >= args.warmup:
+                    latencies.append(latency)
+            mean = float(np.mean(latencies))
+            result = {'batch_size': batch_size,
+                      'mean_inference_throughput': batch_size / mean,
+                      'best_inference_throughput': batch_size / min(latencies),
+                      'mean_inference_latency': mean,
+                      'p90_inference_latency': percentile_ms(latencies, 90) / 1000,
+                      'p95_inference_latency': percentile_ms(latencies, 95) / 1000,
+                      'p99_inference_latency': percentile_ms(latencies, 99) / 1000,
+                      'inference_latencies': latencies}
+            results.append(result)
+            logger.log((batch_size,), result)
+            print(f'{batch_size:>11} {batch_size / mean:>15.4g} {mean * 1000:>12.3f} '
+                  f'{percentile_ms(latencies, 90):>9.3f} {percentile_ms(latencies, 95):>9.3f} '
+                  f'{percentile_ms(latencies, 99):>9.3f}')
+            sys.stdout.flush()
+    best = max(results, key=lambda r: r['mean_inference_throughput'])
+    logger.log((), {'best_inference_throughput': best['mean_inference_throughput'],
+                    'best_batch_size': best['batch_size'], 'precision': precision,
+                    'device': str(device)})
+    logger.close()
+    return results
+
+
+def main(argv=None):
+    return exit_on_usage_error('inference.py', benchmark, parse_args(argv))
+
+
+if __name__ == '__main__':
+    main()
