@@ -56,7 +56,8 @@ class ItemExclusion:
         users = users.long()
         free = self.free_counts[users]
         # float64 keeps the draw uniform for catalogues far beyond 2^24 items
-        draw = torch.rand(users.shape, generator=generator, dtype=torch.float64, device=users.device)
+        draw = torch.rand(users.shape, generator=generator, dtype=torch.float64,
+                          device=users.device)
         rank = torch.minimum((draw * free).long(), free - 1)
         position = torch.searchsorted(self.shifted_keys, users * self.n_items + rank, right=True)
         return rank + (position - self.starts[users])
@@ -173,10 +174,11 @@ class TrainBatches:
     Each epoch pairs every training positive with `negative_samples` items drawn uniformly from
     the whole catalogue (approximate, as the reference: one may be a positive) or, given an
     ItemExclusion of the training pairs, from the items the user has no training pair with
-    (exact), and shuffles the whole epoch once. Every rank draws the same epoch from the same generator and takes its own
-    slice of each global batch, so that N processes train on exactly the batches one process
-    would (the reference shards before shuffling, so its ranks see different label mixes).
-    A global batch of `batch_size` is `world_size` slices of `grads_accumulated` micro-batches.
+    (exact), and shuffles the whole epoch once. Every rank draws the same epoch from the same
+    generator and takes its own slice of each global batch, so that N processes train on exactly
+    the batches one process would (the reference shards before shuffling, so its ranks see
+    different label mixes). A global batch of `batch_size` is `world_size` slices of
+    `micro_batches` micro-batches.
     """
 
     def __init__(self, users, items, n_items, negative_samples, batch_size, rank=0,

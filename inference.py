@@ -33,7 +33,8 @@ def parse_args(argv=None):
                              'when one is given')
     parser.add_argument('--n_items', default=26744, type=int,
                         help='Number of items (ML-20m after preprocessing); likewise')
-    parser.add_argument('-f', '--factors', type=int, default=64, help='Number of predictive factors')
+    parser.add_argument('-f', '--factors', type=int, default=64,
+                        help='Number of predictive factors')
     parser.add_argument('--dropout', type=float, default=0.5,
                         help='Dropout probability (inactive in inference)')
     parser.add_argument('--layers', nargs='+', type=int, default=[256, 256, 128, 64],

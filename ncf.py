@@ -314,10 +314,12 @@ class Evaluation:
 
     def __init__(self, dataset, args, device, exclusion=None):
         n_users = dataset.n_users
-        first, last = n_users * args.rank // args.world_size, n_users * (args.rank + 1) // args.world_size
+        first = n_users * args.rank // args.world_size
+        last = n_users * (args.rank + 1) // args.world_size
         self.users = torch.arange(first, last, device=device)
         self.positives = dataset.test_items[first:last]
-        self.topk, self.chunk, self.distributed = args.topk, eval_chunk(args, device), args.distributed
+        self.topk, self.distributed = args.topk, args.distributed
+        self.chunk = eval_chunk(args, device)
         self.full = args.eval_mode == 'full'
         if self.full:
             self.exclusion = exclusion
@@ -341,10 +343,10 @@ class Evaluation:
     def _sampled(self, model):
         width = self.items.shape[1]
         rows = max(1, self.chunk // width)
-        scores = torch.cat([model(self.users[start:start + rows].repeat_interleave(width),
-                                  self.items[start:start + rows].reshape(-1)).float().view(-1, width)
-                            for start in range(0, len(self.users), rows)]
-                           or [torch.empty(0, width, device=self.users.device)])
+        scores = [model(self.users[start:start + rows].repeat_interleave(width),
+                        self.items[start:start + rows].reshape(-1)).float().view(-1, width)
+                  for start in range(0, len(self.users), rows)]
+        scores = torch.cat(scores or [torch.empty(0, width, device=self.users.device)])
         hits, ndcg = dataloading.hits_and_ndcg(scores, self.mask, self.topk)
         labels = torch.zeros_like(scores)
         labels[:, 0] = 1.0
@@ -513,8 +515,10 @@ def train(args, device, model, batches, evaluation, precision, autocast, logger,
     last_path = os.path.join(args.checkpoint_dir, LAST_CHECKPOINT_FILE)
     optimizer = build_optimizer(args, model, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
-    ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                         else None) if args.distributed else model)
+    ddp_model = model
+    if args.distributed:
+        ddp_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     history = {'epoch': -1, 'best_hr': 0.0, 'best_epoch': -1, 'train_throughputs': [],

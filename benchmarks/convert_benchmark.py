@@ -19,18 +19,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from logger.autologging import hardware_info  # noqa: E402
+
 ML20M_SHAPE = dict(users=138_493, items=26_744, rows=20_000_000)
-
-
-def cpu_name():
-    try:
-        with open('/proc/cpuinfo') as file:
-            for line in file:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main():
@@ -63,7 +56,8 @@ def main():
         # ru_maxrss of children is the largest of any child so far (kB on Linux): the runs are
         # alike, so the largest is this run's unless an earlier one was larger.
         peaks.append(max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1e6)
-        print(f'run {run + 1}: {walls[-1]:.2f} s wall, peak RSS {peaks[-1]:.2f} GB', file=sys.stderr)
+        print(f'run {run + 1}: {walls[-1]:.2f} s wall, peak RSS {peaks[-1]:.2f} GB',
+              file=sys.stderr)
         with open(os.path.join(output, 'metadata.json')) as file:
             metadata = json.load(file)
 
@@ -80,7 +74,7 @@ def main():
         'wall_s_min': round(walls[0], 2),
         'peak_rss_gb': round(max(peaks), 2),
         'cpu_count': os.cpu_count(),
-        'cpu': cpu_name(),
+        'cpu': hardware_info()['cpu'],
         'python': platform.python_version(),
     }
     print(json.dumps(result))
