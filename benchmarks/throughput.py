@@ -112,18 +112,18 @@ def time_path(name, argv, dataset, device, steps):
         'precision': precision,
         'batch_size': args.batch_size,
         'micro_batches': batches.micro_batches,
-        'step_ms': round(step_time * 1000, 2),
+        'step_ms': step_time * 1000,
         'train_step_samples_per_s': args.batch_size / step_time,
         'train_epoch_samples_per_s': batches.steps * args.batch_size / epoch_time,
-        'epoch_s': round(epoch_time, 3),
+        'epoch_s': epoch_time,
         'eval_samples_per_s': evaluation.samples / eval_time,
-        'eval_s': round(eval_time, 3),
-        'first_step_s': round(first_step, 2),
+        'eval_s': eval_time,
+        'first_step_s': first_step,
         'hr_after_one_epoch': round(hr, 4),
     }
     if device.type == 'cuda':
         figures['peak_memory_gib'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    print(f'{name:>5}: {precision}, step {figures["step_ms"]} ms = '
+    print(f'{name:>5}: {precision}, step {figures["step_ms"]:.2f} ms = '
           f'{figures["train_step_samples_per_s"]:.3e} samples/s, epoch {epoch_time:.2f} s = '
           f'{figures["train_epoch_samples_per_s"]:.3e} samples/s, eval {eval_time:.2f} s = '
           f'{figures["eval_samples_per_s"]:.3e} samples/s, first step after '

@@ -1,6 +1,7 @@
 """ncf.py end to end on tiny data: learning, sampling, accumulation, torchrun, resume, test mode."""
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -162,8 +163,14 @@ def free_port_env():
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
 def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
-    arguments = ['--data', tiny_data, '-e', '2', '--dropout', '0'] + TINY
+    arguments = ['--data', tiny_data, '-e', '2', '--dropout', '0', '--precision', 'fp32'] + TINY
     single = ncf.main(arguments)
     completed = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
@@ -191,7 +198,7 @@ def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tin
                       + TINY)
     completed = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
-         '--master_port=29533', os.path.join(ROOT, 'ncf.py'), '--data', tiny_data,
+         f'--master_port={free_port()}', os.path.join(ROOT, 'ncf.py'), '--data', tiny_data,
          '--mode', 'test', '--checkpoint_dir', str(tmp_path)] + TINY,
         capture_output=True, text=True, env=free_port_env(), timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
