@@ -185,8 +185,8 @@ def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
         # Same batches, gradients averaged in another order: the same up to rounding.
         assert distributed_hr == pytest.approx(hr, abs=2 / 300)
     # The DDP run's checkpoint loads in one process.
-    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path)]
-                      + TINY)
+    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path),
+                       '--precision', 'fp32'] + TINY)
     best = max(float(line.split('HR@10 = ')[1].split(',')[0]) for line in epoch_lines)
     assert tested['hr'] == pytest.approx(best, abs=1e-4)
 
@@ -194,12 +194,12 @@ def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
 def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tiny_data,
                                                                            tmp_path):
     ncf.main(['--data', tiny_data, '-e', '1', '--checkpoint_dir', str(tmp_path)] + TINY)
-    single = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path)]
-                      + TINY)
+    test = ['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path),
+            '--precision', 'fp32'] + TINY
+    single = ncf.main(test)
     completed = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
-         f'--master_port={free_port()}', os.path.join(ROOT, 'ncf.py'), '--data', tiny_data,
-         '--mode', 'test', '--checkpoint_dir', str(tmp_path)] + TINY,
+         f'--master_port={free_port()}', os.path.join(ROOT, 'ncf.py')] + test,
         capture_output=True, text=True, env=free_port_env(), timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count('HR@10 = ') == 1
