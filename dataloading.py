@@ -223,10 +223,8 @@ def _split_factor(samples, max_samples):
     quarter of it, or small parts would cost more than they save); 1 if there is none."""
     if not max_samples or samples <= max_samples:
         return 1
-    for parts in range(2, samples + 1):
-        if samples % parts == 0 and samples // parts <= max_samples:
-            return parts if samples // parts >= max_samples // 4 else 1
-    return 1
+    fewest, most = -(-samples // max_samples), samples // max(max_samples // 4, 1)
+    return next((parts for parts in range(fewest, most + 1) if samples % parts == 0), 1)
 
 
 def duplicate_mask(candidates):
