@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class NeuMF(nn.Module):
@@ -138,13 +139,27 @@ def lecun_uniform_(weight):
 
 
 def all_item_scores(model, users, n_items):
-    """Logits of every item for each of `users`: [len(users), n_items], as float32.
+    """Logits of every item for each of `users`: [len(users), n_items], as float32, in eval mode.
 
-    One forward over len(users) * n_items pairs: callers size `users` to bound the memory.
+    The forward over all (user, item) pairs, factorised: the first MLP layer of a concatenation
+    is the sum of a user part and an item part, each computed once per user and per item rather
+    than per pair, and the GMF branch's contribution to the final layer is one matrix product.
+    That leaves 40% of the per-pair multiply-adds of the default layers (256 256 128 64), and no
+    per-pair embedding gathers. Callers size `users` to bound the [users, items, layer] memory.
     """
-    items = torch.arange(n_items, device=users.device)
-    logits = model(users.repeat_interleave(n_items), items.repeat(len(users)))
-    return logits.float().view(len(users), n_items)
+    assert not model.training, 'all_item_scores is for evaluation (dropout off)'
+    first = model.mlp[0]
+    half = model.mlp_user_embed.weight.shape[1]
+    user_part = F.linear(model.mlp_user_embed(users), first.weight[:, :half], first.bias)
+    item_part = F.linear(model.mlp_item_embed.weight, first.weight[:, half:])
+    x = torch.relu(user_part[:, None, :] + item_part[None, :, :]).flatten(0, 1)
+    for layer in model.mlp[1:]:
+        x = torch.relu(layer(x))
+    mf_dim = model.mf_user_embed.weight.shape[1]
+    final_gmf, final_mlp = model.final.weight[0, :mf_dim], model.final.weight[0, mf_dim:]
+    gmf = (model.mf_user_embed(users) * final_gmf) @ model.mf_item_embed.weight.t()
+    mlp = (x @ final_mlp.to(x.dtype)).view(len(users), n_items)
+    return gmf.float() + mlp.float() + model.final.bias.float()
 
 
 def shapes_of(state):
