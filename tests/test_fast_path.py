@@ -138,3 +138,16 @@ def test_throughput_benchmark_runs_both_paths(tiny_data):
             assert result[path][key] > 0
     for key in ('train_speedup', 'train_step_speedup', 'eval_speedup'):
         assert result[key] > 0
+
+
+def test_factorised_all_item_scores_equal_the_forward_over_all_pairs():
+    from neumf import all_item_scores
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = NeuMF(50, 40, 8, [32, 16, 8], dropout=0.5, fast=fast).eval()
+        users = torch.tensor([3, 0, 49, 3])
+        with torch.no_grad():
+            pairs = model(users.repeat_interleave(40), torch.arange(40).repeat(4)).view(4, 40)
+            assert torch.allclose(all_item_scores(model, users, 40), pairs, atol=1e-6)
+    with pytest.raises(AssertionError):
+        all_item_scores(model.train(), users, 40)
