@@ -438,14 +438,15 @@ def run(args, device):
     if args.distributed:
         dist.barrier()  # start the clock together
     main_start = synchronized_time(device)
-    dataset = dataloading.load_dataset(args.data, device, args.valid_negative, args.seed, say)
+    # Recommendations use no test negatives: never draw new ones for them.
+    valid_negative = None if args.mode == 'recommend' else args.valid_negative
+    dataset = dataloading.load_dataset(args.data, device, valid_negative, args.seed, say)
     check_args_against_data(args, dataset)
     exclusion = None
     if args.mode == 'recommend' or args.eval_mode == 'full' or args.negative_sampling == 'exact':
         exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
                                               dataset.n_users, dataset.n_items)
         check_free_items(args, exclusion)
-    evaluation = Evaluation(dataset, args, device, exclusion)
     batches = build_batches(args, dataset, device, exclusion)
     if args.mode == 'train' and batches.steps == 0:
         raise UsageError(f'--batch_size {args.batch_size} is larger than an epoch '
@@ -466,6 +467,7 @@ def run(args, device):
               + (f' to {args.output}' if args.output else ''), file=sys.stderr)
         return {'users': users, 'rows': rows}
 
+    evaluation = Evaluation(dataset, args, device, exclusion)
     # Every input has been checked: only now is anything written.
     if args.checkpoint_dir and rank0 and args.mode == 'train':
         os.makedirs(args.checkpoint_dir, exist_ok=True)
