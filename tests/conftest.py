@@ -7,6 +7,27 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# Without a GPU, Triton kernels run in Triton's interpreter (on CPU tensors). It is read when a
+# kernel is defined, so it is set before any test module imports one.
+if 'TRITON_INTERPRET' not in os.environ:
+    import torch
+    if not torch.cuda.is_available():
+        os.environ['TRITON_INTERPRET'] = '1'
+
+
+@pytest.fixture(scope='session', autouse=True)
+def compile_cache(tmp_path_factory):
+    """torch.compile's cache for the whole session, under pytest's temporary directory: shared
+    by the tests (a graph compiled once is reused) and by the processes they start."""
+    os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(tmp_path_factory.mktemp('inductor'))
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_path(tmp_path, monkeypatch):
+    """Every test runs in its own temporary directory: nothing is written into the current
+    directory (a default log.json, say)."""
+    monkeypatch.chdir(tmp_path)
+
 # The real MovieLens 100K, kept outside the repository (GroupLens forbids redistribution).
 ML100K = os.path.join(ROOT, '..', 'shared', 'data', 'ml-100k', 'u.data')
 
