@@ -177,8 +177,9 @@ class TrainBatches:
     (exact), and shuffles the whole epoch once. Every rank draws the same epoch from the same
     generator and takes its own slice of each global batch, so that N processes train on exactly
     the batches one process would (the reference shards before shuffling, so its ranks see
-    different label mixes). A global batch of `batch_size` is `world_size` slices of
-    `micro_batches` micro-batches.
+    different label mixes). Each rank's slice is cut into `micro_slices`: `grads_accumulated`
+    equal parts (the reference's accumulation), each further split into parts of at most
+    `max_micro_batch` samples (sizes differing by at most one) when that is set.
     """
 
     def __init__(self, users, items, n_items, negative_samples, batch_size, rank=0,
@@ -188,16 +189,17 @@ class TrainBatches:
         self.negative_samples = negative_samples
         self.samples = len(users) * (1 + negative_samples)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        # Micro-batches per step: grads_accumulated, times whatever splits each into at most
-        # max_micro_batch samples (the same update: the gradients add up to the batch's).
-        self.micro_batches = grads_accumulated * _split_factor(
-            batch_size // (world_size * grads_accumulated), max_micro_batch)
-        self.micro_batch = batch_size // (world_size * self.micro_batches)
+        self.rank_batch = batch_size // world_size
+        accumulated = self.rank_batch // grads_accumulated
+        splits = -(-accumulated // max_micro_batch) if max_micro_batch else 1
+        sizes = [size for _ in range(grads_accumulated) for size in even_split(accumulated, splits)]
+        starts = [sum(sizes[:index]) for index in range(len(sizes))]
+        self.micro_slices = [slice(start, start + size) for start, size in zip(starts, sizes)]
         # The last partial batch is dropped, as in the reference.
         self.steps = self.samples // batch_size
 
     def epoch(self, generator):
-        """(users, items, labels) of this rank: [steps, micro_batches, micro_batch] each."""
+        """(users, items, labels) of this rank: [steps, rank_batch] each."""
         n_positives, device = len(self.users), self.users.device
         if self.exclusion is None:
             negative_items = torch.randint(0, self.n_items, (n_positives * self.negative_samples,),
@@ -209,7 +211,7 @@ class TrainBatches:
         # Index s < n_positives is positive s; s >= n_positives is negative s - n_positives,
         # paired with positive (s - n_positives) mod n_positives (the reference's repeat).
         index = order[:self.steps * self.batch_size].view(
-            self.steps, self.world_size, self.micro_batches, self.micro_batch)[:, self.rank]
+            self.steps, self.world_size, self.rank_batch)[:, self.rank]
         positive = index < n_positives
         source = index % n_positives
         users = self.users[source]
@@ -218,40 +220,7 @@ class TrainBatches:
         return users, items, positive.float()
 
 
-def _split_factor(samples, max_samples):
-    """The least m dividing `samples` into m parts of at most `max_samples` (and at least a
-    quarter of it, or small parts would cost more than they save); 1 if there is none."""
-    if not max_samples or samples <= max_samples:
-        return 1
-    fewest, most = -(-samples // max_samples), samples // max(max_samples // 4, 1)
-    return next((parts for parts in range(fewest, most + 1) if samples % parts == 0), 1)
-
-
-def duplicate_mask(candidates):
-    """True where a candidate repeats an item that stands earlier in its row.
-
-    Column 0 holds the test positive, so it is never masked, and a negative that happens to be
-    the positive item is; each distinct item then counts once (the reference's duplicate mask).
-    """
-    sorted_items, order = torch.sort(candidates, dim=1, stable=True)
-    repeated = torch.zeros_like(candidates, dtype=torch.bool)
-    repeated[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
-    return torch.zeros_like(repeated).scatter_(1, order, repeated)
-
-
-def hits_and_ndcg(scores, mask, k):
-    """Sums of HR@k and NDCG@k over rows of `scores` [users, candidates], column 0 the positive.
-
-    The positive's rank is the number of unmasked negatives scoring at least as high (a tie
-    counts against the positive, as the reference's stable top-k with the positive last).
-    """
-    ahead = (scores[:, 1:] >= scores[:, :1]) & ~mask[:, 1:]
-    return rank_metrics(ahead.sum(1), k)
-
-
-def rank_metrics(rank, k):
-    """Sums of HR@k and NDCG@k for 0-based ranks of the test positives."""
-    hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0),
-                       torch.zeros((), dtype=torch.double, device=rank.device))
-    return hit.sum(), ndcg.sum()
+def even_split(samples, parts):
+    """Sizes of `parts` contiguous pieces of `samples`, differing by at most one."""
+    size, larger = divmod(samples, parts)
+    return [size + 1] * larger + [size] * (parts - larger)

@@ -4,20 +4,22 @@ dependencies = ['torch']
 
 
 def neumf(nb_users=138493, nb_items=26744, mf_dim=64, mlp_layer_sizes=(256, 256, 128, 64),
-          dropout=0.5, checkpoint=None, fast=True):
-    """NeuMF as in the reference recipe (defaults: ML-20m's tables).
+          dropout=0.5, checkpoint=None, device='cpu', impl='auto'):
+    """NeuMF as in the reference recipe (defaults: ML-20m's tables), on `device`.
 
     checkpoint: path to a model.pth or last.pth written by ncf.py (or the reference); the table
-    sizes, factors and layers then come from it and its weights are loaded.
+    sizes, factors and layers then come from it and its weights are loaded. impl: the
+    implementation's model class, as ncf.py's --impl (all take the same weights).
     """
-    import ncf
-    from neumf import NeuMF, shapes_of
+    import checkpoints
+    import runtime
 
+    plan = runtime.resolve(device, impl=impl)
     state = None
     if checkpoint is not None:
-        state = ncf.read_checkpoint(checkpoint)
-        nb_users, nb_items, mf_dim, mlp_layer_sizes = shapes_of(state)
-    model = NeuMF(nb_users, nb_items, mf_dim, list(mlp_layer_sizes), dropout, fast=fast)
+        state = checkpoints.read(checkpoint)
+        nb_users, nb_items, mf_dim, mlp_layer_sizes = checkpoints.shapes_of(state, checkpoint)
+    model = plan.build_model(nb_users, nb_items, mf_dim, list(mlp_layer_sizes), dropout)
     if state is not None:
-        ncf.load_model_state(model, state, checkpoint)
-    return model
+        checkpoints.load_model_state(model, state, checkpoint)
+    return model.to(plan.device)

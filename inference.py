@@ -15,10 +15,11 @@ import sys
 import numpy as np
 import torch
 
+import checkpoints
+import runtime
+from evaluation import Scorer
 from logger import Logger
 from logger.autologging import log_args, log_hardware
-import ncf
-from neumf import NeuMF, shapes_of
 from utils import UsageError, exit_on_usage_error
 
 
@@ -45,12 +46,18 @@ def parse_args(argv=None):
                         help='Number of batches for which to measure latency and throughput')
     parser.add_argument('--warmup', default=5, type=int, help='Untimed batches first')
     parser.add_argument('--opt_level', default=None, choices=['O0', 'O2'],
-                        help='O2 = mixed precision (the default), O0 = fp32')
-    parser.add_argument('--precision', choices=['fp32', 'fp16', 'bf16'], default=None,
-                        help='Finer than --opt_level: O2 means fp16 on GPU and bf16 on CPU')
-    parser.add_argument('--plain', action='store_true',
-                        help="The plain eager forward instead of the fast path's")
-    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
+                        help="The reference's spelling of --precision: O2 = mixed precision "
+                             '(fp16 on CUDA, bf16 on a CPU), O0 = fp32; None: --precision '
+                             'decides')
+    parser.add_argument('--precision', choices=runtime.PRECISIONS, default='auto',
+                        help='Precision the weights are cast to; auto: as ncf.py (bf16 on '
+                             'CUDA and on CPUs with native bf16, else fp32)')
+    parser.add_argument('--impl', choices=runtime.IMPLEMENTATIONS, default='auto',
+                        help='Implementation, as ncf.py; auto: compile on CUDA, cpu_fused on a '
+                             'CPU')
+    parser.add_argument('--plain', action='store_true', help='Same as --impl eager')
+    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
+                        help='auto: CUDA when available')
     parser.add_argument('--log_path', default='log.json', type=str,
                         help='Path for the JSON log')
     parser.add_argument('-s', '--seed', type=int, default=1)
@@ -62,49 +69,45 @@ def percentile_ms(latencies, q):
 
 
 def benchmark(args):
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        raise UsageError('--device cuda, but CUDA is not available')
-    use_cuda = args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
-    device = torch.device('cuda' if use_cuda else 'cpu')
     try:
         batch_sizes = [int(size) for size in args.batch_sizes.split(',')]
     except ValueError:
         raise UsageError(f'--batch_sizes must be comma-separated integers, not '
                          f'{args.batch_sizes!r}') from None
-    if not batch_sizes or min(batch_sizes) < 1 or args.num_batches < 1:
-        raise UsageError('batch sizes and --num_batches must be positive')
-    args.amp = False  # ncf.py's precision rules, with no --amp flag here
-    precision = ncf.resolve_precision(args, device)
-    dtype = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
+    if not batch_sizes or min(batch_sizes) < 1 or args.num_batches < 1 or args.warmup < 0:
+        raise UsageError('batch sizes and --num_batches must be positive, --warmup not negative')
+    plan = runtime.resolve(args.device, precision=args.precision,
+                           impl='eager' if args.plain else args.impl, opt_level=args.opt_level)
+    for warning in plan.warnings:
+        print(f'inference.py: warning: {warning}', file=sys.stderr)
 
     torch.manual_seed(args.seed)
     state = None
     if args.load_checkpoint_path:
-        state = ncf.read_checkpoint(args.load_checkpoint_path)
-        try:
-            args.n_users, args.n_items, args.factors, args.layers = shapes_of(state)
-        except ValueError as error:
-            raise UsageError(f'checkpoint {args.load_checkpoint_path}: {error}') from None
+        state = checkpoints.read(args.load_checkpoint_path)
+        args.n_users, args.n_items, args.factors, args.layers = checkpoints.shapes_of(
+            state, args.load_checkpoint_path)
     if args.layers[0] % 2:
         raise UsageError(f'--layers: the first size ({args.layers[0]}) must be even')
-    model = NeuMF(args.n_users, args.n_items, args.factors, args.layers, args.dropout,
-                  fast=not args.plain)
+    model = plan.build_model(args.n_users, args.n_items, args.factors, args.layers, args.dropout)
     if state is not None:
-        ncf.load_model_state(model, state, args.load_checkpoint_path)
-    model = model.to(device).eval()
+        checkpoints.load_model_state(model, state, args.load_checkpoint_path)
+    # the weights cast once to the plan's precision, compiled where the plan compiles
+    scorer = Scorer(plan, model.to(plan.device))
+    device, precision = plan.device, plan.precision
 
     logger = Logger(args.log_path)
     log_hardware(logger)
     log_args(logger, args)
     print(f'NeuMF {args.n_users} users x {args.n_items} items, factors {args.factors}, layers '
-          f'{args.layers}, {"random" if state is None else "checkpoint"} weights; {precision}, '
-          f'{device}, {"plain" if args.plain else "fast"} path')
+          f'{args.layers}, {"random" if state is None else "checkpoint"} weights; '
+          f'{plan.describe()}')
     header = (f'{"batch size":>11} {"throughput avg":>15} {"latency avg":>12} {"p90":>9} '
               f'{"p95":>9} {"p99":>9}   (samples/s, ms)')
     print(header)
     results = []
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+    generator = plan.generator(args.seed)
+    with torch.no_grad():
         for batch_size in batch_sizes:
             users = torch.randint(0, args.n_users, (batch_size,), device=device,
                                   generator=generator)
@@ -112,9 +115,9 @@ def benchmark(args):
                                   generator=generator)
             latencies = []
             for index in range(args.warmup + args.num_batches):
-                start = ncf.synchronized_time(device)
-                model(users, items, sigmoid=True)
-                latency = ncf.synchronized_time(device) - start
+                start = plan.time()
+                scorer.pairs(users, items, sigmoid=True)
+                latency = plan.time() - start
                 if index >= args.warmup:
                     latencies.append(latency)
             mean = float(np.mean(latencies))

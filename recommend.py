@@ -7,14 +7,18 @@ Writes CSV `user_id,rank,item_id,score` (score: the model's probability), to --o
 (atomically) or stdout. Every item a user has a training interaction with is left out.
 """
 import csv
-import math
+import io
 import os
 import sys
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import torch
 
 from dataloading import ITEM_IDS_FILE, USER_IDS_FILE
-from neumf import all_item_scores
+from evaluation import Scorer
 from utils import UsageError, atomic_write
 
 HEADER = ('user_id', 'rank', 'item_id', 'score')
@@ -49,67 +53,100 @@ def requested_users(args, user_ids, warn):
     index = {user: mapped for mapped, user in enumerate(user_ids)}
     if wanted and wanted[0] == 'user_id' and 'user_id' not in index:
         wanted = wanted[1:]  # a header line
-    known = []
+    known = {}  # in the order asked for, each user once
     for user in wanted:
-        if user in index:
-            known.append(index[user])
+        if user in known:
+            warn(f'user id {user} is listed more than once: recommended once')
+        elif user in index:
+            known[user] = index[user]
         else:
             warn(f'unknown user id {user}: skipped')
     if not known:
         raise UsageError('none of the requested users is in the dataset '
                          f'({len(wanted)} asked for)')
-    return known
+    return list(known.values())
 
 
-def top_items(model, exclusion, users, topk, chunk, autocast):
-    """For chunks of `users` (mapped ids, a 1-d tensor): (users, items [R, k], logits [R, k]).
-    Items a user trained on get -inf: they come last, and only when nothing else is left (the
-    writer drops them)."""
-    n_items = exclusion.n_items
-    rows = max(1, chunk // n_items)
-    model.eval()
-    with torch.no_grad(), autocast():
+def top_items(scorer, exclusion, users, topk, chunk):
+    """For chunks of `users` (mapped ids, a 1-d tensor): (users, items [R, k], logits [R, k]),
+    ranked on the device. Items a user trained on get -inf: they come last, and only when
+    nothing else is left (the writer drops them)."""
+    rows = max(1, chunk // exclusion.n_items)
+    scorer.refresh()
+    with torch.no_grad():
         for start in range(0, len(users), rows):
             chunk_users = users[start:start + rows]
-            scores = all_item_scores(model, chunk_users, n_items)
+            scores = scorer.all_items(chunk_users)
             pair_rows, pair_items = exclusion.pairs_of(chunk_users)
             scores[pair_rows, pair_items] = float('-inf')
             best, items = torch.topk(scores, topk, dim=1)
             yield chunk_users, items, best
 
 
-def recommend(model, exclusion, args, device, autocast, chunk, warn):
+def csv_field(value):
+    """`value` as the csv module writes a field: quoted only when it must be."""
+    if any(character in value for character in ',"\r\n'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
+
+
+def csv_rows(user_ids, item_ids, users, items, logits):
+    """The CSV rows of a chunk as bytes, built column-wise (no Python loop per row).
+
+    user_ids, item_ids: pyarrow string arrays of CSV-ready ids; users [R], items and logits
+    [R, k] numpy arrays. Training items (logit -inf) are left out.
+    """
+    topk = items.shape[1]
+    kept = np.isfinite(logits).ravel()
+    user_rows = np.repeat(users, topk)[kept]
+    ranks = np.tile(np.arange(1, topk + 1), len(users))[kept]
+    scores = np.exp(-np.logaddexp(0.0, -logits.astype(np.float64).ravel()[kept]))  # sigmoid
+    # the probability with 6 decimals, as '%.6f' would write it
+    micro = np.rint(scores * 1e6).astype(np.int64)
+    score_text = pc.binary_join_element_wise(
+        pc.cast(pa.array(micro // 1_000_000), pa.string()),
+        pc.utf8_lpad(pc.cast(pa.array(micro % 1_000_000), pa.string()), 6, '0'), '.')
+    table = pa.table({'user_id': user_ids.take(pa.array(user_rows)), 'rank': pa.array(ranks),
+                      'item_id': item_ids.take(pa.array(items.ravel()[kept])),
+                      'score': score_text})
+    sink = io.BytesIO()
+    # the ids are quoted already where they must be
+    pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, quoting_style='none'))
+    return sink.getvalue(), len(table)
+
+
+def recommend(plan, model, exclusion, args, warn):
     user_ids = read_id_map(args.data, USER_IDS_FILE)
     item_ids = read_id_map(args.data, ITEM_IDS_FILE)
     if len(user_ids) != exclusion.n_users or len(item_ids) != exclusion.n_items:
         raise UsageError(f'the id maps in {args.data} ({len(user_ids)} users, {len(item_ids)} '
                          f'items) do not match its tensors ({exclusion.n_users} users, '
                          f'{exclusion.n_items} items)')
-    users = torch.tensor(requested_users(args, user_ids, warn), device=device, dtype=torch.long)
+    users = torch.tensor(requested_users(args, user_ids, warn), device=plan.device,
+                         dtype=torch.long)
+    user_fields = pa.array([csv_field(user) for user in user_ids], pa.string())
+    item_fields = pa.array([csv_field(item) for item in item_ids], pa.string())
+    scorer = Scorer(plan, model)
 
     def write(sink):
-        writer = csv.writer(sink, lineterminator='\n')
-        writer.writerow(HEADER)
+        sink.write((','.join(HEADER) + '\n').encode())
         rows = 0
-        for chunk_users, items, logits in top_items(model, exclusion, users, args.topk, chunk,
-                                                    autocast):
+        for chunk_users, items, logits in top_items(scorer, exclusion, users, args.topk,
+                                                    plan.eval_chunk):
             # one transfer per chunk of users
-            for user, user_items, user_logits in zip(chunk_users.tolist(), items.tolist(),
-                                                     logits.tolist()):
-                for rank, (item, logit) in enumerate(zip(user_items, user_logits), start=1):
-                    if logit == float('-inf'):  # a training item: nothing else was left
-                        break
-                    score = 1.0 / (1.0 + math.exp(-logit)) if logit > -700 else 0.0
-                    writer.writerow((user_ids[user], rank, item_ids[item], f'{score:.6f}'))
-                    rows += 1
+            data, count = csv_rows(user_fields, item_fields, chunk_users.cpu().numpy(),
+                                   items.cpu().numpy(), logits.float().cpu().numpy())
+            sink.write(data)
+            rows += count
         return rows
 
     if args.output:
         def write_file(temporary):
-            with open(temporary, 'w', newline='') as file:
+            with open(temporary, 'wb') as file:
                 write_file.rows = write(file)
         atomic_write(args.output, write_file)
         return len(users), write_file.rows
-    rows = write(sys.stdout)
     sys.stdout.flush()
+    rows = write(sys.stdout.buffer)
+    sys.stdout.buffer.flush()
     return len(users), rows

@@ -12,12 +12,11 @@ import os
 import statistics
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataloading  # noqa: E402
-from ncf import synchronized_time  # noqa: E402
+import runtime  # noqa: E402
 
 
 def main():
@@ -29,14 +28,14 @@ def main():
     parser.add_argument('-n', '--negative_samples', type=int, default=4)
     parser.add_argument('--repeat', type=int, default=3)
     args = parser.parse_args()
-    use_cuda = args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
-    device = torch.device('cuda' if use_cuda else 'cpu')
+    plan = runtime.resolve(args.device)
+    device = plan.device
     dataset = dataloading.load_dataset(args.data, device)
 
-    start = synchronized_time(device)
+    start = plan.time()
     exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
                                           dataset.n_users, dataset.n_items)
-    build = synchronized_time(device) - start
+    build = plan.time() - start
     result = {'benchmark': 'negative_sampling', 'device': str(device),
               'n_train': len(dataset.train_users), 'n_items': dataset.n_items,
               'negative_samples': args.negative_samples, 'exclusion_build_s': round(build, 3)}
@@ -44,12 +43,12 @@ def main():
         batches = dataloading.TrainBatches(dataset.train_users, dataset.train_items,
                                            dataset.n_items, args.negative_samples,
                                            args.batch_size, exclusion=excluded)
-        generator = torch.Generator(device=device).manual_seed(1)
+        generator = plan.generator(1)
         times = []
         for _ in range(args.repeat):
-            start = synchronized_time(device)
+            start = plan.time()
             epoch = batches.epoch(generator)
-            times.append(synchronized_time(device) - start)
+            times.append(plan.time() - start)
             del epoch
         result[f'{name}_epoch_s'] = round(statistics.median(times), 3)
         print(f'{name}: {result[f"{name}_epoch_s"]:.3f} s per epoch', file=sys.stderr)

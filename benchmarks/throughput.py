@@ -1,19 +1,22 @@
-"""Training and evaluation samples/s of the plain and the fast path, in one run, on CPU or GPU.
+"""Training and evaluation samples/s, one row per knob of the runtime plan, all in one run.
 
     python benchmarks/throughput.py                       # GPU: ML-20m's shape; CPU: ML-1m's
     python benchmarks/throughput.py --device cpu --batch_size 65536
     python benchmarks/throughput.py --data data/cache/ml-20m
 
-Both paths run ncf.py's own code (model, batches, optimizer, train_epoch, validate), so the figures
-are what `python ncf.py` gets: the fast path with its defaults, the plain path with `--plain` at
-the baseline precision (fp32 on CPU: a plain eager PyTorch loop; --plain_precision to change).
-Without --data, MovieLens-shaped synthetic data is generated and converted first (cached in
---workdir). For each path it times, with device synchronisation: a training step (median of
---steps after warm-up), a whole epoch (negative sampling and shuffling included), one full
-evaluation, and the time from building the model to the end of the first step. The last line
-is JSON.
+The first row is the reference's configuration on this device (runtime.baseline: the eager model
+in fp16 AMP with fused Adam on CUDA, in fp32 with plain Adam on a CPU); each following row adds one
+knob of the default plan (its precision, fused Adam, micro-batches), then every implementation
+that runs here, each with the default's other settings. Every row runs ncf.py's own code
+(runtime.Plan, training.Trainer, evaluation.Evaluation) and times, with device synchronisation:
+a training step (median of --steps after warm-up), a whole epoch (negative sampling and
+shuffling included), one full evaluation, the time from building the model to the end of the
+first step (compilation included), and, on CUDA, the peak memory. Without --data,
+MovieLens-shaped synthetic data is generated and converted first (cached in --workdir). The last
+line is JSON: every row, and train_speedup / eval_speedup of the default against the first row.
 """
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -28,8 +31,10 @@ sys.path.insert(0, ROOT)
 
 import convert  # noqa: E402
 import dataloading  # noqa: E402
-import ncf  # noqa: E402
+import runtime  # noqa: E402
 import synthetic  # noqa: E402
+from evaluation import Evaluation  # noqa: E402
+from training import Trainer  # noqa: E402
 
 SHAPES = {  # (users, items, rows) of the generated data
     'ml-20m': (138_493, 26_744, 20_000_000),
@@ -37,10 +42,9 @@ SHAPES = {  # (users, items, rows) of the generated data
 }
 
 
-def prepare_data(args, device):
+def prepare_data(args, shape):
     if args.data:
         return args.data
-    shape = args.shape or ('ml-20m' if device.type == 'cuda' else 'ml-1m')
     users, items, rows = SHAPES[shape]
     directory = os.path.join(args.workdir, f'synthetic-{shape}')
     cache = os.path.join(directory, 'cache')
@@ -53,65 +57,69 @@ def prepare_data(args, device):
     return cache
 
 
-def time_path(name, argv, dataset, device, steps):
-    """Time one path; returns its figures."""
-    args = ncf.parse_args(argv)
-    args.world_size, args.rank, args.distributed = 1, 0, False
-    precision = ncf.resolve_precision(args, device)
-    dtype = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
+def rows_of(default):
+    """(name, plan) per row: the baseline, one knob at a time towards the default, then each
+    implementation with the default's other settings."""
+    plan = runtime.baseline(default)
+    rows = [(f'baseline: eager {plan.precision}', plan)]
+    for knob, value, name in (('precision', default.precision, default.precision),
+                              ('fused_adam', default.fused_adam, 'fused Adam'),
+                              ('micro_batch', default.micro_batch,
+                               f'micro-batches of {default.micro_batch}')):
+        if getattr(plan, knob) != value:
+            plan = dataclasses.replace(plan, **{knob: value})
+            rows.append((f'+ {name}', plan))
+    for impl in runtime.implementations(default.device):
+        if impl != 'eager':
+            rows.append((impl, dataclasses.replace(default, impl=impl)))
+    return rows
 
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    if device.type == 'cuda':
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+def time_row(name, plan, dataset, args):
+    """Time one configuration; returns its figures."""
+    runtime.reset_peak_memory(plan.device)
     torch.manual_seed(args.seed)
-    start = ncf.synchronized_time(device)
-    model = ncf.build_model(args, dataset).to(device)
-    optimizer = ncf.build_optimizer(args, model, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == 'fp16')
-    batches = ncf.build_batches(args, dataset, device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start = plan.time()
+    model = plan.build_model(dataset.n_users, dataset.n_items, args.factors, args.layers,
+                             args.dropout).to(plan.device)
+    batches = dataloading.TrainBatches(dataset.train_users, dataset.train_items,
+                                       dataset.n_items, args.negative_samples, args.batch_size,
+                                       max_micro_batch=plan.micro_batch)
+    trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2), 1e-8)
+    generator = plan.generator(args.seed)
     users, items, labels = batches.epoch(generator)
 
     def step(index):
         index %= batches.steps
-        for micro in range(batches.micro_batches):
-            with autocast():
-                logits = model(users[index, micro], items[index, micro])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                logits.float().view(-1), labels[index, micro])
-            scaler.scale(loss / batches.micro_batches).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        trainer.step(users[index], items[index], labels[index])
 
     step(0)
-    first_step = ncf.synchronized_time(device) - start
+    first_step = plan.time() - start
     for index in range(1, 3):  # warm-up
         step(index)
     step_times = []
-    for index in range(3, 3 + steps):
-        begin = ncf.synchronized_time(device)
+    for index in range(3, 3 + args.steps):
+        begin = plan.time()
         step(index)
-        step_times.append(ncf.synchronized_time(device) - begin)
+        step_times.append(plan.time() - begin)
     step_time = statistics.median(step_times)
 
-    begin = ncf.synchronized_time(device)
-    ncf.train_epoch(model, optimizer, scaler, batches, generator, autocast, False,
-                    lambda steps: steps)
-    epoch_time = ncf.synchronized_time(device) - begin
+    begin = plan.time()
+    trainer.epoch(generator)
+    epoch_time = plan.time() - begin
 
-    evaluation = ncf.Evaluation(dataset, args, device)
-    evaluation(model, autocast)  # warm-up
-    begin = ncf.synchronized_time(device)
-    hr, _, _ = evaluation(model, autocast)
-    eval_time = ncf.synchronized_time(device) - begin
+    evaluation = Evaluation(plan, dataset, model, topk=10)
+    evaluation.warm_up()
+    evaluation()  # warm-up
+    begin = plan.time()
+    hr, _, _ = evaluation()
+    eval_time = plan.time() - begin
     figures = {
-        'precision': precision,
-        'batch_size': args.batch_size,
-        'micro_batches': batches.micro_batches,
+        'row': name,
+        'impl': plan.impl,
+        'precision': plan.precision,
+        'fused_adam': plan.fused_adam,
+        'micro_batch': plan.micro_batch,
         'step_ms': step_time * 1000,
         'train_step_samples_per_s': args.batch_size / step_time,
         'train_epoch_samples_per_s': batches.steps * args.batch_size / epoch_time,
@@ -120,10 +128,9 @@ def time_path(name, argv, dataset, device, steps):
         'eval_s': eval_time,
         'first_step_s': first_step,
         'hr_after_one_epoch': round(hr, 4),
+        'peak_memory_gib': runtime.peak_memory_gib(plan.device),
     }
-    if device.type == 'cuda':
-        figures['peak_memory_gib'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    print(f'{name:>5}: {precision}, step {figures["step_ms"]:.2f} ms = '
+    print(f'{name:>28}: step {figures["step_ms"]:.2f} ms = '
           f'{figures["train_step_samples_per_s"]:.3e} samples/s, epoch {epoch_time:.2f} s = '
           f'{figures["train_epoch_samples_per_s"]:.3e} samples/s, eval {eval_time:.2f} s = '
           f'{figures["eval_samples_per_s"]:.3e} samples/s, first step after '
@@ -131,67 +138,69 @@ def time_path(name, argv, dataset, device, steps):
     return figures
 
 
-def device_name(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    from logger.autologging import hardware_info
-    return f'{hardware_info()["cpu"]} ({torch.get_num_threads()} threads)'
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument('--data', help='a cache to use (default: generate synthetic data)')
+    parser.add_argument('--data', help='a cache to use (None: generate synthetic data)')
     parser.add_argument('--shape', choices=sorted(SHAPES),
-                        help='generated data shape (default: ml-20m on GPU, ml-1m on CPU)')
+                        help='generated data shape (None: ml-20m on CUDA, ml-1m on a CPU)')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
     parser.add_argument('--batch_size', type=int, default=None,
-                        help='global batch (default: 1048576 on GPU, 65536 on CPU)')
+                        help='global batch (None: 1048576 on CUDA, 65536 on a CPU)')
     parser.add_argument('--steps', type=int, default=10, help='timed training steps')
-    parser.add_argument('--plain_precision', default=None, choices=['fp32', 'fp16', 'bf16'],
-                        help='precision of the plain path (default: fp32 on CPU, the '
-                             "reference's fp16 AMP on GPU)")
-    parser.add_argument('--extra', default='',
-                        help='more ncf.py flags for both paths, e.g. "--dropout 0"')
+    parser.add_argument('--impl', action='append', choices=runtime.IMPLEMENTATIONS[1:],
+                        help='time only these implementations after the knob rows (repeatable)')
+    parser.add_argument('-f', '--factors', type=int, default=64)
+    parser.add_argument('--layers', nargs='+', type=int, default=[256, 256, 128, 64])
+    parser.add_argument('--dropout', type=float, default=0.5)
+    parser.add_argument('-n', '--negative_samples', type=int, default=4)
+    parser.add_argument('-l', '--learning_rate', type=float, default=0.0045)
+    parser.add_argument('-b1', '--beta1', type=float, default=0.25)
+    parser.add_argument('-b2', '--beta2', type=float, default=0.5)
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
-    use_cuda = args.device == 'cuda' or (args.device == 'auto' and torch.cuda.is_available())
-    device = torch.device('cuda' if use_cuda else 'cpu')
-    batch_size = args.batch_size or (2 ** 20 if use_cuda else 2 ** 16)
-    plain_precision = args.plain_precision or ('fp16' if use_cuda else 'fp32')
-    data = prepare_data(args, device)
-    dataset = dataloading.load_dataset(data, device)
-    print(f'{device_name(device)}: {dataset.n_users:,} users, {dataset.n_items:,} items, '
-          f'{len(dataset.train_users):,} training positives, batch {batch_size:,}',
-          file=sys.stderr)
+    default = runtime.resolve(args.device)
+    on_cuda = default.device.type == 'cuda'
+    args.batch_size = args.batch_size or (2 ** 20 if on_cuda else 2 ** 16)
+    data = prepare_data(args, args.shape or ('ml-20m' if on_cuda else 'ml-1m'))
+    dataset = dataloading.load_dataset(data, default.device)
+    name = runtime.device_name(default.device)
+    print(f'{name}: {dataset.n_users:,} users, {dataset.n_items:,} items, '
+          f'{len(dataset.train_users):,} training positives, batch {args.batch_size:,}; '
+          f'default: {default.describe()}', file=sys.stderr)
 
-    common = ['--data', data, '-b', str(batch_size), '--device', device.type,
-              '-s', str(args.seed)] + args.extra.split()
-    plain = time_path('plain', common + ['--plain', '--precision', plain_precision], dataset,
-                      device, args.steps)
-    fast = time_path('fast', common, dataset, device, args.steps)
+    rows = [(row, plan) for row, plan in rows_of(default)
+            if not args.impl or row.startswith(('baseline', '+')) or plan.impl in args.impl]
+    results = [time_row(row, plan, dataset, args) for row, plan in rows]
+    default_row = next(r for r in results if r['impl'] == default.impl
+                       and r['precision'] == default.precision)
+    baseline_row = results[0]
     result = {
         'benchmark': 'throughput',
-        'device': device_name(device),
+        'device': name,
         'torch': torch.__version__,
         'python': platform.python_version(),
         'shape': {'n_users': dataset.n_users, 'n_items': dataset.n_items,
                   'n_train': len(dataset.train_users), 'n_test': dataset.n_users,
-                  'negative_samples': ncf.parse_args(common).negative_samples,
+                  'negative_samples': args.negative_samples,
                   'valid_negative': dataset.test_negatives.shape[1]},
-        'batch_size': batch_size,
-        'plain': plain,
-        'fast': fast,
-        'train_speedup': round(fast['train_epoch_samples_per_s']
-                               / plain['train_epoch_samples_per_s'], 2),
-        'train_step_speedup': round(fast['train_step_samples_per_s']
-                                    / plain['train_step_samples_per_s'], 2),
-        'eval_speedup': round(fast['eval_samples_per_s'] / plain['eval_samples_per_s'], 2),
+        'batch_size': args.batch_size,
+        'default': default_row['row'],
+        'default_precision': default.precision,
+        'baseline': baseline_row['row'],
+        'train_speedup': round(default_row['train_epoch_samples_per_s']
+                               / baseline_row['train_epoch_samples_per_s'], 2),
+        'train_step_speedup': round(default_row['train_step_samples_per_s']
+                                    / baseline_row['train_step_samples_per_s'], 2),
+        'eval_speedup': round(default_row['eval_samples_per_s']
+                              / baseline_row['eval_samples_per_s'], 2),
+        'rows': results,
     }
-    print(f'train speedup {result["train_speedup"]}x (epoch), {result["train_step_speedup"]}x '
-          f'(step); eval speedup {result["eval_speedup"]}x', file=sys.stderr)
+    print(f'default ({result["default"]}) against {result["baseline"]}: train '
+          f'{result["train_speedup"]}x (epoch), {result["train_step_speedup"]}x (step); eval '
+          f'{result["eval_speedup"]}x', file=sys.stderr)
     print(json.dumps(result))
 
 

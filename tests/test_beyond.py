@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import dataloading
 import inference
 import ncf
+import runtime
 from conftest import ROOT, TINY, assert_one_line_error
 from logger import plot
 from logger.logger import read_log
-from neumf import all_item_scores
 
 FP32 = TINY + ['--precision', 'fp32']
 
@@ -42,8 +43,10 @@ def fails(arguments, fragment, capsys, main=ncf.main):
 
 def load_trained_model(tiny_data, trained):
     dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'))
-    model = ncf.build_model(ncf.parse_args(['--data', tiny_data] + FP32), dataset)
-    ncf.load_model_state(model, ncf.read_checkpoint(os.path.join(trained, 'model.pth')), 'ck')
+    model = runtime.resolve('cpu', impl='eager').build_model(dataset.n_users, dataset.n_items,
+                                                             8, [32, 16, 8], 0.5)
+    path = os.path.join(trained, 'model.pth')
+    checkpoints.load_model_state(model, checkpoints.read(path), path)
     return dataset, model.eval()
 
 
@@ -74,7 +77,7 @@ def test_recommend_all_users_never_recommends_a_training_item(tiny_data, trained
         assert scores == sorted(scores, reverse=True) and 0 < scores[-1] <= scores[0] < 1
     # The top item is the best-scoring unseen item, by brute force.
     with torch.no_grad():
-        scores = torch.sigmoid(all_item_scores(model, torch.arange(300), 200))
+        scores = torch.sigmoid(model.all_item_scores(torch.arange(300)))
     for user in (0, 17, 299):
         unseen = [i for i in range(200) if (user, i) not in trained_pairs]
         best = max(unseen, key=lambda i: scores[user, i].item())
@@ -130,7 +133,7 @@ def brute_force_full_ranking(tiny_data, trained, k):
     dataset, model = load_trained_model(tiny_data, trained)
     trained_pairs = set(zip(dataset.train_users.tolist(), dataset.train_items.tolist()))
     with torch.no_grad():
-        scores = all_item_scores(model, torch.arange(300), 200).tolist()
+        scores = model.all_item_scores(torch.arange(300)).tolist()
     hits = ndcg = 0.0
     for user, positive in enumerate(dataset.test_items.tolist()):
         rank = sum(scores[user][item] >= scores[user][positive] for item in range(200)
@@ -227,7 +230,7 @@ def test_inference_benchmark_random_and_checkpoint_weights(trained, tmp_path, ca
                                       '--batch_sizes', '32', '--num_batches', '2', '--device',
                                       'cpu', '--precision', 'bf16', '--log_path', str(log)])
     assert from_checkpoint[0]['batch_size'] == 32
-    assert 'NeuMF 300 users x 200 items, factors 8, layers [32, 16, 8], checkpoint weights; bf16' \
+    assert 'NeuMF 300 users x 200 items, factors 8, layers [32, 16, 8], checkpoint weights; Precision: bf16' \
         in capsys.readouterr().out
 
 

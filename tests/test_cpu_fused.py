@@ -1,23 +1,16 @@
-"""The fast path computes what the plain path computes: same loss, gradients and updates."""
-import json
-import os
-import subprocess
-import sys
-
+"""--impl cpu_fused computes what the eager model computes: same loss, gradients and updates."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-import dataloading
-import ncf
-from conftest import ROOT, TINY
-from neumf import NeuMF, _ReluDropout
+from cpu_fused import CpuFusedNeuMF, _ReluDropout
+from neumf import NeuMF
 
 
 def twin_models(dropout=0.0):
     torch.manual_seed(0)
-    plain = NeuMF(50, 40, 8, [32, 16, 8], dropout=dropout, fast=False)
-    fast = NeuMF(50, 40, 8, [32, 16, 8], dropout=dropout, fast=True)
+    plain = NeuMF(50, 40, 8, [32, 16, 8], dropout=dropout)
+    fast = CpuFusedNeuMF(50, 40, 8, [32, 16, 8], dropout=dropout)
     fast.load_state_dict(plain.state_dict())
     return plain, fast
 
@@ -94,60 +87,17 @@ def test_relu_dropout_mask_and_gradient():
     assert torch.equal(_ReluDropout.apply(x, 0.0), torch.relu(x))
 
 
-def test_cpu_micro_batches_split_the_same_epoch():
-    users = torch.arange(100).repeat_interleave(4)
-    items = torch.arange(400) % 37
-    whole = dataloading.TrainBatches(users, items, 37, 3, batch_size=800)
-    split = dataloading.TrainBatches(users, items, 37, 3, batch_size=800, max_micro_batch=200)
-    assert (whole.micro_batches, split.micro_batches, split.micro_batch) == (1, 4, 200)
-    for a, b in zip(whole.epoch(torch.Generator().manual_seed(0)),
-                    split.epoch(torch.Generator().manual_seed(0))):
-        assert torch.equal(a.flatten(1), b.flatten(1))
-    assert dataloading._split_factor(1000, 300) == 4      # 250 each
-    assert dataloading._split_factor(1009, 300) == 1      # a prime: left whole
-    assert dataloading._split_factor(2 ** 20, 16384) == 64
-    assert dataloading._split_factor(100, 300) == 1
-
-
-def test_fast_path_is_the_default_and_plain_is_a_flag(tiny_data, capsys):
-    assert not ncf.parse_args([]).plain and ncf.parse_args(['--plain']).plain
-    assert NeuMF(3, 3, 2, [4, 2]).fast
-    device = torch.device('cpu')
-    expected = 'bf16' if ncf.cpu_has_native_bf16() else 'fp32'
-    assert ncf.resolve_precision(ncf.parse_args([]), device) == expected
-    assert ncf.resolve_precision(ncf.parse_args(['--opt_level', 'O0']), device) == 'fp32'
-    assert ncf.resolve_precision(ncf.parse_args(['--amp']), device) == 'bf16'
-    ncf.main(['--data', tiny_data, '-e', '1', '--plain'] + TINY)
-    assert 'plain path' in capsys.readouterr().out
-    ncf.main(['--data', tiny_data, '-e', '1'] + TINY)
-    assert 'fast path' in capsys.readouterr().out
-
-
-def test_throughput_benchmark_runs_both_paths(tiny_data):
-    completed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'benchmarks', 'throughput.py'), '--data', tiny_data,
-         '--device', 'cpu', '--batch_size', '4096', '--steps', '2',
-         '--extra', '-f 8 --layers 32 16 8'], capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert result['shape']['n_users'] == 300 and result['batch_size'] == 4096
-    assert result['plain']['precision'] == 'fp32'
-    for path in ('plain', 'fast'):
-        for key in ('train_step_samples_per_s', 'train_epoch_samples_per_s',
-                    'eval_samples_per_s', 'first_step_s'):
-            assert result[path][key] > 0
-    for key in ('train_speedup', 'train_step_speedup', 'eval_speedup'):
-        assert result[key] > 0
-
-
 def test_factorised_all_item_scores_equal_the_forward_over_all_pairs():
-    from neumf import all_item_scores
-    for fast in (True, False):
+    for model_class in (NeuMF, CpuFusedNeuMF):
         torch.manual_seed(0)
-        model = NeuMF(50, 40, 8, [32, 16, 8], dropout=0.5, fast=fast).eval()
+        model = model_class(50, 40, 8, [32, 16, 8], dropout=0.5).eval()
         users = torch.tensor([3, 0, 49, 3])
         with torch.no_grad():
             pairs = model(users.repeat_interleave(40), torch.arange(40).repeat(4)).view(4, 40)
-            assert torch.allclose(all_item_scores(model, users, 40), pairs, atol=1e-6)
+            assert torch.allclose(model.all_item_scores(users), pairs, atol=1e-6)
+            # the inference copy, weights cast once to bf16, scores alike
+            copy = model.inference_copy(torch.bfloat16)
+            assert copy.mf_user_embed.weight.dtype == torch.bfloat16 and not copy.training
+            assert torch.allclose(copy.all_item_scores(users), pairs, atol=0.05)
     with pytest.raises(AssertionError):
-        all_item_scores(model.train(), users, 40)
+        model.train().all_item_scores(users)

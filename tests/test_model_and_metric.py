@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dataloading import duplicate_mask, hits_and_ndcg
+from evaluation import duplicate_mask, hits_and_ndcg
 from neumf import NeuMF
 
 REFERENCE_PARAMETER_NAMES = [

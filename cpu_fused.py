@@ -1,0 +1,83 @@
+"""`--impl cpu_fused`: NeuMF's input layer and activations as hand-written autograd Functions,
+the fastest implementation measured on a CPU (the auto choice there; on CUDA, torch.compile of
+the plain model is faster, and these Functions would block its fusion).
+
+- The four embedding gathers, the GMF product and the MLP input in one Function whose backward
+  builds each gathered row's gradient once and adds it into the dense table gradient (Adam keeps
+  its dense semantics), without the slice, concatenation and cast gradients autograd would make;
+  the activations are cast to the compute dtype once, at the input, not at every layer.
+- ReLU and dropout in one Function that saves only its output, with a dropout mask from 16
+  random bits per element, several times cheaper on a CPU than torch's Bernoulli draw.
+"""
+import torch
+
+from neumf import NeuMF
+
+
+class CpuFusedNeuMF(NeuMF):
+    def inputs(self, user, item):
+        device_type = user.device.type
+        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
+                 else self.final.weight.dtype)
+        return _GatherInputs.apply(user, item, self.mf_user_embed.weight,
+                                   self.mf_item_embed.weight, self.mlp_user_embed.weight,
+                                   self.mlp_item_embed.weight, dtype)
+
+    def hidden(self, x):
+        return _ReluDropout.apply(x, self.dropout if self.training else 0.0)
+
+
+class _GatherInputs(torch.autograd.Function):
+    """Both branches' inputs from the four tables: the GMF product and the MLP input, cast once
+    to the compute dtype. The backward forms each gathered row's gradient once and adds it into
+    a dense table gradient (Adam's semantics need the dense one)."""
+
+    @staticmethod
+    def forward(ctx, user, item, mf_user, mf_item, mlp_user, mlp_item, dtype):
+        mf_u, mf_i = mf_user.index_select(0, user), mf_item.index_select(0, item)
+        gmf = (mf_u * mf_i).to(dtype)
+        mlp_input = torch.cat((mlp_user.index_select(0, user),
+                               mlp_item.index_select(0, item)), dim=1).to(dtype)
+        ctx.save_for_backward(user, item, mf_u, mf_i)
+        ctx.table_shapes = [t.shape for t in (mf_user, mf_item, mlp_user, mlp_item)]
+        ctx.half = mlp_user.shape[1]
+        return gmf, mlp_input
+
+    @staticmethod
+    def backward(ctx, grad_gmf, grad_mlp_input):
+        user, item, mf_u, mf_i = ctx.saved_tensors
+        grad_gmf = grad_gmf.to(mf_u.dtype)
+        # Contiguous halves: index_add_ takes a much slower path on strided rows.
+        grad_mlp_user, grad_mlp_item = (half.contiguous() for half in
+                                        grad_mlp_input.to(mf_u.dtype).split(ctx.half, dim=1))
+        rows = (grad_gmf * mf_i, grad_gmf * mf_u, grad_mlp_user, grad_mlp_item)
+        grads = [mf_u.new_zeros(shape).index_add_(0, index, row) for shape, index, row
+                 in zip(ctx.table_shapes, (user, item, user, item), rows)]
+        return (None, None, *grads, None)
+
+
+class _ReluDropout(torch.autograd.Function):
+    """relu(x), then inverted dropout with probability p, in one step; saves only the output
+    (the gradient passes exactly where it is positive). The mask comes from 16 random bits per
+    element (drop probability round(p * 65536) / 65536: exact for 0.5), and every operation is
+    one of torch's vectorised ones (torch.where and bool products are several times slower on
+    bf16)."""
+
+    @staticmethod
+    def forward(ctx, x, p):
+        y = torch.relu(x)
+        ctx.scale = 1.0
+        if p > 0.0:
+            ctx.scale = 1.0 / (1.0 - p)
+            words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device)
+            bits = words.random_(-2 ** 63, None).view(torch.int16)[:x.numel()].view(x.shape)
+            keep = torch.ge(bits, round(p * 65536) - 32768).to(x.dtype).mul_(ctx.scale)
+            y.mul_(keep)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, y, 0)
+        return (grad.mul_(ctx.scale) if ctx.scale != 1.0 else grad), None

@@ -1,0 +1,162 @@
+"""HR@K and NDCG@K: the metric, the scoring model, and the evaluation of a rank's test users."""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def duplicate_mask(candidates):
+    """True where a candidate repeats an item that stands earlier in its row.
+
+    Column 0 holds the test positive, so it is never masked, and a negative that happens to be
+    the positive item is; each distinct item then counts once (the reference's duplicate mask).
+    """
+    sorted_items, order = torch.sort(candidates, dim=1, stable=True)
+    repeated = torch.zeros_like(candidates, dtype=torch.bool)
+    repeated[:, 1:] = sorted_items[:, 1:] == sorted_items[:, :-1]
+    return torch.zeros_like(repeated).scatter_(1, order, repeated)
+
+
+def hits_and_ndcg(scores, mask, k):
+    """Sums of HR@k and NDCG@k over rows of `scores` [users, candidates], column 0 the positive.
+
+    The positive's rank is the number of unmasked negatives scoring at least as high (a tie
+    counts against the positive, as the reference's stable top-k with the positive last).
+    """
+    ahead = (scores[:, 1:] >= scores[:, :1]) & ~mask[:, 1:]
+    return rank_metrics(ahead.sum(1), k)
+
+
+def rank_metrics(rank, k):
+    """Sums of HR@k and NDCG@k for 0-based ranks of the test positives."""
+    hit = rank < k
+    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0),
+                       torch.zeros((), dtype=torch.double, device=rank.device))
+    return hit.sum(), ndcg.sum()
+
+
+def sampled_sums(model, users, candidates, mask, k):
+    """Sums of hits, NDCG and loss, and the loss count, for `users` [R] and their `candidates`
+    [R, W] (column 0 the positive): the forward and the metric in one function, so that under
+    torch.compile they run as one pass with no [R, W] scores written out in between."""
+    width = candidates.shape[1]
+    scores = model(users.repeat_interleave(width), candidates.reshape(-1)).float().view(-1, width)
+    hits, ndcg = hits_and_ndcg(scores, mask, k)
+    labels = torch.zeros_like(scores)
+    labels[:, 0] = 1.0
+    counted = ~mask
+    losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none') * counted
+    return torch.stack([hits.double(), ndcg, losses.sum().double(), counted.sum().double()])
+
+
+class Scorer:
+    """A model for scoring: a copy of the trained model with its weights cast once to the plan's
+    precision (no autocast), in eval mode, compiled where the plan compiles. `refresh()` copies
+    the trained weights in again, in place (a compiled function keeps working)."""
+
+    def __init__(self, plan, model):
+        self.source = model
+        self.model = model.inference_copy(plan.dtype)
+        self.pairs = plan.compile(self.model.forward)
+        self.all_items = plan.compile(self.model.all_item_scores)
+        self.sampled_sums = plan.compile(sampled_sums)
+
+    def refresh(self):
+        with torch.no_grad():
+            for copy, trained in zip(self.model.parameters(), self.source.parameters()):
+                copy.copy_(trained)
+
+
+class Evaluation:
+    """This rank's share of the test users (contiguous chunks) and how they are scored.
+
+    sampled (the reference's): the test positive against its test negatives, a repeated
+    candidate counted once. full: against every item the user has no training interaction with.
+    """
+
+    def __init__(self, plan, dataset, model, topk, eval_mode='sampled', exclusion=None):
+        n_users = dataset.n_users
+        first = n_users * plan.rank // plan.world_size
+        last = n_users * (plan.rank + 1) // plan.world_size
+        self.plan, self.topk = plan, topk
+        self.scorer = Scorer(plan, model)
+        self.users = torch.arange(first, last, device=plan.device)
+        self.positives = dataset.test_items[first:last]
+        self.full = eval_mode == 'full'
+        if self.full:
+            self.exclusion = exclusion
+            self.samples = n_users * dataset.n_items  # (user, item) pairs scored, all ranks
+        else:
+            # column 0: the positive
+            self.items = torch.cat((self.positives[:, None], dataset.test_negatives[first:last]), 1)
+            self.mask = duplicate_mask(self.items)
+            self.samples = n_users * self.items.shape[1]
+
+    def __call__(self):
+        """HR@K, NDCG@K and the validation loss of the trained model over all ranks' users."""
+        self.scorer.refresh()
+        with torch.no_grad():
+            sums = self._full() if self.full else self._sampled()
+        hits, ndcg, loss_sum, loss_count, users = all_reduce_sums(
+            [*sums, len(self.users)], self.plan)
+        return hits / users, ndcg / users, loss_sum / max(loss_count, 1)
+
+    def warm_up(self):
+        """Compile the scoring of each chunk shape before the clock starts (compiled plans
+        only); returns the seconds it took."""
+        if not self.plan.compiled or not len(self.users):
+            return 0.0
+        start = self.plan.time()
+        self.scorer.refresh()
+        width = self.exclusion.n_items if self.full else self.items.shape[1]
+        rows = max(1, self.plan.eval_chunk // width)
+        with torch.no_grad():
+            for first in sorted({0, (len(self.users) - 1) // rows * rows}):
+                chunk = slice(first, first + rows)
+                if self.full:
+                    self.scorer.all_items(self.users[chunk])
+                else:
+                    self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
+                                             self.items[chunk], self.mask[chunk], self.topk)
+        return self.plan.time() - start
+
+    def _sampled(self):
+        rows = max(1, self.plan.eval_chunk // self.items.shape[1])
+        sums = torch.zeros(4, dtype=torch.float64, device=self.plan.device)
+        for start in range(0, len(self.users), rows):
+            chunk = slice(start, start + rows)
+            sums += self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
+                                             self.items[chunk], self.mask[chunk], self.topk)
+        return sums.unbind()
+
+    def _full(self):
+        n_items = self.exclusion.n_items
+        rows = max(1, self.plan.eval_chunk // n_items)
+        device = self.plan.device
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        for start in range(0, len(self.users), rows):
+            users, positives = self.users[start:start + rows], self.positives[start:start + rows]
+            scores = self.scorer.all_items(users)
+            # one host synchronisation per chunk, to size the chunk's training pairs
+            trained = torch.zeros_like(scores, dtype=torch.bool)
+            trained[self.exclusion.pairs_of(users)] = True
+            row = torch.arange(len(users), device=device)
+            competitors = ~trained
+            competitors[row, positives] = False
+            # As in sampled mode, an item scoring as high as the positive ranks ahead of it.
+            rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
+            hits, ndcg = rank_metrics(rank, self.topk)
+            labels = torch.zeros_like(scores)
+            labels[row, positives] = 1.0
+            losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')[~trained]
+            sums += torch.stack([hits.double(), ndcg, losses.sum().double(),
+                                 torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
+        return sums.unbind()
+
+
+def all_reduce_sums(values, plan):
+    """Sum float64 figures over all ranks in one collective, then read them once on the host."""
+    totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=plan.device)
+                          for value in values])
+    if plan.distributed:
+        dist.all_reduce(totals)
+    return totals.tolist()
