@@ -1,6 +1,7 @@
 """Convert raw ratings (MovieLens or any user,item,timestamp CSV) into the tensors ncf.py reads.
 
-    python convert.py --path RATINGS --output DIR [--valid_negative 100] [--seed 1] [--min_ratings 20]
+    python convert.py --path RATINGS --output DIR [--valid_negative 100] [--seed 1]
+                      [--min_ratings 20] [--format F]
 
 The reference recipe's split: drop users with fewer than `min_ratings` interactions, map user and
 item ids to 0..n-1 in order of first appearance, order each user's interactions by timestamp
@@ -9,31 +10,37 @@ each user's latest interaction as the test positive and train on the rest. Then 
 `valid_negative` test negatives per user, uniformly with replacement from the items the user has
 no training interaction with.
 
+The cache's metadata.json records the source file's sha256, a sha256 over the id maps and the
+`fingerprint` derived from both (the data's identity, as checkpoints record it). A cache is
+replaced as a whole: a failed, full-disk or interrupted (Ctrl-C, SIGTERM) run ends in one line
+and leaves the previous cache as it was, and a run killed outright leaves either a consistent
+cache or one without metadata.json, which nothing trusts.
+
 Vectorised throughout: an ML-20m-sized file takes seconds (see README, "Preprocessing speed").
 """
 import argparse
 import csv
+import fcntl
 import hashlib
+import io
 import json
 import os
 import sys
 import threading
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import torch
+from utils import (DISK_FULL, FileSet, UsageError, check_writable_directory, deferred_signals,
+                   disk_full_error, run_main)
 
-from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE,
-                         USER_IDS_FILE, ItemExclusion)
-from utils import (UsageError, atomic_torch_save, atomic_write, check_writable_directory,
-                   exit_on_usage_error)
+# numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
+# a bad input or output is reported at once, and Ctrl-C or SIGTERM find run_main's handlers in
+# place almost from the start.
 
 MIN_RATINGS = 20
 VALID_NEGATIVE = 100
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: metadata has id_maps_sha256 and fingerprint
+METADATA_FILE = 'metadata.json'  # dataloading.METADATA_FILE, without importing torch here
+BOM = '\ufeff'  # a UTF-8 byte order mark, as some editors write at the start of a CSV
 NEGATIVE_CHUNK_USERS = 16384
 
 # Each format: how to read it, and which of its columns hold user, item and timestamp.
@@ -55,12 +62,21 @@ def stage(message, since):
     return now
 
 
+def first_line(path):
+    """The first line of `path`, decoded, without a byte order mark or surrounding blanks."""
+    try:
+        with open(path, 'rb') as file:
+            line = file.readline(1 << 16)
+    except OSError as error:
+        raise UsageError(f'cannot read {path}: {error.strerror or error}') from None
+    return line.decode('utf-8', errors='replace').removeprefix(BOM).strip()
+
+
 def detect_format(path):
     """Name the format of `path` from its first line (see FORMATS)."""
-    with open(path, 'rb') as file:
-        first = file.readline(1 << 16).decode('utf-8', errors='replace').strip()
+    first = first_line(path)
     if not first:
-        raise UsageError(f'{path} is empty')
+        raise UsageError(f'{path} has an empty first line: expected a header or a first rating')
     names = [name.strip().strip('"') for name in first.split(',')]
     if '::' in first:
         return 'ml-1m'
@@ -78,13 +94,15 @@ def detect_format(path):
 
 def read_interactions(path, fmt):
     """Return {'user', 'item', 'timestamp'}: Arrow arrays, in file order."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     spec = FORMATS[fmt]
     read_options = pacsv.ReadOptions(block_size=1 << 24)
     if not spec['header']:
         read_options.column_names = list(spec['names'])
     else:
-        with open(path, 'rb') as file:
-            header = file.readline(1 << 16).decode('utf-8', errors='replace').strip()
+        header = first_line(path)
         names = [name.strip().strip('"') for name in header.split(spec['delimiter'])]
         missing = [column for column in spec['columns'] if column not in names]
         if missing:
@@ -114,6 +132,10 @@ def read_interactions(path, fmt):
                 column_types[failed[0]] = pa.string()
             else:
                 raise UsageError(f'cannot read {path} as {fmt}: {message}') from None
+        except OSError as error:
+            if error.errno in DISK_FULL:
+                raise
+            raise UsageError(f'cannot read {path}: {error.strerror or error}') from None
     if table.num_rows == 0:
         raise UsageError(f'{path} holds no interactions')
     columns = dict(zip(('user', 'item', 'timestamp'), table.columns))
@@ -127,13 +149,14 @@ def _csv_column_index(path, spec, name):
     """Index of column `name` in the file, as Arrow's error messages count columns."""
     if not spec['header']:
         return spec['names'].index(name)
-    with open(path, 'rb') as file:
-        header = file.readline(1 << 16).decode('utf-8', errors='replace').strip()
+    header = first_line(path)
     return [field.strip().strip('"') for field in header.split(spec['delimiter'])].index(name)
 
 
 def factorize(column):
     """int32 codes 0..n-1 in order of first appearance, and the original values in that order."""
+    import pyarrow.compute as pc
+
     values = pc.unique(column)  # Arrow keeps first-appearance order
     return pc.index_in(column, values).to_numpy(), values
 
@@ -144,6 +167,10 @@ def split(columns, min_ratings):
     columns: {'user', 'item', 'timestamp'} Arrow arrays (ids of any type, numeric timestamps),
     consumed as they are used, to bound peak memory on ML-20m-sized input.
     """
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
     user, user_values = factorize(columns.pop('user'))
     counts = np.bincount(user)
     kept_users = counts >= min_ratings
@@ -210,6 +237,10 @@ def split(columns, min_ratings):
 def sample_test_negatives(train_users, train_items, n_users, n_items, count, seed, user_values):
     """`count` items per user, uniform with replacement over items without a training pair
     (the test positive included, as in the reference: evaluation counts a repeat once)."""
+    import torch
+
+    from dataloading import ItemExclusion
+
     exclusion = ItemExclusion(torch.from_numpy(train_users), torch.from_numpy(train_items),
                               n_users, n_items)
     # The test positive is never a training item, so it is always free to draw (as in the
@@ -227,36 +258,90 @@ def sample_test_negatives(train_users, train_items, n_users, n_items, count, see
     return negatives
 
 
-def write_id_map(path, header, values):
-    def write(temporary):
-        with open(temporary, 'w', newline='') as file:
-            writer = csv.writer(file, lineterminator='\n')
-            writer.writerow([header])
-            writer.writerows([value] for value in values.to_pylist())
-    atomic_write(path, write)
+def id_map_bytes(header, values):
+    """The bytes of an id map: a header line, then line k holds the original id of mapped id k."""
+    text = io.StringIO(newline='')
+    writer = csv.writer(text, lineterminator='\n')
+    writer.writerow([header])
+    writer.writerows([value] for value in values.to_pylist())
+    return text.getvalue().encode('utf-8')
 
 
-def write_cache(output, result, test_negatives, metadata):
-    """Write the cache; metadata.json goes last, so a cache without it is incomplete."""
+def fingerprint(source_sha256, id_maps_sha256):
+    """The data's identity, as checkpoints record it: the source file and the id maps."""
+    return hashlib.sha256(f'{source_sha256}:{id_maps_sha256}'.encode()).hexdigest()[:16]
+
+
+def lock_directory(directory):
+    """An exclusive lock on `directory` (an open descriptor: closing it unlocks), so that two
+    conversions into one cache never interleave their files; UsageError if one is running."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise UsageError(f'another process is writing {directory}; wait for it to finish') from None
+    return descriptor
+
+
+def write_cache(output, result, test_negatives, metadata, progress=None):
+    """Write the cache, replacing any previous one in `output` as a whole.
+
+    Every file goes to a temporary name beside its place first; only when all are written are
+    they renamed into place, metadata.json removed before the first rename and renamed last
+    (utils.FileSet). So until then the previous cache stays whole and loadable (an interrupted
+    or failed run leaves it as it was), and a process killed outright during the renames leaves
+    no metadata.json: a cache is trusted only with a metadata.json written after all its files.
+    Adds id_maps_sha256 and fingerprint to `metadata`. progress: a dict whose 'committed' is set
+    once the new cache is in place.
+    """
+    import numpy as np
+    import torch
+
+    from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE,
+                             TRAIN_FILE, USER_IDS_FILE)
+
+    created = not os.path.isdir(output)
     os.makedirs(output, exist_ok=True)
-    metadata_path = os.path.join(output, METADATA_FILE)
-    if os.path.exists(metadata_path):  # an older cache is being replaced: distrust it first
-        os.remove(metadata_path)
-    tensors = {
-        TRAIN_FILE: np.stack([result['train_users'], result['train_items']], axis=1),
-        TEST_FILE: np.stack([result['test_users'], result['test_items']], axis=1),
-    }
-    for name, array in tensors.items():
-        atomic_torch_save(torch.from_numpy(array.astype(np.int64)), os.path.join(output, name))
-    atomic_torch_save(test_negatives.contiguous(), os.path.join(output, TEST_NEGATIVES_FILE))
-    write_id_map(os.path.join(output, USER_IDS_FILE), 'user_id', result['user_values'])
-    write_id_map(os.path.join(output, ITEM_IDS_FILE), 'item_id', result['item_values'])
-
-    def write_metadata(path):
-        with open(path, 'w') as file:
-            json.dump(metadata, file, indent=2)
-            file.write('\n')
-    atomic_write(metadata_path, write_metadata)
+    lock = None
+    try:
+        lock = lock_directory(output)
+        with FileSet() as files:
+            def save(name, tensor):
+                def write(temporary):
+                    with open(temporary, 'wb') as file:
+                        torch.save(tensor, file)
+                files.write(os.path.join(output, name), write)
+            for name, (first, second) in ((TRAIN_FILE, ('train_users', 'train_items')),
+                                          (TEST_FILE, ('test_users', 'test_items'))):
+                save(name, torch.from_numpy(np.stack([result[first], result[second]], axis=1)
+                                            .astype(np.int64)))
+            save(TEST_NEGATIVES_FILE, test_negatives.contiguous())
+            id_maps = hashlib.sha256()
+            for name, header, values in ((USER_IDS_FILE, 'user_id', result['user_values']),
+                                         (ITEM_IDS_FILE, 'item_id', result['item_values'])):
+                data = id_map_bytes(header, values)
+                id_maps.update(data)
+                files.write_bytes(os.path.join(output, name), data)
+            metadata['id_maps_sha256'] = id_maps.hexdigest()
+            metadata['fingerprint'] = fingerprint(metadata['source_sha256'],
+                                                  metadata['id_maps_sha256'])
+            metadata_path = os.path.join(output, METADATA_FILE)
+            files.write_bytes(metadata_path, (json.dumps(metadata, indent=2) + '\n').encode())
+            with deferred_signals():  # a signal during the renames is raised after them
+                files.commit(last=metadata_path)
+                if progress is not None:
+                    progress['committed'] = True
+    except BaseException:
+        if created:  # leave no empty directory behind
+            try:
+                os.rmdir(output)
+            except OSError:
+                pass
+        raise
+    finally:
+        if lock is not None:
+            os.close(lock)
 
 
 class FileHash:
@@ -294,17 +379,28 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def convert(args):
-    start = time.perf_counter()
+def check_arguments(args):
+    """Everything that can be checked before reading the input; raises UsageError."""
+    if os.path.isdir(args.path):
+        raise UsageError(f'--path {args.path} is a directory, not a ratings file')
     if not os.path.isfile(args.path):
         raise UsageError(f'ratings file {args.path} does not exist')
+    if not os.access(args.path, os.R_OK):
+        raise UsageError(f'cannot read {args.path}: permission denied')
     if os.path.getsize(args.path) == 0:
         raise UsageError(f'{args.path} is empty')
     if args.valid_negative < 1:
         raise UsageError('--valid_negative must be at least 1')
     if args.min_ratings < 2:
         raise UsageError('--min_ratings must be at least 2 (one test and one training interaction)')
-    check_writable_directory(args.output)
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise UsageError(f'--seed {args.seed} is out of range (a 64-bit integer)')
+    check_writable_directory(args.output, '--output')
+
+
+def convert(args, progress=None):
+    start = time.perf_counter()
+    check_arguments(args)
     fmt = args.format or detect_format(args.path)
     source_hash = FileHash(args.path)
 
@@ -316,6 +412,9 @@ def convert(args):
                 f'{len(result["train_users"]):,} training rows, {result["dropped_users"]:,} users '
                 f'with under {args.min_ratings} interactions and {result["duplicates"]:,} '
                 'repeated pairs dropped', now)
+    if args.valid_negative > result['n_items']:
+        raise UsageError(f'--valid_negative {args.valid_negative} is more than the '
+                         f'{result["n_items"]:,} items of {args.path}')
     test_negatives = sample_test_negatives(result['train_users'], result['train_items'],
                                            result['n_users'], result['n_items'],
                                            args.valid_negative, args.seed, result['user_values'])
@@ -337,15 +436,32 @@ def convert(args):
         'dropped_repeats': result['duplicates'],
     }
     try:
-        write_cache(args.output, result, test_negatives, metadata)
+        write_cache(args.output, result, test_negatives, metadata, progress)
     except OSError as error:
-        raise UsageError(f'cannot write to {args.output}: {error.strerror or error}') from None
-    stage(f'wrote {args.output}', now)
+        if disk_full_error(error):
+            raise  # run_main says so, and what was kept
+        where = error.filename or args.output
+        raise UsageError(f'cannot write {where}: {error.strerror or error}; '
+                         f'{describe_kept(args.output, progress)}') from None
+    stage(f'wrote {args.output} (fingerprint {metadata["fingerprint"]})', now)
     print(f'[convert] done in {time.perf_counter() - start:.1f} s', file=sys.stderr)
 
 
+def describe_kept(output, progress):
+    """What a run that stops early leaves in `output`, for its last line."""
+    if progress and progress.get('committed'):
+        return f'the new cache in {output} is complete'
+    if progress and progress.get('had_cache'):
+        return f'the previous cache in {output} is unchanged'
+    return f'nothing was written to {output}'
+
+
 def main(argv=None):
-    exit_on_usage_error('convert.py', convert, parse_args(argv))
+    args = parse_args(argv)
+    progress = {'had_cache': os.path.isfile(os.path.join(args.output, METADATA_FILE)),
+                'committed': False}
+    run_main('convert.py', convert, args, progress,
+             kept=lambda: describe_kept(args.output, progress))
 
 
 if __name__ == '__main__':

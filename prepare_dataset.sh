@@ -9,9 +9,21 @@
 #   SYNTHETIC_OPTIONS  for synthetic only, passed to synthetic.py, e.g. for ML-20m's shape:
 #              --users 138493 --items 26744 --rows 20000000 --layout ml-20m
 #
-# Work already done is skipped: an existing zip, extracted ratings, or an up-to-date cache.
-# Put DATASET.zip in RAW_DIR yourself to work offline. PYTHON picks the interpreter.
+# Work already done is skipped, by content rather than by date: the ratings file is extracted
+# again when DATASET.zip changes (its sha256 is recorded beside the extracted file), and the
+# cache is reused only when it was converted from a ratings file with the same sha256 (digests
+# are remembered in FILE.sha256, keyed by the file's size, times and inode). Put DATASET.zip in
+# RAW_DIR yourself to work offline. PYTHON picks the interpreter. Ctrl-C or SIGTERM stops it
+# with one line, leaving the previous cache as it was.
 set -euo pipefail
+
+case ${1:-} in
+    -h|--help)
+        sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+        exit 0 ;;
+esac
+
+fail() { echo "prepare_dataset.sh: error: $*" >&2; exit 1; }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DATASET_NAME=${1:-ml-20m}
@@ -19,10 +31,8 @@ RAW_DATADIR=${2:-./data}
 CACHED_DATADIR=${3:-${RAW_DATADIR}/cache/${DATASET_NAME}}
 shift $(( $# < 3 ? $# : 3 ))
 if [ -z "${PYTHON:-}" ]; then
-    PYTHON=$(command -v python || command -v python3)
+    PYTHON=$(command -v python || command -v python3) || fail "no python found: set PYTHON"
 fi
-
-fail() { echo "prepare_dataset.sh: error: $*" >&2; exit 1; }
 
 case ${DATASET_NAME} in
     ml-20m) MEMBER=ml-20m/ratings.csv ;;
@@ -35,55 +45,194 @@ if [ "${DATASET_NAME}" != synthetic ] && [ $# -gt 0 ]; then
     fail "options after CACHE_DIR are for the synthetic dataset only: $*"
 fi
 RATINGS_PATH=${RAW_DATADIR}/${MEMBER}
-mkdir -p "${RAW_DATADIR}"
+ZIP_PATH=${RAW_DATADIR}/${DATASET_NAME}.zip
+
+# Every step runs in the background while the script waits for it, so that Ctrl-C or SIGTERM
+# reach the trap at once: the step is told to stop (SIGTERM: it cleans up and says in one line
+# what it kept), or, between steps or before the step could set up its handler, the script says
+# so itself.
+if [ -f "${CACHED_DATADIR}/metadata.json" ]; then
+    KEPT="the previous cache in ${CACHED_DATADIR} is unchanged"
+else
+    KEPT="no cache was written to ${CACHED_DATADIR}"
+fi
+CHILD=
+run() {
+    "$@" &
+    CHILD=$!
+    local status=0
+    wait "${CHILD}" || status=$?
+    CHILD=
+    return "${status}"
+}
+catches_term() {  # whether process $1 handles SIGTERM (then it says itself what it kept)
+    local mask
+    mask=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$1/status" 2>/dev/null) || return 1
+    [ -n "${mask}" ] && (( (16#${mask: -4} >> 14) & 1 ))
+}
+interrupted() {
+    trap '' INT TERM
+    local said=
+    if [ -n "${CHILD}" ]; then
+        if catches_term "${CHILD}"; then said=yes; fi
+        kill -TERM "${CHILD}" 2>/dev/null || true
+        wait "${CHILD}" 2>/dev/null || true
+    fi
+    [ -n "${said}" ] || echo "prepare_dataset.sh: interrupted: ${KEPT}" >&2
+    exit "$1"
+}
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM
+
+# The Python side: checks, extraction, digests and the cache decision, each ending in one line
+# on failure (utils.run_main). Called as: python -c HELPER SCRIPT_DIR COMMAND ARGS...
+HELPER=$(cat <<'EOF'
+import json, os, shlex, sys, zipfile, hashlib
+sys.path.insert(0, sys.argv[1])
+from utils import (UsageError, atomic_write, check_output_file, check_writable_directory,
+                   remember_sha256, remembered_sha256, run_main)
+PROGRAM = 'prepare_dataset.sh'
+CACHE_VERSION, MIN_RATINGS, VALID_NEGATIVE, SEED = 2, 20, 100, 1  # what convert.py writes here
+DEFAULT_BATCH, SAMPLES_PER_POSITIVE = 2 ** 20, 5  # ncf.py's -b, and 1 + its -n
+
+
+def check(raw, cache, ratings):
+    """Before any work: the directories that will be written can be."""
+    if not os.path.isfile(ratings):
+        check_writable_directory(raw, 'RAW_DIR')
+    if not os.path.isfile(os.path.join(cache, 'metadata.json')):
+        check_writable_directory(cache, 'CACHE_DIR')
+
+
+def extract(archive, member, target):
+    """Extract `member` unless the file there came from this very zip (by sha256)."""
+    stamp = target + '.zip-sha256'
+    try:  # a bad zip is reported before anything is written, a digest included
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.getinfo(member)
+    except (zipfile.BadZipFile, KeyError, EOFError) as error:
+        raise UsageError(f'cannot extract {member} from {archive}: {error}') from None
+    digest, _ = remembered_sha256(archive, log=print)
+    try:
+        with open(stamp) as file:
+            extracted_from = file.read().strip()
+    except OSError:
+        extracted_from = None
+    if os.path.isfile(target) and extracted_from == digest:
+        print(f'Using {target}')
+        return
+    print(f'Extracting {member} from {archive}'
+          + (' (the zip has changed since it was last extracted)' if extracted_from else ''))
+    check_output_file(target, 'RAW_DIR')
+    if os.path.exists(stamp):  # no stamp until the new file is whole
+        os.remove(stamp)
+    extracted = hashlib.sha256()
+
+    def write(temporary):
+        with zipfile.ZipFile(archive) as zipped, zipped.open(member) as source, \
+                open(temporary, 'wb') as sink:
+            while chunk := source.read(1 << 22):
+                extracted.update(chunk)
+                sink.write(chunk)
+    try:
+        atomic_write(target, write, make_parents=True)
+    except (zipfile.BadZipFile, KeyError, EOFError) as error:
+        raise UsageError(f'cannot extract {member} from {archive}: {error}') from None
+    remember_sha256(target, extracted.hexdigest())
+
+    def write_stamp(temporary):
+        with open(temporary, 'w') as file:
+            file.write(digest + '\n')
+    atomic_write(stamp, write_stamp)
+
+
+def decide(ratings, cache):
+    """0: the cache was converted from this very ratings file, with these options; 3: convert."""
+    digest, _ = remembered_sha256(ratings, log=print)
+    try:
+        with open(os.path.join(cache, 'metadata.json')) as file:
+            metadata = json.load(file)
+    except OSError:
+        metadata, reason = None, 'no cache yet'
+    except ValueError:
+        metadata, reason = None, 'its metadata.json does not parse'
+    if metadata is not None:
+        if not isinstance(metadata, dict) or metadata.get('version') != CACHE_VERSION:
+            reason = 'the cache is from another version of convert.py'
+        elif metadata.get('source_sha256') != digest:
+            reason = 'the ratings file has changed since it was converted'
+        elif (metadata.get('min_ratings'), metadata.get('valid_negative'),
+              metadata.get('seed')) != (MIN_RATINGS, VALID_NEGATIVE, SEED):
+            reason = 'the cache was converted with other options'
+        else:
+            print(f'Using cached preprocessed data in {cache} (converted from {ratings}, '
+                  f'sha256 {digest[:16]}...)')
+            return 0
+    check_writable_directory(cache, 'CACHE_DIR')
+    print(f'Preprocessing {ratings} into {cache} ({reason})')
+    return 3
+
+
+def command(cache):
+    """The training command for this cache: the reference's batch of 2^20 needs an epoch of
+    many such batches (ML-20m has 94); smaller data gets the Quick start's small-batch
+    settings, with a batch well under an epoch."""
+    with open(os.path.join(cache, 'metadata.json')) as file:
+        samples = json.load(file)['n_train'] * SAMPLES_PER_POSITIVE
+    flags = ''
+    if samples < 16 * DEFAULT_BATCH:
+        batch = 4096
+        while batch > 64 and 16 * batch > samples:
+            batch //= 2
+        flags = f' -b {batch} -l 0.002 -b1 0.9 -b2 0.999'
+    data = shlex.quote(cache)
+    print(f'You can now run the training with: python ncf.py --data {data}{flags}')
+    print(f'or, on several GPUs: torchrun --nproc_per_node=<number_of_GPUs> ncf.py '
+          f'--data {data}{flags}')
+
+
+name, arguments = sys.argv[2], sys.argv[3:]
+kept = os.environ.get('PREPARE_KEPT')
+sys.exit(run_main(PROGRAM, globals()[name], *arguments, kept=kept) or 0)
+EOF
+)
+helper() { PREPARE_KEPT=${KEPT} run "${PYTHON}" -c "${HELPER}" "${SCRIPT_DIR}" "$@"; }
+
+helper check "${RAW_DATADIR}" "${CACHED_DATADIR}" "${RATINGS_PATH}"
 
 if [ "${DATASET_NAME}" = synthetic ]; then
-    # Regenerate when the options change; the stamp records those of the file on disk.
+    # Regenerate when the options change; the stamp records those of the file on disk, and is
+    # removed first, so that it never describes another file.
     STAMP=${RAW_DATADIR}/synthetic/options
     if [ ! -f "${RATINGS_PATH}" ] || [ "$(cat "${STAMP}" 2>/dev/null)" != "$*" ]; then
         echo "Generating synthetic ratings at ${RATINGS_PATH}"
-        "${PYTHON}" "${SCRIPT_DIR}/synthetic.py" --output "${RATINGS_PATH}" "$@"
+        rm -f "${STAMP}"
+        run "${PYTHON}" "${SCRIPT_DIR}/synthetic.py" --output "${RATINGS_PATH}" "$@"
         echo "$*" > "${STAMP}"
     else
         echo "Using ${RATINGS_PATH}"
     fi
 else
-    ZIP_PATH=${RAW_DATADIR}/${DATASET_NAME}.zip
-    if [ ! -f "${RATINGS_PATH}" ]; then
-        if [ ! -f "${ZIP_PATH}" ]; then
-            echo "${ZIP_PATH} not found, downloading..."
-            "${SCRIPT_DIR}/download_dataset.sh" "${DATASET_NAME}" "${RAW_DATADIR}"
-        fi
-        echo "Extracting ${MEMBER} from ${ZIP_PATH}"
-        # Extract to a temporary name, then rename: an interrupted run leaves no half file.
-        "${PYTHON}" - "${ZIP_PATH}" "${MEMBER}" "${RATINGS_PATH}" <<'EOF' || exit 1
-import os, shutil, sys, zipfile
-archive, member, target = sys.argv[1:]
-try:
-    with zipfile.ZipFile(archive) as zipped, zipped.open(member) as source:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target + '.part', 'wb') as sink:
-            shutil.copyfileobj(source, sink, 1 << 22)
-    os.replace(target + '.part', target)
-except (zipfile.BadZipFile, KeyError, OSError) as error:
-    if os.path.exists(target + '.part'):
-        os.remove(target + '.part')
-    sys.exit(f'prepare_dataset.sh: error: cannot extract {member} from {archive}: {error}')
-EOF
+    if [ ! -f "${ZIP_PATH}" ] && [ ! -f "${RATINGS_PATH}" ]; then
+        echo "${ZIP_PATH} not found, downloading..."
+        run "${SCRIPT_DIR}/download_dataset.sh" "${DATASET_NAME}" "${RAW_DATADIR}"
+    fi
+    if [ -f "${ZIP_PATH}" ]; then
+        helper extract "${ZIP_PATH}" "${MEMBER}" "${RATINGS_PATH}"
     else
-        echo "Using ${RATINGS_PATH}"
+        echo "Using ${RATINGS_PATH} (no ${ZIP_PATH} to check it against)"
     fi
 fi
 
-if [ -f "${CACHED_DATADIR}/metadata.json" ] && [ "${CACHED_DATADIR}/metadata.json" -nt "${RATINGS_PATH}" ]; then
-    echo "Using cached preprocessed data in ${CACHED_DATADIR}"
-else
-    echo "Preprocessing ${RATINGS_PATH} into ${CACHED_DATADIR}"
+status=0
+helper decide "${RATINGS_PATH}" "${CACHED_DATADIR}" || status=$?
+if [ "${status}" -eq 3 ]; then
     t0=$(date +%s)
-    "${PYTHON}" "${SCRIPT_DIR}/convert.py" --path "${RATINGS_PATH}" --output "${CACHED_DATADIR}"
+    run "${PYTHON}" "${SCRIPT_DIR}/convert.py" --path "${RATINGS_PATH}" --output "${CACHED_DATADIR}"
     echo "Finished preprocessing in $(( $(date +%s) - t0 )) seconds"
+elif [ "${status}" -ne 0 ]; then
+    exit "${status}"
 fi
 
 echo "Dataset ${DATASET_NAME} prepared at: ${CACHED_DATADIR}"
-echo "You can now run the training with: python ncf.py --data ${CACHED_DATADIR}"
-echo "or, on several GPUs: torchrun --nproc_per_node=<number_of_GPUs> ncf.py --data ${CACHED_DATADIR}"
+helper command "${CACHED_DATADIR}"

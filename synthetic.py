@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-import numpy as np
+from utils import UsageError, atomic_write, check_output_file, run_main
 
 # Defaults: small enough that the Quick start trains on it in about a minute on a CPU.
 DEFAULT_USERS = 3000
@@ -46,6 +46,8 @@ def generate(users=DEFAULT_USERS, items=DEFAULT_ITEMS, rows=DEFAULT_ROWS, groups
     cannot have that, so no user gets more than half the catalogue). Rows come grouped by user,
     as in the MovieLens files.
     """
+    import numpy as np  # here, not at the top: a bad --output is reported at once
+
     if users < 1 or items < 1 or groups < 1:
         raise ValueError('users, items and groups must be positive')
     if rows < max(users * MIN_ROWS_PER_USER, items):
@@ -141,17 +143,12 @@ def write_csv(path, columns, layout='generic'):
                'rating': rating, 'timestamp': timestamp}
     header = LAYOUTS[layout]
     table = pa.table({name: by_name[name] for name in header})
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f'{path}.tmp{os.getpid()}'
-    try:
+
+    def write(temporary):
         with open(temporary, 'wb') as sink:
             sink.write((','.join(header) + '\n').encode())
             pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    atomic_write(path, write, make_parents=True)
 
 
 def parse_args(argv=None):
@@ -172,13 +169,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        columns = generate(args.users, args.items, args.rows, args.groups, args.affinity, args.seed)
+
+    def run():
+        check_output_file(args.output, '--output')
+        try:
+            columns = generate(args.users, args.items, args.rows, args.groups, args.affinity,
+                               args.seed)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         write_csv(args.output, columns, args.layout)
-    except (ValueError, OSError) as error:
-        sys.exit(f'synthetic.py: error: {error}')
-    print(f'Wrote {args.rows:,} interactions of {args.users:,} users on {args.items:,} items '
-          f'to {args.output}', file=sys.stderr)
+        print(f'Wrote {args.rows:,} interactions of {args.users:,} users on {args.items:,} items '
+              f'to {args.output}', file=sys.stderr)
+    kept = (f'{args.output} is unchanged' if os.path.exists(args.output)
+            else f'nothing was written to {args.output}')
+    run_main('synthetic.py', run, kept=kept)
 
 
 if __name__ == '__main__':

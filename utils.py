@@ -1,51 +1,284 @@
-"""Small helpers shared by the command-line tools."""
+"""Small helpers shared by the command-line tools: one-line failures, atomic writes, output checks.
+
+The project's rule for bad input and faults: one clear line on stderr naming the problem, a
+non-zero exit, no traceback, and nothing half-written (files that existed before are unchanged).
+`run_main` applies it to a whole entry point; `atomic_write` and `FileSet` write files so that a
+reader sees the old version or the new one, never a mix.
+"""
+import contextlib
+import errno
+import hashlib
+import json
 import os
 import secrets
+import signal
+import socket
 import sys
+import threading
+import time
+
+# Errors that mean "the disk is full", whatever the file system: reported in one line.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# Signals that end a run with one line and 128 + the signal's number, as a shell reports them.
+ENDING_SIGNALS = ('SIGTERM', 'SIGHUP')
 
 
 class UsageError(Exception):
     """Bad input (a file, a flag, a checkpoint): reported in one line, exit status 1."""
 
 
-def exit_on_usage_error(program, function, *args, **kwargs):
-    """Run `function`; a UsageError ends the process with one line on stderr, no traceback."""
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) arrived while `run_main` ran: unwinds like KeyboardInterrupt, so that
+    `finally` blocks and cleanup handlers run, and ends the process with 128 + the number."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# Signal handling while run_main runs (main thread only): a signal raises at once, unless a
+# `deferred_signals()` block is running; then it is held and raised when the block ends.
+_deferral = threading.local()
+
+
+def _raise_for(signum):
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Terminated(signum)
+
+
+def _on_signal(signum, frame):
+    if getattr(_deferral, 'depth', 0):
+        _deferral.pending = getattr(_deferral, 'pending', None) or signum
+        return
+    # One exception per run: a second Ctrl-C while the first unwinds must not cut the cleanup.
+    for name in ('SIGINT',) + ENDING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) is _on_signal:
+            signal.signal(number, signal.SIG_IGN)
+    _raise_for(signum)
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """Hold Ctrl-C and SIGTERM (as handled by `run_main`) until the block ends, then raise: for
+    short steps that must not stop half-way, such as renaming a set of files into place."""
+    _deferral.depth = getattr(_deferral, 'depth', 0) + 1
     try:
-        return function(*args, **kwargs)
+        yield
+    finally:
+        _deferral.depth -= 1
+        pending = getattr(_deferral, 'pending', None)
+        if _deferral.depth == 0 and pending is not None:
+            _deferral.pending = None
+            _on_signal(pending, None)
+
+
+@contextlib.contextmanager
+def _signal_handlers():
+    """Route Ctrl-C, SIGTERM and SIGHUP through _on_signal where they have their default
+    handling (an ignored signal stays ignored: nohup, a background job)."""
+    installed = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ('SIGINT',) + ENDING_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is None:
+                continue
+            current = signal.getsignal(number)
+            if current in (signal.SIG_DFL, signal.default_int_handler):
+                installed[number] = current
+                signal.signal(number, _on_signal)
+    try:
+        yield
+    finally:
+        for number, previous in installed.items():
+            signal.signal(number, previous)
+
+
+def _chain(error):
+    """`error` and the exceptions it was raised from or while handling, innermost last."""
+    seen = []
+    while error is not None and not any(error is other for other in seen):
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return seen
+
+
+def disk_full_error(error):
+    """The OSError meaning a full disk in `error`'s chain, or None. A library may raise its own
+    error while cleaning up after one (torch.save does): the disk-full error is then its context."""
+    return next((e for e in _chain(error) if isinstance(e, OSError) and e.errno in DISK_FULL),
+                None)
+
+
+def _describe(kept):
+    try:
+        if callable(kept):
+            kept = kept()
+        return str(kept) if kept else ''
+    except Exception:  # the line must still come out
+        return ''
+
+
+def run_main(program, function, *args, kept=None, **kwargs):
+    """Run `function(*args, **kwargs)` as the body of the command-line tool `program`.
+
+    Returns what `function` returns. Otherwise the process ends with one line on stderr and no
+    traceback:
+
+    - UsageError: ``program: error: <message>``, exit status 1;
+    - a full disk (OSError ENOSPC or EDQUOT, wherever raised, also as the context of another
+      exception): ``program: error: cannot write <path>: No space left on device; <kept>``,
+      exit status 1;
+    - Ctrl-C (KeyboardInterrupt): ``program: interrupted: <kept>``, exit status 130;
+    - SIGTERM / SIGHUP: the same line, exit status 143 / 129 (while `function` runs, a handler
+      turns them into a `Terminated` exception, so that cleanup code runs as for Ctrl-C).
+
+    kept: what an interrupted or failed run leaves behind, for those lines ("the previous cache
+    in X is unchanged", "last.pth from epoch 3 kept"): a string, or a callable that returns one,
+    called at the end (so it can describe how far the run got). Any other exception propagates
+    (a bug shows its traceback). Handlers are installed only in the main thread, and only for
+    signals that have their default handling (an ignored one stays ignored), and are restored
+    on return: run_main can wrap an in-process call (tests) too.
+    """
+    try:
+        with _signal_handlers():
+            return function(*args, **kwargs)
     except UsageError as error:
         print(f'{program}: error: {error}', file=sys.stderr)
         sys.exit(1)
+    except (KeyboardInterrupt, Terminated) as error:
+        said = _describe(kept)
+        print(f'{program}: interrupted{": " + said if said else ""}', file=sys.stderr)
+        sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
+    except Exception as error:
+        full = disk_full_error(error)
+        if full is None:
+            raise
+        where = f' {full.filename}' if full.filename else ''
+        said = _describe(kept)
+        print(f'{program}: error: cannot write{where}: {os.strerror(full.errno)}'
+              f'{"; " + said if said else ""}', file=sys.stderr)
+        sys.exit(1)
 
 
-def atomic_write(path, write):
+def exit_on_usage_error(program, function, *args, **kwargs):
+    """The former name of `run_main` (without `kept`): same behaviour."""
+    return run_main(program, function, *args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes
+
+TEMPORARY_SUFFIX = '.tmp'
+# Temporary files are named .NAME.PID.TAG.tmp; TAG is 8 hex digits, the first 4 naming this host
+# (so that a host only ever removes the temporary files of its own dead processes).
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:4]
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def remove_stale_temporaries(path):
+    """Remove the temporary files that writers of `path` on this host left when they died
+    (killed before they could clean up); never a live writer's. Returns the names removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    prefix = f'.{os.path.basename(path)}.'
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(TEMPORARY_SUFFIX)):
+            continue
+        middle = name[len(prefix):-len(TEMPORARY_SUFFIX)].split('.')
+        if (len(middle) != 2 or not middle[0].isdigit() or len(middle[1]) != 8
+                or not middle[1].startswith(_HOST_TAG)):
+            continue
+        pid = int(middle[0])
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+            removed.append(name)
+        except FileNotFoundError:  # another writer cleaned it first
+            pass
+    return removed
+
+
+def temporary_path(path):
+    """Create an empty temporary file beside `path` (same file system: renaming it onto `path`
+    is atomic), named .NAME.PID.TAG.tmp, after removing the stale ones of dead writers."""
+    remove_stale_temporaries(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:
+        temporary = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.'
+                                            f'{_HOST_TAG}{secrets.token_hex(2)}{TEMPORARY_SUFFIX}')
+        try:
+            # O_EXCL: never another writer's file; mode 0o666 so the umask applies, as for open()
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
+
+
+def _name_the_target(error, temporary, path):
+    """OSErrors raised while writing `temporary` name `path`, the file the user asked for."""
+    for link in _chain(error):
+        if isinstance(link, OSError) and link.filename in (None, temporary):
+            link.filename = path
+
+
+def _make_parents(path):
+    """Create the missing parent directories of `path`; return those created, deepest last."""
+    created = []
+    directory = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(directory):
+        created.append(directory)
+        directory = os.path.dirname(directory)
+    for directory in reversed(created):
+        os.mkdir(directory)
+    return created[::-1]
+
+
+def _remove_empty(directories):
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            pass
+
+
+def atomic_write(path, write, make_parents=False):
     """Call write(temporary_path), then rename it onto `path`: readers see all or nothing.
 
-    The temporary file sits beside `path` (same file system, so the rename is atomic) and is
-    removed if `write` fails or the process is interrupted.
+    The temporary file sits beside `path` (see `temporary_path`) and is removed if `write` fails
+    or the process is interrupted; one left by a writer killed outright (kill -9) is removed by
+    the next write of the same path. An OSError names `path`. make_parents: create the missing
+    parent directories (removed again if the write fails).
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f'.{os.path.basename(path)}.{os.getpid()}.'
-                                        f'{secrets.token_hex(4)}.tmp')
-    # O_EXCL: never another writer's file; mode 0o666 so the umask applies, as for open()
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    created = _make_parents(path) if make_parents else []
+    temporary = None
     try:
+        temporary = temporary_path(path)
         write(temporary)
         os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
+    except BaseException as error:
+        if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
+        _remove_empty(created)
+        _name_the_target(error, temporary, path)
         raise
-
-
-def check_writable_directory(directory):
-    """Raise UsageError unless `directory` exists writable or can be created, creating nothing."""
-    path = os.path.abspath(directory)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        raise UsageError(f'output {directory} is not a directory ({path} is a file)')
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f'output {directory} is not writable')
 
 
 def atomic_torch_save(obj, path):
@@ -57,3 +290,176 @@ def atomic_torch_save(obj, path):
         with open(temporary, 'wb') as file:
             torch.save(obj, file)
     atomic_write(path, write)
+
+
+class FileSet:
+    """Several files that replace their old versions together, as far as a reader can tell.
+
+    `write` writes each file to a temporary beside it; nothing visible changes until `commit`,
+    which removes `last` (say metadata.json, which readers require), renames the others into
+    place and renames `last` into place at the end, with Ctrl-C and SIGTERM held meanwhile. So a
+    reader that trusts the set only when `last` exists sees the old set (until commit), the new
+    set, or (only if the process is killed outright during the renames) no `last`: never new
+    files under an old `last`. Used as a context manager, an exception discards the temporaries.
+    """
+
+    def __init__(self):
+        self._staged = {}  # path: temporary
+
+    def write(self, path, write):
+        temporary = None
+        try:
+            temporary = temporary_path(path)
+            write(temporary)
+        except BaseException as error:
+            if temporary is not None and os.path.exists(temporary):
+                os.remove(temporary)
+            _name_the_target(error, temporary, path)
+            raise
+        previous = self._staged.pop(path, None)
+        if previous is not None:
+            os.remove(previous)
+        self._staged[path] = temporary
+
+    def write_bytes(self, path, data):
+        def write(temporary):
+            with open(temporary, 'wb') as file:
+                file.write(data)
+        self.write(path, write)
+
+    def commit(self, last=None):
+        with deferred_signals():
+            if last is not None:
+                if last not in self._staged:
+                    raise ValueError(f'{last} was not written')
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(last)
+            for path, temporary in list(self._staged.items()):
+                if path != last:
+                    os.replace(temporary, path)
+                    del self._staged[path]
+            if last is not None:
+                os.replace(self._staged.pop(last), last)
+
+    def discard(self):
+        for temporary in self._staged.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(temporary)
+        self._staged.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        self.discard()
+
+
+# ------------------------------------------------------------------------------------------------
+# Output checks: before any work, creating nothing
+
+def _label(flag, path):
+    return f'{flag} {path}' if flag else f'output {path}'
+
+
+def _nearest_existing(path):
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def check_writable_directory(directory, flag=None):
+    """Raise UsageError unless `directory` exists writable or can be created, creating nothing.
+
+    flag: how the user gave it (`--output`, `--checkpoint_dir`), for the message.
+    """
+    label = _label(flag, directory)
+    existing = _nearest_existing(directory)
+    if not os.path.isdir(existing):
+        raise UsageError(f'{label} is not a directory ({existing} is a file)')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'{label} is not writable ({existing} is read-only)'
+                         if existing == os.path.abspath(directory) else
+                         f'{label} cannot be created ({existing} is read-only)')
+
+
+def check_output_file(path, flag=None):
+    """Raise UsageError unless the file `path` can be written, creating nothing: it is not a
+    directory (nor a device or other special file), and its directory exists writable or can
+    be created."""
+    label = _label(flag, path)
+    if os.path.isdir(path):
+        raise UsageError(f'{label} is a directory, not a file')
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UsageError(f'{label} is not a regular file')
+    directory = os.path.dirname(os.path.abspath(path))
+    existing = _nearest_existing(directory)
+    if not os.path.isdir(existing):
+        raise UsageError(f'{label} cannot be written: {existing} is a file, not a directory')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'{label} cannot be written: {existing} is read-only')
+
+
+# ------------------------------------------------------------------------------------------------
+# File digests, remembered
+
+HASH_SIDECAR = '.sha256'
+# File systems stamp times in ticks (a few milliseconds): a file hashed within a tick of its last
+# change could change again under the same times, so such a digest is not remembered.
+_RACY_NS = 20_000_000
+
+
+def _stat_key(stat):
+    return {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns, 'ctime_ns': stat.st_ctime_ns,
+            'inode': stat.st_ino}
+
+
+def file_sha256(path):
+    """The sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def remember_sha256(path, digest):
+    """Record `digest` as the sha256 of `path` as it is now, in the sidecar PATH.sha256 (for a
+    file just written from bytes whose digest is known). Best effort: a sidecar that cannot be
+    written (a read-only directory) only means hashing again next time."""
+    record = json.dumps({**_stat_key(os.stat(path)), 'sha256': digest}) + '\n'
+
+    def write(temporary):
+        with open(temporary, 'w') as file:
+            file.write(record)
+    try:
+        atomic_write(path + HASH_SIDECAR, write)
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise
+
+
+def remembered_sha256(path, log=None):
+    """sha256 of `path`, remembered in the sidecar PATH.sha256 (JSON: size, mtime_ns, ctime_ns,
+    inode and sha256) and read again only when the file's size, times or inode differ from the
+    sidecar's: a file replaced by another, even one with an older modification time, is hashed
+    again. Returns (digest, whether it was remembered). `log` (a callable) is told when the
+    file is read.
+    """
+    key = _stat_key(os.stat(path))
+    try:
+        with open(path + HASH_SIDECAR) as file:
+            recorded = json.load(file)
+        if isinstance(recorded, dict) and all(recorded.get(k) == v for k, v in key.items()) \
+                and isinstance(recorded.get('sha256'), str) and len(recorded['sha256']) == 64:
+            return recorded['sha256'], True
+    except (OSError, ValueError):
+        pass
+    if log:
+        log(f'Hashing {path}')
+    started = time.time_ns()
+    digest = file_sha256(path)
+    stat = os.stat(path)
+    if _stat_key(stat) == key and started - max(stat.st_mtime_ns, stat.st_ctime_ns) > _RACY_NS:
+        remember_sha256(path, digest)
+    return digest, False

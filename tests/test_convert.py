@@ -1,12 +1,15 @@
 """convert.py: the reference's split, the test negatives, the formats and every bad input."""
 import csv
+import hashlib
 import json
 import os
+import signal
 
 import pytest
 import torch
 
 import convert
+import utils
 from conftest import assert_one_line_error, run_script
 from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE,
                          USER_IDS_FILE)
@@ -142,7 +145,8 @@ BAD_INPUTS = {
     'header only': ('user_id,item_id,timestamp\n', [], 'holds no interactions'),
     'missing value': ('user_id,item_id,timestamp\n1,,5\n1,2,6\n', [], 'without a item'),
     'every item': ('user_id,item_id,timestamp\nu1,x,1\nu1,y,2\nu2,x,1\nu2,y,2\n',
-                   ['--min_ratings', '2'], 'user u1 has interacted with every item'),
+                   ['--min_ratings', '2', '--valid_negative', '1'],
+                   'user u1 has interacted with every item'),
     'malformed rows': ('user_id,item_id,timestamp\n1,2,3\n1,2\n', [], 'cannot read'),
 }
 
@@ -185,18 +189,94 @@ def test_string_ids_that_look_numeric_at_first(tmp_path):
     assert read_ids(tmp_path / 'out' / USER_IDS_FILE) == ['user_id', '1', '2', 'user-x']
 
 
-def test_rerun_replaces_the_cache_and_interrupted_writes_leave_it_untrusted(tmp_path,
-                                                                           monkeypatch):
+def snapshot(directory):
+    """{relative path: bytes} of every file under `directory`."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as file:
+                files[os.path.relpath(path, directory)] = file.read()
+    return files
+
+
+def test_an_interrupted_rewrite_keeps_the_previous_cache(tmp_path, monkeypatch, capsys):
     source = write(tmp_path / 'ratings.csv', HAND_WRITTEN)
     output = tmp_path / 'cache'
-    convert.main(['--path', source, '--output', str(output), '--min_ratings', '3'])
-    assert (output / METADATA_FILE).exists()
+    arguments = ['--path', source, '--output', str(output), '--min_ratings', '3',
+                 '--valid_negative', '5']
+    convert.main(arguments)
+    before = snapshot(output)
+    assert METADATA_FILE in before
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(convert, 'write_id_map', crash)
-    with pytest.raises(KeyboardInterrupt):
-        convert.main(['--path', source, '--output', str(output), '--min_ratings', '3'])
-    # metadata.json goes first and comes back last: a half-written cache is never trusted.
-    assert not (output / METADATA_FILE).exists()
-    assert not [name for name in os.listdir(output) if name.endswith('.tmp')]
+    with monkeypatch.context() as patch:  # Ctrl-C while the new files are being written
+        patch.setattr(convert, 'id_map_bytes', crash)
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(arguments + ['--seed', '2'])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f'convert.py: interrupted: the previous cache in {output} is unchanged'
+    assert snapshot(output) == before  # whole, loadable, and no temporary file left
+
+    # Ctrl-C during the renames is held until they are done: the new cache is complete.
+    commit = utils.FileSet.commit
+
+    def commit_with_a_signal(self, last=None):
+        os.kill(os.getpid(), signal.SIGINT)
+        return commit(self, last)
+    with monkeypatch.context() as patch:
+        patch.setattr(utils.FileSet, 'commit', commit_with_a_signal)
+        with pytest.raises(SystemExit) as exit_info:
+            convert.main(arguments + ['--seed', '2'])
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == \
+        f'convert.py: interrupted: the new cache in {output} is complete'
+    after = snapshot(output)
+    assert after[TRAIN_FILE] == before[TRAIN_FILE] and after[TEST_FILE] == before[TEST_FILE]
+    assert after[TEST_NEGATIVES_FILE] != before[TEST_NEGATIVES_FILE]  # the new seed's
+    assert json.loads(after[METADATA_FILE])['seed'] == 2
+    assert sorted(after) == sorted(before)
+
+
+def test_metadata_identifies_the_data(tmp_path):
+    source = write(tmp_path / 'ratings.csv', HAND_WRITTEN)
+    convert.main(['--path', source, '--output', str(tmp_path / 'a'), '--min_ratings', '3',
+                  '--valid_negative', '2'])
+    metadata = json.loads((tmp_path / 'a' / METADATA_FILE).read_text())
+    assert metadata['version'] == 2
+    id_maps = (tmp_path / 'a' / USER_IDS_FILE).read_bytes() + \
+        (tmp_path / 'a' / ITEM_IDS_FILE).read_bytes()
+    assert metadata['id_maps_sha256'] == hashlib.sha256(id_maps).hexdigest()
+    assert metadata['source_sha256'] == hashlib.sha256(HAND_WRITTEN.encode()).hexdigest()
+    assert metadata['fingerprint'] == hashlib.sha256(
+        f"{metadata['source_sha256']}:{metadata['id_maps_sha256']}".encode()).hexdigest()[:16]
+    # Another seed draws other test negatives from the same data: the same fingerprint.
+    convert.main(['--path', source, '--output', str(tmp_path / 'b'), '--min_ratings', '3',
+                  '--valid_negative', '2', '--seed', '5'])
+    assert json.loads((tmp_path / 'b' / METADATA_FILE).read_text())['fingerprint'] == \
+        metadata['fingerprint']
+    # Other data, another fingerprint.
+    other = write(tmp_path / 'other.csv', HAND_WRITTEN.replace('u4,f,1,3', 'u4,g,1,3'))
+    convert.main(['--path', other, '--output', str(tmp_path / 'c'), '--min_ratings', '3',
+                  '--valid_negative', '2'])
+    assert json.loads((tmp_path / 'c' / METADATA_FILE).read_text())['fingerprint'] != \
+        metadata['fingerprint']
+
+
+@pytest.mark.parametrize('name, text', [
+    ('ratings.csv', 'userId,movieId,rating,timestamp\n1,10,4,5\n1,20,3,6\n2,10,2,7\n2,30,1,8\n'),
+    ('mine.csv', 'user_id,item_id,timestamp\n1,10,5\n1,20,6\n2,10,7\n2,30,8\n'),
+    ('u.data', '1\t10\t4\t5\n1\t20\t3\t6\n2\t10\t2\t7\n2\t30\t1\t8\n'),
+])
+def test_a_byte_order_mark_is_accepted(tmp_path, name, text):
+    caches = []
+    for bom in ('', '\ufeff'):
+        output = tmp_path / f'cache{len(bom)}'
+        convert.main(['--path', write(tmp_path / name, bom + text), '--output', str(output),
+                      '--min_ratings', '2', '--valid_negative', '1'])
+        caches.append({name: data for name, data in snapshot(output).items()
+                       if name != METADATA_FILE})
+        assert read_ids(output / USER_IDS_FILE) == ['user_id', '1', '2']
+    assert caches[0] == caches[1]

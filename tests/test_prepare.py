@@ -1,6 +1,8 @@
 """synthetic.py, prepare_dataset.sh and download_dataset.sh."""
+import hashlib
 import json
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -45,24 +47,128 @@ def test_synthetic_cli_rejects_impossible_shapes(tmp_path):
     assert not (tmp_path / 'r.csv').exists()
 
 
-def test_prepare_synthetic_from_any_directory_and_skips_done_work(tmp_path):
+def prepare(*arguments, cwd):
+    return run_script('prepare_dataset.sh', *arguments, cwd=str(cwd),
+                      env={'PYTHON': sys.executable, 'NCF_DOWNLOAD_URL': 'http://127.0.0.1:9'})
+
+
+def sha256(path):
+    with open(path, 'rb') as file:
+        return hashlib.sha256(file.read()).hexdigest()
+
+
+SMALL = ['--users', '300', '--items', '200', '--rows', '9000']
+
+
+def test_prepare_synthetic_from_any_directory_and_reconverts_what_changed(tmp_path):
     raw = tmp_path / 'raw'
-    first = run_script('prepare_dataset.sh', 'synthetic', str(raw), cwd=str(tmp_path),
-                       env={'PYTHON': __import__('sys').executable})
-    assert first.returncode == 0, first.stderr
     cache = raw / 'cache' / 'synthetic'
+    ratings = raw / 'synthetic' / 'ratings.csv'
+    # Generated with these options already (in this process: one start of torch fewer).
+    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=9000))
+    (raw / 'synthetic' / 'options').write_text(' '.join(SMALL) + '\n')
+    first = prepare('synthetic', str(raw), str(cache), *SMALL, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert f'Using {ratings}' in first.stdout
     metadata = json.loads((cache / 'metadata.json').read_text())
-    assert metadata['n_users'] == synthetic.DEFAULT_USERS
-    assert f'python ncf.py --data {cache}' in first.stdout
-    second = run_script('prepare_dataset.sh', 'synthetic', str(raw), cwd=str(tmp_path),
-                        env={'PYTHON': __import__('sys').executable})
+    assert metadata['n_users'] == 300 and metadata['source_sha256'] == sha256(ratings)
+    # An epoch is 8,700 x 5 samples: the printed command's batch fits 16 times in it.
+    assert f'python ncf.py --data {cache} -b 2048 -l 0.002 -b1 0.9 -b2 0.999\n' in first.stdout
+    second = prepare('synthetic', str(raw), str(cache), *SMALL, cwd=tmp_path)
     assert 'Using cached preprocessed data' in second.stdout
-    # Other options regenerate the file and, since it is newer, the cache.
-    third = run_script('prepare_dataset.sh', 'synthetic', str(raw), str(tmp_path / 'small'),
-                       '--users', '100', '--items', '80', '--rows', '3000', cwd=str(tmp_path),
-                       env={'PYTHON': __import__('sys').executable})
+    assert 'Preprocessing' not in second.stdout
+
+    # Other options regenerate the file, and the cache follows.
+    third = prepare('synthetic', str(raw), str(cache), '--users', '100', '--items', '150',
+                    '--rows', '3000', cwd=tmp_path)
     assert third.returncode == 0, third.stderr
-    assert json.loads((tmp_path / 'small' / 'metadata.json').read_text())['n_users'] == 100
+    assert 'the ratings file has changed since it was converted' in third.stdout
+    assert json.loads((cache / 'metadata.json').read_text())['n_users'] == 100
+
+    # A ratings file replaced by another of the same size with an older modification time.
+    stat = os.stat(ratings)
+    lines = ratings.read_text().splitlines(keepends=True)
+    user, item, timestamp = lines[-1].rstrip('\n').split(',')
+    lines[-1] = f'{user},{item},{timestamp[::-1]}\n'  # same length, another time
+    replacement = tmp_path / 'replacement.csv'
+    replacement.write_text(''.join(lines))
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns - 10 ** 12))
+    os.replace(replacement, ratings)
+    assert os.stat(ratings).st_size == stat.st_size
+    fourth = prepare('synthetic', str(raw), str(cache), '--users', '100', '--items', '150',
+                     '--rows', '3000', cwd=tmp_path)
+    assert fourth.returncode == 0, fourth.stderr
+    assert f'Hashing {ratings}' in fourth.stdout
+    assert 'the ratings file has changed since it was converted' in fourth.stdout
+    assert json.loads((cache / 'metadata.json').read_text())['source_sha256'] == sha256(ratings)
+
+
+def u_data(seed):
+    user, item, rating, timestamp = synthetic.generate(users=300, items=200, rows=9000,
+                                                       groups=4, seed=seed)
+    return ''.join(f'{u}\t{i}\t{int(r)}\t{t}\n' for u, i, r, t in
+                   zip(user, item, rating, timestamp))
+
+
+def test_prepare_extracts_and_converts_again_when_the_zip_changes(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    cache = raw / 'cache' / 'ml-100k'
+    ratings = raw / 'ml-100k' / 'u.data'
+    contents = {seed: u_data(seed) for seed in (1, 2)}
+    with zipfile.ZipFile(raw / 'ml-100k.zip', 'w') as archive:
+        archive.writestr('ml-100k/u.data', contents[1])
+    first = prepare('ml-100k', str(raw), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert 'Extracting ml-100k/u.data' in first.stdout and 'Preprocessing' in first.stdout
+    metadata = json.loads((cache / 'metadata.json').read_text())
+    assert metadata['source_sha256'] == hashlib.sha256(contents[1].encode()).hexdigest()
+
+    # Unchanged: nothing is extracted, converted or even hashed again (the digests are
+    # remembered beside the files).
+    sidecars = {path: os.stat(path).st_mtime_ns
+                for path in (f'{raw}/ml-100k.zip.sha256', f'{ratings}.sha256')}
+    second = prepare('ml-100k', str(raw), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert 'Hashing' not in second.stdout and 'Extracting' not in second.stdout
+    assert 'Using cached preprocessed data' in second.stdout
+    assert {path: os.stat(path).st_mtime_ns for path in sidecars} == sidecars
+
+    # Another zip in its place: extracted and converted again.
+    with zipfile.ZipFile(raw / 'ml-100k.zip', 'w') as archive:
+        archive.writestr('ml-100k/u.data', contents[2])
+    third = prepare('ml-100k', str(raw), cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert 'the zip has changed since it was last extracted' in third.stdout
+    assert 'the ratings file has changed since it was converted' in third.stdout
+    metadata = json.loads((cache / 'metadata.json').read_text())
+    assert metadata['source_sha256'] == hashlib.sha256(contents[2].encode()).hexdigest()
+
+    # No zip at all: the extracted file is used as it is.
+    os.remove(raw / 'ml-100k.zip')
+    fourth = prepare('ml-100k', str(raw), cwd=tmp_path)
+    assert 'no ' in fourth.stdout and 'Using cached preprocessed data' in fourth.stdout
+
+
+@pytest.mark.parametrize('n_train, flags', [(19_861_507, ''),
+                                            (99_057, ' -b 4096 -l 0.002 -b1 0.9 -b2 0.999'),
+                                            (2_900, ' -b 512 -l 0.002 -b1 0.9 -b2 0.999')])
+def test_prepare_prints_a_training_command_that_fits(tmp_path, n_train, flags):
+    """ML-20m keeps the reference's command; smaller data gets a batch well under an epoch."""
+    ratings = tmp_path / 'raw' / 'ml-20m' / 'ratings.csv'
+    ratings.parent.mkdir(parents=True)
+    ratings.write_text('userId,movieId,rating,timestamp\n1,2,3.0,4\n')
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    (cache / 'metadata.json').write_text(json.dumps({
+        'version': 2, 'source_sha256': sha256(ratings), 'min_ratings': 20,
+        'valid_negative': 100, 'seed': 1, 'n_train': n_train}))
+    completed = prepare('ml-20m', str(tmp_path / 'raw'), str(cache), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert f'You can now run the training with: python ncf.py --data {cache}{flags}\n' \
+        in completed.stdout
+    assert f'torchrun --nproc_per_node=<number_of_GPUs> ncf.py --data {cache}{flags}\n' \
+        in completed.stdout
 
 
 def test_prepare_reuses_a_zip_put_there_by_hand(tmp_path, ml100k):
