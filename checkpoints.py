@@ -1,7 +1,10 @@
 """Checkpoints: reading, checking and saving `model.pth` (the best model's state dict, as the
 reference) and `last.pth` (everything --resume needs). Written atomically, read with
 `torch.load(weights_only=True)`."""
+import fcntl
 import os
+import platform
+import time
 
 import torch
 
@@ -9,6 +12,15 @@ from utils import UsageError, atomic_torch_save
 
 BEST_MODEL_FILE = 'model.pth'      # state dict of the best model so far, as the reference
 LAST_CHECKPOINT_FILE = 'last.pth'  # everything --resume needs, after every epoch
+LOCK_FILE = '.lock'                # held by the run that writes the directory
+# Where a model.pth keeps the fingerprint of its data: in the state dict's own metadata, which
+# load_state_dict ignores, so that the file stays a plain state dict the reference loads.
+FINGERPRINT_KEY = 'ncf_data_fingerprint'
+# The settings a resumed run must share with the checkpoint's (others, such as --epochs or the
+# implementation, may change): each alters what the run computes.
+RUN_SETTINGS = ('batch_size', 'learning_rate', 'beta1', 'beta2', 'eps', 'seed', 'factors',
+                'layers', 'dropout', 'negative_samples', 'negative_sampling', 'valid_negative',
+                'topk', 'eval_mode')
 
 
 def read(path):
@@ -65,18 +77,111 @@ def shapes_of(state, path):
     return nb_users, nb_items, mf_dim, layers
 
 
-def save_model(model, path):
-    """The best model, as the reference saves it: a plain state dict."""
-    atomic_torch_save(model.state_dict(), path)
+def save_model(model, path, fingerprint):
+    """The best model, as the reference saves it: a plain state dict, with the fingerprint of
+    the data it was trained on in the state dict's metadata."""
+    state = model.state_dict()
+    state._metadata[''][FINGERPRINT_KEY] = fingerprint
+    atomic_torch_save(state, path)
 
 
-def save_training_state(path, model, trainer, history, args, plan, generator):
+def save_training_state(path, model, trainer, history, args, plan, generator, fingerprint):
     """last.pth: all that --resume needs to continue as if never stopped."""
     atomic_torch_save({
         'model': model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
         'scaler': trainer.scaler.state_dict(), 'history': history, 'args': vars(args),
         'rng': {**plan.rng_state(), 'data': generator.get_state().cpu()},
+        'data_fingerprint': fingerprint,
     }, path)
+
+
+def fingerprint_of(state):
+    """The data fingerprint a checkpoint records (model.pth or last.pth), or None."""
+    if isinstance(state, dict) and 'data_fingerprint' in state:
+        return state['data_fingerprint']
+    metadata = getattr(state, '_metadata', None) or {}
+    return (metadata.get('') or metadata.get('module') or {}).get(FINGERPRINT_KEY)
+
+
+def check_data(state, path, fingerprint, allow_other_data, say):
+    """Refuse a checkpoint trained on other data than the cache's (one line), unless told to;
+    a checkpoint or a cache without a fingerprint passes with a notice."""
+    trained_on = fingerprint_of(state)
+    if trained_on is None:
+        say(f'Notice: {path} records no data fingerprint (the reference\'s checkpoints and '
+            'older ones do not): not checked against the data')
+    elif fingerprint is None:
+        say('Notice: the cache records no data fingerprint (convert.py before cache version '
+            f'2): {path} is not checked against it')
+    elif trained_on != fingerprint:
+        if not allow_other_data:
+            raise UsageError(f'{path} was trained on other data (fingerprint {trained_on}) than '
+                             f'--data (fingerprint {fingerprint}); --allow_other_data uses it '
+                             'anyway')
+        say(f'Notice: {path} was trained on other data (fingerprint {trained_on}, the data '
+            f'{fingerprint}): used anyway, as --allow_other_data says')
+
+
+def check_settings(state, path, args, allow_changed_settings, say):
+    """--resume continues the checkpoint's run: a setting that changes what it computes is
+    refused (one line naming them), unless told to."""
+    saved = state.get('args') if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        return
+    changed = [f'--{name} {saved[name]} -> {getattr(args, name)}' for name in RUN_SETTINGS
+               if name in saved and saved[name] != getattr(args, name)]
+    if changed and not allow_changed_settings:
+        raise UsageError(f'--resume with other settings than {path}\'s run: '
+                         f'{", ".join(changed)}; --allow_changed_settings resumes anyway')
+    if changed:
+        say(f'Notice: resuming with changed settings ({", ".join(changed)}), as '
+            '--allow_changed_settings says')
+
+
+def lock_holder(directory):
+    """Who holds the lock on `directory` (from its lock file), or None when nobody does.
+    Creates nothing."""
+    path = os.path.join(directory, LOCK_FILE)
+    try:
+        file = open(path, 'r')
+    except OSError:
+        return None
+    with file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return file.read().strip() or 'another process'
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return None
+
+
+class DirectoryLock:
+    """An exclusive lock on a checkpoint directory while a run writes there: an OS lock (flock)
+    on its lock file, which the kernel releases when the process ends, however it ends (kill -9
+    never leaves it stuck). The file names the holder for whoever finds it locked."""
+
+    def __init__(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, LOCK_FILE)
+        self.file = open(path, 'a+')
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or 'another process'
+            self.file.close()
+            raise UsageError(f'{directory} is in use by {holder}: one training run per '
+                             '--checkpoint_dir') from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f'pid {os.getpid()} on {platform.node()} since '
+                        f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+        self.file.flush()
+
+    def release(self):
+        if self.file is not None:
+            self.file.close()  # closing releases the lock
+            self.file = None
 
 
 def restore_training_state(state, path, trainer, plan, generator):

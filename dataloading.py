@@ -91,11 +91,15 @@ class Dataset:
         self.train_users, self.train_items = train_users, train_items
         self.test_items, self.test_negatives = test_items, test_negatives
         self.n_users, self.n_items, self.metadata = n_users, n_items, metadata
+        # the data's identity (convert.py's, from cache version 2), recorded in checkpoints
+        self.fingerprint = metadata.get('fingerprint')
 
 
 def _load_tensor(path, device):
     if not os.path.isfile(path):
         raise UsageError(f'{path} is missing: run prepare_dataset.sh or convert.py first')
+    if os.path.getsize(path) == 0:
+        raise UsageError(f'{path} is empty (0 bytes): run prepare_dataset.sh or convert.py again')
     try:
         tensor = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # any unpickling or zip failure: the file is not a tensor file
@@ -152,6 +156,13 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     path = os.path.join(data_dir, TEST_NEGATIVES_FILE)
     negatives = _load_tensor(path, device)
     _check(negatives, path, (n_users, None), n_items)
+    # convert.py numbers the items that occur, so every item is in the training or test pairs:
+    # a catalogue larger than that (a hand-edited metadata.json) would train rows nothing uses
+    items = torch.cat((train[:, 1], test[:, 1]))
+    seen_items = int(items.max()) + 1 if len(items) else 0
+    if seen_items != n_items:
+        raise UsageError(f'{metadata_path} says {n_items} items, but the tensors hold '
+                         f'{seen_items}: the cache is inconsistent; run convert.py again')
 
     train_users, train_items = train[:, 0].contiguous(), train[:, 1].contiguous()
     metadata['test_negatives'] = f'{negatives.shape[1]} per user, from the cache'

@@ -9,6 +9,7 @@ The script: parse the flags, resolve the runtime plan (runtime.py), run. Nothing
 imports it; the pieces it runs live in their modules (training, evaluation, checkpoints).
 """
 import argparse
+import math
 import os
 import sys
 
@@ -23,7 +24,7 @@ from evaluation import Evaluation, all_reduce_sums
 from logger import Logger
 from logger.autologging import log_args, log_hardware
 from training import Trainer
-from utils import UsageError
+from utils import UsageError, check_output_file, check_writable_directory, run_main
 
 LOG_FILE = 'log.json'
 
@@ -101,6 +102,13 @@ def parse_args(argv=None):
                              'CHECKPOINT_DIR, or in the current directory)')
     parser.add_argument('--resume', action='store_true',
                         help='Continue from CHECKPOINT_DIR/last.pth')
+    parser.add_argument('--allow_changed_settings', action='store_true',
+                        help='--resume even where a setting that alters the run (batch, '
+                             'learning rate, seed, layers, dropout, negatives...) differs from '
+                             "the checkpoint's")
+    parser.add_argument('--allow_other_data', action='store_true',
+                        help='Use a checkpoint trained on other data than --data (its data '
+                             'fingerprint differs)')
     parser.add_argument('--eval_mode', choices=['sampled', 'full'], default='sampled',
                         help="sampled: the test positive against its test negatives (the "
                              "reference's); full: against every item without a training "
@@ -138,6 +146,16 @@ def plan_of(args):
 
 
 def check_args(args, plan):
+    for name in ('learning_rate', 'beta1', 'beta2', 'eps', 'dropout', 'threshold'):
+        if not math.isfinite(getattr(args, name)):
+            raise UsageError(f'--{name} must be a finite number, not {getattr(args, name)}')
+    if args.learning_rate <= 0:
+        raise UsageError(f'--learning_rate must be positive, not {args.learning_rate}')
+    for name in ('beta1', 'beta2'):
+        if not 0 <= getattr(args, name) < 1:
+            raise UsageError(f'--{name} must be in [0, 1), not {getattr(args, name)}')
+    if args.eps <= 0:
+        raise UsageError(f'--eps must be positive, not {args.eps}')
     for name in ('epochs', 'batch_size', 'valid_batch_size', 'factors', 'negative_samples',
                  'topk', 'valid_negative', 'grads_accumulated'):
         if getattr(args, name) < (0 if name == 'epochs' else 1):
@@ -166,7 +184,53 @@ def check_args(args, plan):
         raise UsageError('--resume is for training; --mode test takes --load_checkpoint_path')
 
 
+def check_outputs(args, plan):
+    """Every place the run will write, checked before any work (creating nothing)."""
+    if plan.rank != 0:
+        return
+    if args.mode == 'train' and args.checkpoint_dir:
+        check_writable_directory(args.checkpoint_dir, '--checkpoint_dir')
+        holder = checkpoints.lock_holder(args.checkpoint_dir)
+        if holder:
+            raise UsageError(f'--checkpoint_dir {args.checkpoint_dir} is in use by {holder}: '
+                             'one training run per directory')
+    if args.log_path:
+        check_log_file(args.log_path, '--log_path')
+    if args.tensorboard:
+        check_writable_directory(args.tensorboard, '--tensorboard')
+    if args.output:
+        check_output_file(args.output, '--output')
+
+
+def check_log_file(path, flag=None):
+    """The log is appended to, not replaced: an existing file (or device, /dev/null say) must be
+    writable as it is."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f'{flag or "log"} {path} is read-only')
+        return
+    check_output_file(path, flag)
+
+
+def log_path_of(args):
+    """Where the JSON log goes: --log_path, or log.json in CHECKPOINT_DIR (or the current
+    directory). A test of a trained model appends to the training's log where it may: never
+    does it fail for want of a writable directory (None: not logged)."""
+    if args.log_path:
+        return args.log_path
+    path = os.path.join(args.checkpoint_dir or '.', LOG_FILE)
+    if args.mode == 'test':
+        try:
+            check_log_file(path)
+        except UsageError:
+            return None
+    return path
+
+
 def check_args_against_data(args, dataset):
+    if args.valid_negative > dataset.n_items and args.mode != 'recommend':
+        raise UsageError(f'--valid_negative {args.valid_negative} is more than the catalogue '
+                         f'({dataset.n_items} items)')
     if (args.mode == 'recommend' or args.eval_mode == 'full') and args.topk > dataset.n_items:
         raise UsageError(f'--topk {args.topk} is larger than the catalogue '
                          f'({dataset.n_items} items)')
@@ -219,35 +283,46 @@ class Report:
             self.writer.close()
 
 
-def run(args, plan):
-    rank0 = plan.rank == 0
-    check_args(args, plan)
-    for warning in plan.warnings:
-        if rank0:
-            print(f'ncf.py: warning: {warning}', file=sys.stderr)
+def together(plan, function, *args):
+    """`function(*args)` on every process; a UsageError on any of them stops all of them (else
+    the others would wait for it forever), and rank 0 names the first one's problem."""
+    error = None
+    try:
+        result = function(*args)
+    except UsageError as raised:
+        error = raised
+    if plan.distributed:
+        messages = [None] * plan.world_size
+        dist.all_gather_object(messages, None if error is None else str(error))
+        first = next((message for message in messages if message is not None), None)
+        if first is not None and error is None:
+            error = UsageError(first)
+    if error is not None:
+        raise error
+    return result
 
-    torch.manual_seed(args.seed)
-    summary_writer_class = tensorboard_writer_class() if args.tensorboard and rank0 else None
-    last_path = os.path.join(args.checkpoint_dir, checkpoints.LAST_CHECKPOINT_FILE)
-    resume_state = checkpoints.read(last_path) if args.resume else None
-    load_path = None
+
+def prepare(args, plan):
+    """The checks that need no data: flags, output places, checkpoints to read."""
+    check_args(args, plan)
+    check_outputs(args, plan)
+    summary_writer_class = tensorboard_writer_class() if args.tensorboard else None
+    resume_state = loaded_state = load_path = None
+    if args.resume:
+        resume_state = checkpoints.read(os.path.join(args.checkpoint_dir,
+                                                     checkpoints.LAST_CHECKPOINT_FILE))
     if args.mode != 'train' or args.load_checkpoint_path:
         load_path = args.load_checkpoint_path or os.path.join(args.checkpoint_dir,
                                                               checkpoints.BEST_MODEL_FILE)
         loaded_state = checkpoints.read(load_path)
+    return summary_writer_class, resume_state, loaded_state, load_path
 
-    if plan.distributed:
-        dist.barrier()  # start the clock together
-    main_start = plan.time()
 
-    def say(*parts):
-        if rank0:
-            print(*parts, flush=True)
-
+def load(args, plan, say, resume_state, loaded_state, load_path):
+    """The data, checked against the flags and the checkpoints, and the model built on it."""
     # Recommendations use no test negatives: never draw new ones for them.
     valid_negative = None if args.mode == 'recommend' else args.valid_negative
     dataset = dataloading.load_dataset(args.data, plan.device, valid_negative, args.seed, say)
-    load_time = plan.time() - main_start
     check_args_against_data(args, dataset)
     exclusion = None
     if args.mode == 'recommend' or args.eval_mode == 'full' or args.negative_sampling == 'exact':
@@ -264,25 +339,60 @@ def run(args, plan):
                          f'({batches.samples} samples): no step would be trained')
     model = plan.build_model(dataset.n_users, dataset.n_items, args.factors, args.layers,
                              args.dropout)
-    if load_path is not None:
-        checkpoints.load_model_state(model, loaded_state, load_path)
+    last_path = os.path.join(args.checkpoint_dir, checkpoints.LAST_CHECKPOINT_FILE)
+    for state, path in ((loaded_state, load_path), (resume_state, last_path)):
+        if state is not None:
+            checkpoints.check_data(state, path, dataset.fingerprint, args.allow_other_data, say)
+            checkpoints.load_model_state(model, state, path)
     if resume_state is not None:
-        checkpoints.load_model_state(model, resume_state, last_path)
-    model = model.to(plan.device)
+        checkpoints.check_settings(resume_state, last_path, args, args.allow_changed_settings,
+                                   say)
+    return dataset, exclusion, batches, model.to(plan.device)
+
+
+def run(args, plan, kept):
+    """kept: a dict the training fills with what a stopped run leaves behind."""
+    rank0 = plan.rank == 0
+
+    def say(*parts):
+        if rank0:
+            print(*parts, flush=True)
+
+    summary_writer_class, resume_state, loaded_state, load_path = together(
+        plan, prepare, args, plan)
+    for warning in plan.warnings:
+        if rank0:
+            print(f'ncf.py: warning: {warning}', file=sys.stderr)
+    torch.manual_seed(args.seed)
+    if plan.distributed:
+        dist.barrier()  # start the clock together
+    main_start = plan.time()
+    dataset, exclusion, batches, model = together(
+        plan, load, args, plan, say, resume_state, loaded_state, load_path)
+    load_time = plan.time() - main_start
 
     if args.mode == 'recommend':
         def warn(message):
             print(f'ncf.py: warning: {message}', file=sys.stderr)
+        start = plan.time()
         users, rows = recommend.recommend(plan, model, exclusion, args, warn)
+        seconds = plan.time() - start
         print(f'Recommended up to {args.topk} items for each of {users} users ({rows} rows)'
-              + (f' to {args.output}' if args.output else ''), file=sys.stderr)
-        return {'users': users, 'rows': rows}
+              + (f' to {args.output}' if args.output else '')
+              + f' in {seconds:.2f} s after loading the data', file=sys.stderr)
+        return {'users': users, 'rows': rows, 'seconds': seconds}
 
     evaluation = Evaluation(plan, dataset, model, args.topk, args.eval_mode, exclusion)
-    # Every input has been checked: only now is anything written.
-    if args.checkpoint_dir and rank0 and args.mode == 'train':
-        os.makedirs(args.checkpoint_dir, exist_ok=True)
-    log_path = args.log_path or os.path.join(args.checkpoint_dir or '.', LOG_FILE)
+    # Every input has been checked: only now is anything written, by one run per directory.
+    lock = None
+    if args.checkpoint_dir and args.mode == 'train':
+        lock = together(plan, lambda: checkpoints.DirectoryLock(args.checkpoint_dir)
+                        if rank0 else None)
+        kept['directory'] = args.checkpoint_dir
+    log_path = log_path_of(args)
+    if log_path is None and rank0:
+        print(f'ncf.py: warning: {os.path.join(args.checkpoint_dir, LOG_FILE)} is not writable: '
+              'this evaluation is not logged (--log_path sets another place)', file=sys.stderr)
     # A resumed run, or a test of a trained model, continues the training's log.
     report = Report(plan, log_path, append=args.resume or args.mode == 'test',
                     tensorboard=args.tensorboard, summary_writer_class=summary_writer_class)
@@ -301,9 +411,12 @@ def run(args, plan):
         say(f'{plan.describe()}, {args.eval_mode} evaluation')
         if args.mode == 'test':
             return test(args, plan, evaluation, report)
-        return train(args, plan, model, batches, evaluation, report, resume_state, main_start)
+        return train(args, plan, model, batches, evaluation, report, resume_state, main_start,
+                     dataset.fingerprint, kept)
     finally:
         report.close()
+        if lock is not None:
+            lock.release()
 
 
 def test(args, plan, evaluation, report):
@@ -323,7 +436,8 @@ def test(args, plan, evaluation, report):
     return {'hr': hr, 'ndcg': ndcg}
 
 
-def train(args, plan, model, batches, evaluation, report, resume_state, main_start):
+def train(args, plan, model, batches, evaluation, report, resume_state, main_start, fingerprint,
+          kept):
     say = report.say
     rank0 = plan.rank == 0
     last_path = os.path.join(args.checkpoint_dir, checkpoints.LAST_CHECKPOINT_FILE)
@@ -337,6 +451,8 @@ def train(args, plan, model, batches, evaluation, report, resume_state, main_sta
         history = checkpoints.restore_training_state(resume_state, last_path, trainer, plan,
                                                      generator)
         say(f'Resuming after epoch {history["epoch"]} from {last_path}')
+        if history['epoch'] >= 0:
+            kept['epoch'] = history['epoch']
     # Time already spent before a resume counts towards time_to_target.
     time_offset = history['elapsed']
     compile_time = trainer.warm_up() + evaluation.warm_up()
@@ -386,10 +502,11 @@ def train(args, plan, model, batches, evaluation, report, resume_state, main_sta
             if args.checkpoint_dir and rank0:
                 path = os.path.join(args.checkpoint_dir, checkpoints.BEST_MODEL_FILE)
                 say('New best hr! Saving the model to: ', path)
-                checkpoints.save_model(model, path)
+                checkpoints.save_model(model, path, fingerprint)
         if args.checkpoint_dir and rank0:
             checkpoints.save_training_state(last_path, model, trainer, history, args, plan,
-                                            generator)
+                                            generator, fingerprint)
+            kept['epoch'] = epoch
         if hr >= args.threshold:
             say(f'Hit threshold of {args.threshold}')
             break
@@ -415,15 +532,24 @@ def train(args, plan, model, batches, evaluation, report, resume_state, main_sta
             'best_hr': history['best_hr'], 'summary': summary}
 
 
+def kept_message(kept):
+    """What a run stopped by Ctrl-C, SIGTERM or a full disk leaves behind."""
+    if 'directory' not in kept:
+        return 'nothing was written'
+    if 'epoch' not in kept:
+        return f'no epoch finished: {kept["directory"]} holds no checkpoint of this run'
+    return (f'{os.path.join(kept["directory"], checkpoints.LAST_CHECKPOINT_FILE)} from epoch '
+            f'{kept["epoch"]} kept (--resume continues from it)')
+
+
 def main(argv=None):
     """Command-line entry point; returns the run's figures (for tests and notebooks)."""
     args = parse_args(argv)
+    kept = {}
+    quiet = int(os.environ.get('RANK', 0)) != 0  # only rank 0 speaks
     try:
-        return run(args, plan_of(args))
-    except UsageError as error:
-        if int(os.environ.get('RANK', 0)) == 0:
-            print(f'ncf.py: error: {error}', file=sys.stderr)
-        sys.exit(1)
+        return run_main('ncf.py', lambda: run(args, plan_of(args), kept),
+                        kept=lambda: kept_message(kept), quiet=quiet)
     finally:
         runtime.stop()
 

@@ -120,7 +120,7 @@ def _describe(kept):
         return ''
 
 
-def run_main(program, function, *args, kept=None, **kwargs):
+def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
     """Run `function(*args, **kwargs)` as the body of the command-line tool `program`.
 
     Returns what `function` returns. Otherwise the process ends with one line on stderr and no
@@ -139,17 +139,22 @@ def run_main(program, function, *args, kept=None, **kwargs):
     called at the end (so it can describe how far the run got). Any other exception propagates
     (a bug shows its traceback). Handlers are installed only in the main thread, and only for
     signals that have their default handling (an ignored one stays ignored), and are restored
-    on return: run_main can wrap an in-process call (tests) too.
+    on return: run_main can wrap an in-process call (tests) too. quiet: exit the same way without
+    the line (the processes of a distributed run other than rank 0, which say nothing).
     """
+    def say(line):
+        if not quiet:
+            print(f'{program}: {line}', file=sys.stderr)
+
     try:
         with _signal_handlers():
             return function(*args, **kwargs)
     except UsageError as error:
-        print(f'{program}: error: {error}', file=sys.stderr)
+        say(f'error: {error}')
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as error:
         said = _describe(kept)
-        print(f'{program}: interrupted{": " + said if said else ""}', file=sys.stderr)
+        say(f'interrupted{": " + said if said else ""}')
         sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
     except Exception as error:
         full = disk_full_error(error)
@@ -157,8 +162,7 @@ def run_main(program, function, *args, kept=None, **kwargs):
             raise
         where = f' {full.filename}' if full.filename else ''
         said = _describe(kept)
-        print(f'{program}: error: cannot write{where}: {os.strerror(full.errno)}'
-              f'{"; " + said if said else ""}', file=sys.stderr)
+        say(f'error: cannot write{where}: {os.strerror(full.errno)}{"; " + said if said else ""}')
         sys.exit(1)
 
 

@@ -95,7 +95,7 @@ def test_sampler_draws_every_positive_once_and_ranks_split_the_global_batch():
 
 @pytest.mark.parametrize('impl', ['auto', 'compile'])
 def test_resume_after_a_crash_matches_an_uninterrupted_run(impl, tiny_data, tmp_path,
-                                                           monkeypatch):
+                                                           monkeypatch, capsys):
     arguments = ['--data', tiny_data, '-e', '4', '--dropout', '0.3', '--impl', impl] + TINY
     uninterrupted = ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'a')])
 
@@ -108,15 +108,25 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(impl, tiny_data, tmp_
             raise KeyboardInterrupt  # killed while training epoch 2
         return real_epoch(*args, **kwargs)
     monkeypatch.setattr(training.Trainer, 'epoch', crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'b')])
+    assert exit_info.value.code == 130  # Ctrl-C: one line saying what was kept
+    assert capsys.readouterr().err.strip() == (
+        f'ncf.py: interrupted: {tmp_path / "b" / "last.pth"} from epoch 1 kept '
+        '(--resume continues from it)')
     monkeypatch.setattr(training.Trainer, 'epoch', real_epoch)
     state = torch.load(tmp_path / 'b' / 'last.pth', weights_only=True)
     assert state['history']['epoch'] == 1
 
     resumed = ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'b'), '--resume'])
-    assert resumed['hrs'] == uninterrupted['hrs']
-    assert resumed['best_hr'] == uninterrupted['best_hr']
+    if impl == 'compile':
+        # inductor's embedding backward adds with atomics: equal up to rounding, not bitwise
+        assert resumed['hrs'] == pytest.approx(uninterrupted['hrs'], abs=2.5 / 300)
+        assert resumed['train_losses'][2:] == pytest.approx(uninterrupted['train_losses'][2:],
+                                                            rel=1e-3)
+    else:
+        assert resumed['hrs'] == uninterrupted['hrs']
+        assert resumed['best_hr'] == uninterrupted['best_hr']
     epochs = [r['step'] for r in read_log(tmp_path / 'b' / 'log.json')
               if isinstance(r['step'], list) and r['step']]
     assert epochs == [[0], [1], [2], [3]]  # the resumed run appends to the log
