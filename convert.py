@@ -18,7 +18,6 @@ cache or one without metadata.json, which nothing trusts.
 
 Vectorised throughout: an ML-20m-sized file takes seconds (see README, "Preprocessing speed").
 """
-import argparse
 import csv
 import fcntl
 import hashlib
@@ -29,8 +28,8 @@ import sys
 import threading
 import time
 
-from utils import (DISK_FULL, FileSet, UsageError, check_writable_directory, deferred_signals,
-                   disk_full_error, run_main)
+from utils import (DISK_FULL, ArgumentParser, FileSet, UsageError, check_writable_directory,
+                   deferred_signals, disk_full_error, run_main)
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
 # a bad input or output is reported at once, and Ctrl-C or SIGTERM find run_main's handlers in
@@ -363,8 +362,7 @@ class FileHash:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--path', required=True,
                         help='ratings file: ML-20m ratings.csv, ML-1m ratings.dat, ML-100k u.data, '
                              'or a CSV whose header has user_id,item_id,timestamp')

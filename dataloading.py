@@ -142,6 +142,9 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f'{metadata_path} is not convert.py metadata: {error}') from None
 
+    if valid_negative is not None and valid_negative > n_items:
+        raise UsageError(f'--valid_negative {valid_negative} is more than the catalogue '
+                         f'({n_items} items)')
     path = os.path.join(data_dir, TRAIN_FILE)
     train = _load_tensor(path, device)
     _check(train, path, (None, 2), max(n_users, n_items))

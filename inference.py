@@ -9,7 +9,6 @@ each synchronised; mean, p90, p95 and p99 latency and the mean throughput, print
 and written to the JSON log (dllogger's layout: one [batch_size] record each, [] for the
 summary). With a checkpoint, the table sizes and layers come from it.
 """
-import argparse
 import sys
 
 import numpy as np
@@ -20,15 +19,14 @@ import runtime
 from evaluation import Scorer
 from logger import Logger
 from logger.autologging import log_args, log_hardware
-from utils import UsageError, exit_on_usage_error
+from utils import ArgumentParser, UsageError, check_log_file, run_main
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Benchmark inference performance of the NCF '
-                                                 'model',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description='Benchmark inference performance of the NCF '
+                                                 'model')
     parser.add_argument('--load_checkpoint_path', default=None, type=str,
-                        help='Checkpoint to load (model.pth or last.pth); default: random weights')
+                        help='Checkpoint to load (model.pth or last.pth); None: random weights')
     parser.add_argument('--n_users', default=138493, type=int,
                         help='Number of users (ML-20m after preprocessing); from the checkpoint '
                              'when one is given')
@@ -76,6 +74,11 @@ def benchmark(args):
                          f'{args.batch_sizes!r}') from None
     if not batch_sizes or min(batch_sizes) < 1 or args.num_batches < 1 or args.warmup < 0:
         raise UsageError('batch sizes and --num_batches must be positive, --warmup not negative')
+    if min(args.n_users, args.n_items, args.factors, *args.layers) < 1:
+        raise UsageError('--n_users, --n_items, --factors and --layers must be positive')
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
+    check_log_file(args.log_path, '--log_path')
     plan = runtime.resolve(args.device, precision=args.precision,
                            impl='eager' if args.plain else args.impl, opt_level=args.opt_level)
     for warning in plan.warnings:
@@ -144,7 +147,9 @@ def benchmark(args):
 
 
 def main(argv=None):
-    return exit_on_usage_error('inference.py', benchmark, parse_args(argv))
+    args = parse_args(argv)
+    return run_main('inference.py', benchmark, args,
+                    kept=f'{args.log_path} holds the batch sizes measured so far')
 
 
 if __name__ == '__main__':

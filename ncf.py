@@ -8,7 +8,6 @@
 The script: parse the flags, resolve the runtime plan (runtime.py), run. Nothing but the tests
 imports it; the pieces it runs live in their modules (training, evaluation, checkpoints).
 """
-import argparse
 import math
 import os
 import sys
@@ -24,14 +23,14 @@ from evaluation import Evaluation, all_reduce_sums
 from logger import Logger
 from logger.autologging import log_args, log_hardware
 from training import Trainer
-from utils import UsageError, check_output_file, check_writable_directory, run_main
+from utils import (ArgumentParser, UsageError, check_log_file, check_output_file,
+                   check_writable_directory, run_main)
 
 LOG_FILE = 'log.json'
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Train a Neural Collaborative Filtering model',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description='Train a Neural Collaborative Filtering model')
     parser.add_argument('--data', type=str, required=True,
                         help='Path to test and training data files')
     parser.add_argument('-e', '--epochs', type=int, default=30,
@@ -202,16 +201,6 @@ def check_outputs(args, plan):
         check_output_file(args.output, '--output')
 
 
-def check_log_file(path, flag=None):
-    """The log is appended to, not replaced: an existing file (or device, /dev/null say) must be
-    writable as it is."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        if not os.access(path, os.W_OK):
-            raise UsageError(f'{flag or "log"} {path} is read-only')
-        return
-    check_output_file(path, flag)
-
-
 def log_path_of(args):
     """Where the JSON log goes: --log_path, or log.json in CHECKPOINT_DIR (or the current
     directory). A test of a trained model appends to the training's log where it may: never
@@ -228,9 +217,6 @@ def log_path_of(args):
 
 
 def check_args_against_data(args, dataset):
-    if args.valid_negative > dataset.n_items and args.mode != 'recommend':
-        raise UsageError(f'--valid_negative {args.valid_negative} is more than the catalogue '
-                         f'({dataset.n_items} items)')
     if (args.mode == 'recommend' or args.eval_mode == 'full') and args.topk > dataset.n_items:
         raise UsageError(f'--topk {args.topk} is larger than the catalogue '
                          f'({dataset.n_items} items)')

@@ -12,11 +12,10 @@ Deterministic for a seed; vectorised, so ML-20m's shape (20M rows) takes seconds
     python synthetic.py --output ratings.csv --layout ml-20m \\
         --users 138493 --items 26744 --rows 20000000                        # ML-20m's shape
 """
-import argparse
 import os
 import sys
 
-from utils import UsageError, atomic_write, check_output_file, run_main
+from utils import ArgumentParser, UsageError, atomic_write, check_output_file, run_main
 
 # Defaults: small enough that the Quick start trains on it in about a minute on a CPU.
 DEFAULT_USERS = 3000
@@ -152,8 +151,7 @@ def write_csv(path, columns, layout='generic'):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--output', required=True, help='CSV file to write')
     parser.add_argument('--users', type=int, default=DEFAULT_USERS, help='number of users')
     parser.add_argument('--items', type=int, default=DEFAULT_ITEMS, help='number of items')

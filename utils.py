@@ -5,6 +5,7 @@ non-zero exit, no traceback, and nothing half-written (files that existed before
 `run_main` applies it to a whole entry point; `atomic_write` and `FileSet` write files so that a
 reader sees the old version or the new one, never a mix.
 """
+import argparse
 import contextlib
 import errno
 import hashlib
@@ -25,6 +26,18 @@ ENDING_SIGNALS = ('SIGTERM', 'SIGHUP')
 
 class UsageError(Exception):
     """Bad input (a file, a flag, a checkpoint): reported in one line, exit status 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with its defaults in the help, whose errors are one line (argparse's
+    own print the whole usage first): `program: error: ... (see --help)`, exit status 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault('formatter_class', argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
 
 class Terminated(BaseException):
@@ -402,6 +415,16 @@ def check_output_file(path, flag=None):
         raise UsageError(f'{label} cannot be written: {existing} is a file, not a directory')
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f'{label} cannot be written: {existing} is read-only')
+
+
+def check_log_file(path, flag=None):
+    """As `check_output_file`, for a file written in place (a log, appended to): an existing
+    file, or a device such as /dev/null, must be writable as it is."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        if not os.access(path, os.W_OK):
+            raise UsageError(f'{_label(flag, path)} is read-only')
+        return
+    check_output_file(path, flag)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@
 Also runs as a script from anywhere: python path/to/logger/plot.py LOG -o curves.png
 Needs matplotlib (an optional dependency: pip install matplotlib).
 """
-import argparse
 import os
 import sys
 
@@ -14,7 +13,7 @@ if __package__ in (None, ''):  # run as a script: the repository root, not logge
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from logger.logger import read_log  # noqa: E402
-from utils import UsageError, atomic_write, check_output_file, run_main  # noqa: E402
+from utils import ArgumentParser, UsageError, atomic_write, check_output_file, run_main  # noqa: E402
 
 PANELS = (  # (title, metrics drawn in it: a prefix matches hr@10, ndcg@5 ...)
     ('Hit rate', ('hr@',)),
@@ -91,7 +90,7 @@ def plot(logs, labels, output, warnings=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('logs', nargs='+', help='JSON logs written by ncf.py')
     parser.add_argument('-o', '--output', default='curves.png', help='PNG file to write')
     parser.add_argument('--labels', nargs='+', default=None,

@@ -77,3 +77,9 @@ def tiny_data(tmp_path_factory):
     convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
                   '--valid_negative', '50'])
     return str(directory / 'cache')
+
+
+def pytest_configure(config):
+    # torch's own, raised from inside it when Triton's interpreter loads (not ours to fix)
+    config.addinivalue_line('filterwarnings',
+                            'ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')

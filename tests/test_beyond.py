@@ -230,8 +230,8 @@ def test_inference_benchmark_random_and_checkpoint_weights(trained, tmp_path, ca
                                       '--batch_sizes', '32', '--num_batches', '2', '--device',
                                       'cpu', '--precision', 'bf16', '--log_path', str(log)])
     assert from_checkpoint[0]['batch_size'] == 32
-    assert 'NeuMF 300 users x 200 items, factors 8, layers [32, 16, 8], checkpoint weights; Precision: bf16' \
-        in capsys.readouterr().out
+    assert ('NeuMF 300 users x 200 items, factors 8, layers [32, 16, 8], checkpoint weights; '
+            'Precision: bf16') in capsys.readouterr().out
 
 
 def test_inference_bad_inputs(tmp_path, capsys):
