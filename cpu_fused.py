@@ -16,12 +16,9 @@ from neumf import NeuMF
 
 class CpuFusedNeuMF(NeuMF):
     def inputs(self, user, item):
-        device_type = user.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else self.final.weight.dtype)
         return _GatherInputs.apply(user, item, self.mf_user_embed.weight,
                                    self.mf_item_embed.weight, self.mlp_user_embed.weight,
-                                   self.mlp_item_embed.weight, dtype)
+                                   self.mlp_item_embed.weight, self.compute_dtype(user))
 
     def hidden(self, x):
         return _ReluDropout.apply(x, self.dropout if self.training else 0.0)

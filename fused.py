@@ -42,11 +42,9 @@ class FusedNeuMF(NeuMF):
     torch.compile, which fuses the MLP's ReLU, dropout and casts itself)."""
 
     def inputs(self, user, item):
-        device_type = user.device.type
-        dtype = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type)
-                 else self.final.weight.dtype)
         return gather_inputs(user, item, self.mf_user_embed.weight, self.mf_item_embed.weight,
-                             self.mlp_user_embed.weight, self.mlp_item_embed.weight, dtype)
+                             self.mlp_user_embed.weight, self.mlp_item_embed.weight,
+                             self.compute_dtype(user))
 
 
 # Block sizes (all constexpr in the kernels), chosen for an H100 at the recipe's sizes: F=64,

@@ -50,6 +50,13 @@ class NeuMF(nn.Module):
         gmf = self.mf_user_embed(user) * self.mf_item_embed(item)
         return gmf, torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
 
+    def compute_dtype(self, tensor):
+        """The dtype the layers compute in: autocast's where it is on, else the weights'."""
+        device_type = tensor.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+        return self.final.weight.dtype
+
     def hidden(self, x):
         """An MLP layer's activation: ReLU, then dropout in training."""
         x = F.relu(x)
