@@ -86,10 +86,16 @@ class NeuMF(nn.Module):
         mlp = (x @ final_mlp).view(len(users), -1)
         return gmf.float() + mlp.float() + self.final.bias.float()
 
+    # The class of the scoring copy (a subclass may score with another forward).
+    scoring_class = None
+
     def inference_copy(self, dtype):
         """A copy for scoring: eval mode, no gradients, weights cast once to `dtype` (so no
         autocast is needed, and no per-call casts of the weights)."""
-        return copy.deepcopy(self).to(dtype).eval().requires_grad_(False)
+        model = copy.deepcopy(self).to(dtype).eval().requires_grad_(False)
+        if self.scoring_class is not None:
+            model.__class__ = self.scoring_class  # the same parameters, another forward
+        return model
 
 
 def glorot_uniform_(weight):
@@ -105,20 +111,3 @@ def lecun_uniform_(weight):
     limit = math.sqrt(3.0 / weight.shape[1])
     with torch.no_grad():
         return weight.uniform_(-limit, limit)
-
-
-def shapes_of(state):
-    """(nb_users, nb_items, mf_dim, mlp_layer_sizes) of a NeuMF state dict, or of a last.pth
-    holding one under 'model'; ValueError if it is not one."""
-    if isinstance(state, dict) and isinstance(state.get('model'), dict):
-        state = state['model']
-    try:
-        state = {key.removeprefix('module.'): value for key, value in state.items()}
-        nb_users, mf_dim = state['mf_user_embed.weight'].shape
-        nb_items = state['mf_item_embed.weight'].shape[0]
-        layers = [state['mlp_user_embed.weight'].shape[1] * 2]
-        while f'mlp.{len(layers) - 1}.weight' in state:
-            layers.append(state[f'mlp.{len(layers) - 1}.weight'].shape[0])
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise ValueError('not a NeuMF state dict') from None
-    return nb_users, nb_items, mf_dim, layers

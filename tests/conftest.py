@@ -64,19 +64,37 @@ TINY = ['-f', '8', '--layers', '32', '16', '8', '-b', '2048', '-l', '0.01', '-b1
         '-b2', '0.999', '--valid_negative', '50', '--device', 'cpu']
 
 
-@pytest.fixture(scope='session')
-def tiny_data(tmp_path_factory):
-    """A synthetic cache: 300 users, 200 items, 12,000 interactions, 50 test negatives."""
+def snapshot(directory):
+    """{relative path: bytes} of every file under `directory`, and None for each directory: to
+    show that nothing was written or changed."""
+    files = {}
+    for root, directories, names in os.walk(directory):
+        for name in directories:
+            files[os.path.relpath(os.path.join(root, name), directory) + '/'] = None
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as file:
+                files[os.path.relpath(path, directory)] = file.read()
+    return files
+
+
+def make_cache(directory, users, items, rows, groups, seed, valid_negative):
+    """Synthetic ratings in `directory`/ratings.csv, converted to `directory`/cache."""
     import convert
     import synthetic
 
-    directory = tmp_path_factory.mktemp('tiny')
     ratings = directory / 'ratings.csv'
-    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=12000,
-                                                         groups=4, seed=3))
+    synthetic.write_csv(str(ratings), synthetic.generate(users=users, items=items, rows=rows,
+                                                         groups=groups, seed=seed))
     convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
-                  '--valid_negative', '50'])
+                  '--valid_negative', str(valid_negative)])
     return str(directory / 'cache')
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """A synthetic cache: 300 users, 200 items, 12,000 interactions, 50 test negatives."""
+    return make_cache(tmp_path_factory.mktemp('tiny'), 300, 200, 12000, 4, 3, 50)
 
 
 def pytest_configure(config):

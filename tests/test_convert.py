@@ -10,7 +10,7 @@ import torch
 
 import convert
 import utils
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_script, snapshot
 from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE,
                          USER_IDS_FILE)
 
@@ -187,17 +187,6 @@ def test_string_ids_that_look_numeric_at_first(tmp_path):
     source = write(tmp_path / 'r.csv', 'user_id,item_id,timestamp\n' + '\n'.join(lines) + '\n')
     convert.main(['--path', source, '--output', str(tmp_path / 'out'), '--valid_negative', '2'])
     assert read_ids(tmp_path / 'out' / USER_IDS_FILE) == ['user_id', '1', '2', 'user-x']
-
-
-def snapshot(directory):
-    """{relative path: bytes} of every file under `directory`."""
-    files = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, 'rb') as file:
-                files[os.path.relpath(path, directory)] = file.read()
-    return files
 
 
 def test_an_interrupted_rewrite_keeps_the_previous_cache(tmp_path, monkeypatch, capsys):

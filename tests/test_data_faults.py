@@ -25,23 +25,10 @@ import convert
 import dataloading
 import synthetic
 import utils
-from conftest import ROOT, assert_one_line_error
+from conftest import ROOT, assert_one_line_error, snapshot
 from logger import Logger, plot
 
 PYTHON = sys.executable
-
-
-def snapshot(directory):
-    """{relative path: bytes} of every file under `directory`, and None for each directory."""
-    files = {}
-    for root, directories, names in os.walk(directory):
-        for name in directories:
-            files[os.path.relpath(os.path.join(root, name), directory) + '/'] = None
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, 'rb') as file:
-                files[os.path.relpath(path, directory)] = file.read()
-    return files
 
 
 def command(script, *args):

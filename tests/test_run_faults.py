@@ -15,7 +15,7 @@ import torch
 
 import checkpoints
 import ncf
-from conftest import ROOT, TINY, assert_one_line_error
+from conftest import ROOT, TINY, assert_one_line_error, snapshot
 
 FP32 = TINY + ['--precision', 'fp32']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
@@ -27,17 +27,6 @@ def trained(tiny_data, tmp_path_factory):
     directory = tmp_path_factory.mktemp('trained')
     ncf.main(['--data', tiny_data, '-e', '2', '--checkpoint_dir', str(directory)] + FP32)
     return str(directory)
-
-
-def snapshot(directory):
-    """Every file under `directory` and its bytes."""
-    files = {}
-    for folder, _, names in os.walk(directory):
-        for name in names:
-            path = os.path.join(folder, name)
-            with open(path, 'rb') as file:
-                files[os.path.relpath(path, directory)] = file.read()
-    return files
 
 
 def replace(path, content):

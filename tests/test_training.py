@@ -12,7 +12,7 @@ import dataloading
 import evaluation
 import ncf
 import training
-from conftest import ROOT, TINY, assert_one_line_error
+from conftest import ROOT, TINY, assert_one_line_error, make_cache
 from logger.logger import read_log
 
 
@@ -306,16 +306,7 @@ def test_cli_error_has_no_traceback(tmp_path):
 def small_data(tmp_path_factory):
     """60 users, 50 items: few table rows, for Triton's interpreter (it runs one kernel
     program after another)."""
-    import convert
-    import synthetic
-
-    directory = tmp_path_factory.mktemp('small')
-    ratings = directory / 'ratings.csv'
-    synthetic.write_csv(str(ratings), synthetic.generate(users=60, items=50, rows=1400,
-                                                         groups=3, seed=4))
-    convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
-                  '--valid_negative', '20'])
-    return str(directory / 'cache')
+    return make_cache(tmp_path_factory.mktemp('small'), 60, 50, 1400, 3, 4, 20)
 
 
 # fp32 and no dropout: the implementations draw dropout masks differently
