@@ -29,7 +29,7 @@ import threading
 import time
 
 from utils import (DISK_FULL, ArgumentParser, FileSet, UsageError, check_writable_directory,
-                   deferred_signals, disk_full_error, run_main)
+                   deferred_signals, disk_full_error, import_held, run_main)
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
 # a bad input or output is reported at once, and Ctrl-C or SIGTERM find run_main's handlers in
@@ -400,6 +400,7 @@ def convert(args, progress=None):
     start = time.perf_counter()
     check_arguments(args)
     fmt = args.format or detect_format(args.path)
+    import_held('numpy', 'pyarrow.csv', 'pyarrow.compute', 'torch', 'dataloading')
     source_hash = FileHash(args.path)
 
     columns = read_interactions(args.path, fmt)

@@ -15,7 +15,8 @@ Deterministic for a seed; vectorised, so ML-20m's shape (20M rows) takes seconds
 import os
 import sys
 
-from utils import ArgumentParser, UsageError, atomic_write, check_output_file, run_main
+from utils import (ArgumentParser, UsageError, atomic_write, check_output_file, import_held,
+                   run_main)
 
 # Defaults: small enough that the Quick start trains on it in about a minute on a CPU.
 DEFAULT_USERS = 3000
@@ -170,6 +171,7 @@ def main(argv=None):
 
     def run():
         check_output_file(args.output, '--output')
+        import_held('numpy', 'torch', 'pyarrow.csv')
         try:
             columns = generate(args.users, args.items, args.rows, args.groups, args.affinity,
                                args.seed)

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import errno
 import hashlib
+import importlib
 import json
 import os
 import secrets
@@ -87,6 +88,17 @@ def deferred_signals():
             _on_signal(pending, None)
 
 
+def import_held(*names):
+    """Import the modules `names` with Ctrl-C and SIGTERM held until they have loaded (see
+    `deferred_signals`): an extension module interrupted while it loads fails with an unrelated
+    ImportError (numpy's: 'PyCapsule_Import could not import module "datetime"') and the
+    interruption is lost. For programs that import their heavy modules after their cheap checks,
+    under `run_main`."""
+    with deferred_signals():
+        for name in names:
+            importlib.import_module(name)
+
+
 @contextlib.contextmanager
 def _signal_handlers():
     """Route Ctrl-C, SIGTERM and SIGHUP through _on_signal where they have their default
@@ -159,6 +171,11 @@ def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
         if not quiet:
             print(f'{program}: {line}', file=sys.stderr)
 
+    def interrupted(error):
+        said = _describe(kept)
+        say(f'interrupted{": " + said if said else ""}')
+        sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
+
     try:
         with _signal_handlers():
             return function(*args, **kwargs)
@@ -166,10 +183,14 @@ def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
         say(f'error: {error}')
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as error:
-        said = _describe(kept)
-        say(f'interrupted{": " + said if said else ""}')
-        sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
+        interrupted(error)
     except Exception as error:
+        # A library may turn the interruption into an error of its own (an extension module
+        # interrupted while it imports raises ImportError): the interruption is in its chain.
+        cause = next((e for e in _chain(error) if isinstance(e, (KeyboardInterrupt, Terminated))),
+                     None)
+        if cause is not None:
+            interrupted(cause)
         full = disk_full_error(error)
         if full is None:
             raise

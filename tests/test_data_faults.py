@@ -617,7 +617,7 @@ def test_synthetic_read_only_and_interrupted(tmp_path):
     wait_for_handlers(process)
     process.terminate()
     stderr = process.stderr.read()
-    assert process.wait(30) == 143
+    assert process.wait(30) == 143, stderr
     assert stderr == f'synthetic.py: interrupted: {output} is unchanged\n'
     assert snapshot(tmp_path) == before
 
