@@ -91,10 +91,23 @@ def make_cache(directory, users, items, rows, groups, seed, valid_negative):
     return str(directory / 'cache')
 
 
+FP32 = TINY + ['--precision', 'fp32']
+
+
 @pytest.fixture(scope='session')
 def tiny_data(tmp_path_factory):
     """A synthetic cache: 300 users, 200 items, 12,000 interactions, 50 test negatives."""
     return make_cache(tmp_path_factory.mktemp('tiny'), 300, 200, 12000, 4, 3, 50)
+
+
+@pytest.fixture(scope='session')
+def trained(tiny_data, tmp_path_factory):
+    """A checkpoint directory after two epochs on the tiny data (fp32)."""
+    import ncf
+
+    directory = tmp_path_factory.mktemp('trained')
+    ncf.main(['--data', tiny_data, '-e', '2', '--checkpoint_dir', str(directory)] + FP32)
+    return str(directory)
 
 
 def pytest_configure(config):

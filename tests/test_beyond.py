@@ -14,19 +14,9 @@ import dataloading
 import inference
 import ncf
 import runtime
-from conftest import ROOT, TINY, assert_one_line_error
+from conftest import FP32, ROOT, TINY, assert_one_line_error
 from logger import plot
 from logger.logger import read_log
-
-FP32 = TINY + ['--precision', 'fp32']
-
-
-@pytest.fixture(scope='module')
-def trained(tiny_data, tmp_path_factory):
-    """A checkpoint directory after two epochs on the tiny data."""
-    directory = tmp_path_factory.mktemp('trained')
-    ncf.main(['--data', tiny_data, '-e', '2', '--checkpoint_dir', str(directory)] + FP32)
-    return str(directory)
 
 
 def id_map(tiny_data, name):

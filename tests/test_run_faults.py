@@ -15,18 +15,9 @@ import torch
 
 import checkpoints
 import ncf
-from conftest import ROOT, TINY, assert_one_line_error, snapshot
+from conftest import FP32, ROOT, TINY, assert_one_line_error, snapshot
 
-FP32 = TINY + ['--precision', 'fp32']
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
-
-
-@pytest.fixture(scope='module')
-def trained(tiny_data, tmp_path_factory):
-    """A checkpoint directory after two epochs on the tiny data."""
-    directory = tmp_path_factory.mktemp('trained')
-    ncf.main(['--data', tiny_data, '-e', '2', '--checkpoint_dir', str(directory)] + FP32)
-    return str(directory)
 
 
 def replace(path, content):
