@@ -23,8 +23,7 @@ from utils import ArgumentParser, UsageError, check_log_file, run_main
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description='Benchmark inference performance of the NCF '
-                                                 'model')
+    parser = ArgumentParser(description='Benchmark inference performance of the NCF model')
     parser.add_argument('--load_checkpoint_path', default=None, type=str,
                         help='Checkpoint to load (model.pth or last.pth); None: random weights')
     parser.add_argument('--n_users', default=138493, type=int,
@@ -43,23 +42,11 @@ def parse_args(argv=None):
     parser.add_argument('--num_batches', default=20, type=int,
                         help='Number of batches for which to measure latency and throughput')
     parser.add_argument('--warmup', default=5, type=int, help='Untimed batches first')
-    parser.add_argument('--opt_level', default=None, choices=['O0', 'O2'],
-                        help="The reference's spelling of --precision: O2 = mixed precision "
-                             '(fp16 on CUDA, bf16 on a CPU), O0 = fp32; None: --precision '
-                             'decides')
-    parser.add_argument('--precision', choices=runtime.PRECISIONS, default='auto',
-                        help='Precision the weights are cast to; auto: as ncf.py (bf16 on '
-                             'CUDA and on CPUs with native bf16, else fp32)')
-    parser.add_argument('--impl', choices=runtime.IMPLEMENTATIONS, default='auto',
-                        help='Implementation, as ncf.py; auto: compile on CUDA, cpu_fused on a '
-                             'CPU')
-    parser.add_argument('--plain', action='store_true', help='Same as --impl eager')
-    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
-                        help='auto: CUDA when available')
+    runtime.add_arguments(parser)
     parser.add_argument('--log_path', default='log.json', type=str,
                         help='Path for the JSON log')
     parser.add_argument('-s', '--seed', type=int, default=1)
-    return parser.parse_args(argv)
+    return runtime.parsed(parser, parser.parse_args(argv))
 
 
 def percentile_ms(latencies, q):
@@ -79,8 +66,9 @@ def benchmark(args):
     if not 0 <= args.dropout < 1:
         raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
     check_log_file(args.log_path, '--log_path')
-    plan = runtime.resolve(args.device, precision=args.precision,
-                           impl='eager' if args.plain else args.impl, opt_level=args.opt_level)
+    plan = runtime.resolve(args.device, precision=args.precision, impl=args.impl,
+                           opt_level=args.opt_level, amp=args.amp,
+                           compile_cache=args.compile_cache)
     for warning in plan.warnings:
         print(f'inference.py: warning: {warning}', file=sys.stderr)
 

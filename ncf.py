@@ -76,26 +76,7 @@ def parse_args(argv=None):
     parser.add_argument('--grads_accumulated', default=1, type=int,
                         help='Number of gradients to accumulate before performing an optimization '
                              'step (each is batch_size / (world_size * grads_accumulated))')
-    parser.add_argument('--opt_level', default=None, type=str, choices=['O0', 'O2'],
-                        help="The reference's spelling of --precision: O2 = mixed precision "
-                             '(fp16 with loss scaling on CUDA, bf16 on a CPU), O0 = fp32; '
-                             'None: --precision decides')
-    parser.add_argument('--amp', action='store_true', help='Mixed precision: --opt_level O2')
-    parser.add_argument('--precision', choices=runtime.PRECISIONS, default='auto',
-                        help='Compute precision; auto: bf16 on CUDA (fp16 before Ampere), bf16 '
-                             'on a CPU with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs')
-    parser.add_argument('--impl', choices=runtime.IMPLEMENTATIONS, default='auto',
-                        help='Implementation; auto: compile on CUDA, cpu_fused on a CPU. eager: '
-                             "the reference's forward; compile: it under torch.compile; "
-                             'cpu_fused: hand-written CPU autograd Functions; fused: Triton '
-                             'embedding kernels under torch.compile (CUDA)')
-    parser.add_argument('--plain', action='store_true', help='Same as --impl eager')
-    parser.add_argument('--compile_cache', default=None, metavar='DIR',
-                        help='Where torch.compile keeps compiled code, so that a second run '
-                             f'starts in seconds (None: ${runtime.COMPILE_CACHE_ENV} or '
-                             '~/.cache/ncf/inductor; TORCHINDUCTOR_CACHE_DIR, if set, wins)')
-    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
-                        help='auto: CUDA when available')
+    runtime.add_arguments(parser)
     parser.add_argument('--log_path', default=None, type=str,
                         help='Path for the JSON training log (None: log.json in '
                              'CHECKPOINT_DIR, or in the current directory)')
@@ -128,12 +109,7 @@ def parse_args(argv=None):
                         help='also write the per-epoch figures as TensorBoard scalars to DIR')
     parser.add_argument('--local_rank', '--local-rank', default=0, type=int,
                         help='Set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)')
-    args = parser.parse_args(argv)
-    if args.plain:
-        if args.impl not in ('auto', 'eager'):
-            parser.error(f'--plain means --impl eager, not --impl {args.impl}')
-        args.impl = 'eager'
-    return args
+    return runtime.parsed(parser, parser.parse_args(argv))
 
 
 def plan_of(args):

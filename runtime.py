@@ -268,6 +268,39 @@ def device_name(device):
     return f'{hardware_info()["cpu"]} ({torch.get_num_threads()} threads)'
 
 
+def add_arguments(parser):
+    """The flags a plan is resolved from, as ncf.py and inference.py take them."""
+    parser.add_argument('--opt_level', default=None, type=str, choices=['O0', 'O2'],
+                        help="The reference's spelling of --precision: O2 = mixed precision "
+                             '(fp16 with loss scaling on CUDA, bf16 on a CPU), O0 = fp32; '
+                             'None: --precision decides')
+    parser.add_argument('--amp', action='store_true', help='Mixed precision: --opt_level O2')
+    parser.add_argument('--precision', choices=PRECISIONS, default='auto',
+                        help='Compute precision; auto: bf16 on CUDA (fp16 before Ampere), bf16 '
+                             'on a CPU with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs')
+    parser.add_argument('--impl', choices=IMPLEMENTATIONS, default='auto',
+                        help='Implementation; auto: compile on CUDA, cpu_fused on a CPU. eager: '
+                             "the reference's forward; compile: it under torch.compile; "
+                             'cpu_fused: hand-written CPU autograd Functions; fused: Triton '
+                             'embedding kernels under torch.compile (CUDA)')
+    parser.add_argument('--plain', action='store_true', help='Same as --impl eager')
+    parser.add_argument('--compile_cache', default=None, metavar='DIR',
+                        help='Where torch.compile keeps compiled code, so that a second run '
+                             f'starts in seconds (None: ${COMPILE_CACHE_ENV} or '
+                             '~/.cache/ncf/inductor; TORCHINDUCTOR_CACHE_DIR, if set, wins)')
+    parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
+                        help='auto: CUDA when available')
+
+
+def parsed(parser, args):
+    """`args` with --plain read as --impl eager (a contradiction is the parser's error)."""
+    if args.plain:
+        if args.impl not in ('auto', 'eager'):
+            parser.error(f'--plain means --impl eager, not --impl {args.impl}')
+        args.impl = 'eager'
+    return args
+
+
 def start(device='auto', **settings):
     """The plan of this process under torchrun / torch.distributed.launch (or alone), with the
     process group joined: NCCL on CUDA, gloo on CPU."""
