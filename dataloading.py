@@ -62,6 +62,15 @@ class ItemExclusion:
         position = torch.searchsorted(self.shifted_keys, users * self.n_items + rank, right=True)
         return rank + (position - self.starts[users])
 
+    def key_bounds(self, first, last):
+        """Where the keys of each user from `first` to `last` start, as host integers: element j
+        for user first + j, the last one where user last - 1's keys end. One synchronisation,
+        for a caller that then slices the keys of contiguous users without any."""
+        if first >= self.n_users:
+            return [len(self.keys)]
+        ends = torch.cumsum(self.counts[first:last], 0) + self.starts[first]
+        return [int(self.starts[first])] + ends.tolist()
+
     def pairs_of(self, users):
         """(row, item) of every pair of the given users; row is the user's position in `users`.
 

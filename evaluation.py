@@ -56,9 +56,14 @@ class Scorer:
     def __init__(self, plan, model):
         self.source = model
         self.model = model.inference_copy(plan.dtype)
-        self.pairs = plan.compile(self.model.forward)
+        # A request's batch size varies: compiled once for any size, not once per size (Dynamo
+        # recompiles a static function for at most 8 sizes, then runs it eager).
+        self.pairs = plan.compile(self.model.forward, dynamic=True)
         self.all_items = plan.compile(self.model.all_item_scores)
         self.sampled_sums = plan.compile(sampled_sums)
+        # users per chunk of all-items scoring (full ranking, recommendations)
+        self.rows_per_chunk = lambda n_items: plan.scoring_rows(
+            n_items, self.model.scoring_bytes_per_pair(plan.dtype))
 
     def refresh(self):
         with torch.no_grad():
@@ -77,7 +82,7 @@ class Evaluation:
         n_users = dataset.n_users
         first = n_users * plan.rank // plan.world_size
         last = n_users * (plan.rank + 1) // plan.world_size
-        self.plan, self.topk = plan, topk
+        self.plan, self.topk, self.first_user = plan, topk, first
         self.scorer = Scorer(plan, model)
         self.users = torch.arange(first, last, device=plan.device)
         self.positives = dataset.test_items[first:last]
@@ -85,6 +90,13 @@ class Evaluation:
         if self.full:
             self.exclusion = exclusion
             self.samples = n_users * dataset.n_items  # (user, item) pairs scored, all ranks
+            rows = self.scorer.rows_per_chunk(dataset.n_items)
+            # Each chunk of users, and where its training pairs lie among the exclusion's keys
+            # (sorted by user): read once here, so that the chunk loop never waits on the host.
+            bounds = exclusion.key_bounds(first, last)
+            self.chunks = [(start, min(start + rows, last - first),
+                            bounds[start], bounds[min(start + rows, last - first)])
+                           for start in range(0, last - first, rows)]
         else:
             # column 0: the positive
             self.items = torch.cat((self.positives[:, None], dataset.test_negatives[first:last]), 1)
@@ -107,14 +119,14 @@ class Evaluation:
             return 0.0
         start = self.plan.time()
         self.scorer.refresh()
-        width = self.exclusion.n_items if self.full else self.items.shape[1]
-        rows = max(1, self.plan.eval_chunk // width)
         with torch.no_grad():
-            for first in sorted({0, (len(self.users) - 1) // rows * rows}):
-                chunk = slice(first, first + rows)
-                if self.full:
-                    self.scorer.all_items(self.users[chunk])
-                else:
+            if self.full:
+                for rows in sorted({last - first for first, last, _, _ in self.chunks}):
+                    self.scorer.all_items(self.users[:rows])
+            else:
+                rows = max(1, self.plan.eval_chunk // self.items.shape[1])
+                for first in sorted({0, (len(self.users) - 1) // rows * rows}):
+                    chunk = slice(first, first + rows)
                     self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
                                              self.items[chunk], self.mask[chunk], self.topk)
         return self.plan.time() - start
@@ -130,15 +142,15 @@ class Evaluation:
 
     def _full(self):
         n_items = self.exclusion.n_items
-        rows = max(1, self.plan.eval_chunk // n_items)
         device = self.plan.device
         sums = torch.zeros(4, dtype=torch.float64, device=device)
-        for start in range(0, len(self.users), rows):
-            users, positives = self.users[start:start + rows], self.positives[start:start + rows]
+        for first, last, first_key, last_key in self.chunks:
+            users, positives = self.users[first:last], self.positives[first:last]
             scores = self.scorer.all_items(users)
-            # one host synchronisation per chunk, to size the chunk's training pairs
+            # the chunk's training pairs, a slice of the sorted keys (no host synchronisation)
+            keys = self.exclusion.keys[first_key:last_key]
             trained = torch.zeros_like(scores, dtype=torch.bool)
-            trained[self.exclusion.pairs_of(users)] = True
+            trained.view(-1)[keys - (self.first_user + first) * n_items] = True
             row = torch.arange(len(users), device=device)
             competitors = ~trained
             competitors[row, positives] = False
@@ -147,9 +159,9 @@ class Evaluation:
             hits, ndcg = rank_metrics(rank, self.topk)
             labels = torch.zeros_like(scores)
             labels[row, positives] = 1.0
-            losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')[~trained]
-            sums += torch.stack([hits.double(), ndcg, losses.sum().double(),
-                                 torch.tensor(losses.numel(), dtype=torch.float64, device=device)])
+            losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')
+            sums += torch.stack([hits.double(), ndcg, losses.masked_fill(trained, 0.0).sum()
+                                 .double(), (~trained).sum().double()])
         return sums.unbind()
 
 

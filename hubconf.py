@@ -14,7 +14,7 @@ def neumf(nb_users=138493, nb_items=26744, mf_dim=64, mlp_layer_sizes=(256, 256,
     import checkpoints
     import runtime
 
-    plan = runtime.resolve(device, impl=impl)
+    plan = runtime.resolve(device, impl=impl, precision='fp32')  # the model's own: fp32
     state = None
     if checkpoint is not None:
         state = checkpoints.read(checkpoint)

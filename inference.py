@@ -66,13 +66,6 @@ def benchmark(args):
     if not 0 <= args.dropout < 1:
         raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
     check_log_file(args.log_path, '--log_path')
-    plan = runtime.resolve(args.device, precision=args.precision, impl=args.impl,
-                           opt_level=args.opt_level, amp=args.amp,
-                           compile_cache=args.compile_cache)
-    for warning in plan.warnings:
-        print(f'inference.py: warning: {warning}', file=sys.stderr)
-
-    torch.manual_seed(args.seed)
     state = None
     if args.load_checkpoint_path:
         state = checkpoints.read(args.load_checkpoint_path)
@@ -80,6 +73,14 @@ def benchmark(args):
             state, args.load_checkpoint_path)
     if args.layers[0] % 2:
         raise UsageError(f'--layers: the first size ({args.layers[0]}) must be even')
+    plan = runtime.resolve(args.device, precision=args.precision, impl=args.impl,
+                           opt_level=args.opt_level, amp=args.amp,
+                           compile_cache=args.compile_cache,
+                           model_shape=(args.factors, args.layers))
+    for warning in plan.warnings:
+        print(f'inference.py: warning: {warning}', file=sys.stderr)
+
+    torch.manual_seed(args.seed)
     model = plan.build_model(args.n_users, args.n_items, args.factors, args.layers, args.dropout)
     if state is not None:
         checkpoints.load_model_state(model, state, args.load_checkpoint_path)

@@ -113,15 +113,30 @@ def parse_args(argv=None):
 
 
 def plan_of(args):
-    """The runtime plan of this process; joins the process group under torchrun."""
+    """The runtime plan of this process; joins the process group under torchrun. The model's
+    flags are checked first: the plan may time the model's layers."""
+    check_model_args(args)
     return runtime.start(args.device, precision=args.precision, impl=args.impl,
                          opt_level=args.opt_level, amp=args.amp,
                          valid_batch_size=args.valid_batch_size, local_rank=args.local_rank,
-                         compile_cache=args.compile_cache)
+                         compile_cache=args.compile_cache,
+                         model_shape=(args.factors, args.layers))
+
+
+def check_model_args(args):
+    if args.factors < 1:
+        raise UsageError(f'--factors must be positive, not {args.factors}')
+    if not args.layers or min(args.layers) < 1:
+        raise UsageError(f'--layers must be positive sizes, not {args.layers}')
+    if args.layers[0] % 2:
+        raise UsageError(f'--layers: the first size ({args.layers[0]}) must be even: it is the '
+                         'user and item MLP embeddings side by side')
+    if not (math.isfinite(args.dropout) and 0 <= args.dropout < 1):
+        raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
 
 
 def check_args(args, plan):
-    for name in ('learning_rate', 'beta1', 'beta2', 'eps', 'dropout', 'threshold'):
+    for name in ('learning_rate', 'beta1', 'beta2', 'eps', 'threshold'):
         if not math.isfinite(getattr(args, name)):
             raise UsageError(f'--{name} must be a finite number, not {getattr(args, name)}')
     if args.learning_rate <= 0:
@@ -131,17 +146,10 @@ def check_args(args, plan):
             raise UsageError(f'--{name} must be in [0, 1), not {getattr(args, name)}')
     if args.eps <= 0:
         raise UsageError(f'--eps must be positive, not {args.eps}')
-    for name in ('epochs', 'batch_size', 'valid_batch_size', 'factors', 'negative_samples',
+    for name in ('epochs', 'batch_size', 'valid_batch_size', 'negative_samples',
                  'topk', 'valid_negative', 'grads_accumulated'):
         if getattr(args, name) < (0 if name == 'epochs' else 1):
             raise UsageError(f'--{name} must be positive, not {getattr(args, name)}')
-    if not args.layers or min(args.layers) < 1:
-        raise UsageError(f'--layers must be positive sizes, not {args.layers}')
-    if args.layers[0] % 2:
-        raise UsageError(f'--layers: the first size ({args.layers[0]}) must be even: it is the '
-                         'user and item MLP embeddings side by side')
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
     if args.batch_size % (plan.world_size * args.grads_accumulated):
         raise UsageError(f'--batch_size {args.batch_size} is not divisible by world size '
                          f'{plan.world_size} x --grads_accumulated {args.grads_accumulated}')
@@ -246,22 +254,37 @@ class Report:
 
 
 def together(plan, function, *args):
-    """`function(*args)` on every process; a UsageError on any of them stops all of them (else
-    the others would wait for it forever), and rank 0 names the first one's problem."""
+    """`function(*args)` on every process; a failure on any of them (bad input, or an error
+    such as running out of memory) stops all of them, else the others would wait for it in the
+    next collective until its timeout. The failing process raises its own error; the others
+    raise a UsageError naming it, which rank 0 prints (when rank 0 failed, its own line)."""
     error = None
     try:
         result = function(*args)
-    except UsageError as raised:
+    except Exception as raised:  # every failure is shared first, then raised
         error = raised
     if plan.distributed:
-        messages = [None] * plan.world_size
-        dist.all_gather_object(messages, None if error is None else str(error))
-        first = next((message for message in messages if message is not None), None)
-        if first is not None and error is None:
-            error = UsageError(first)
+        shared = [None] * plan.world_size
+        dist.all_gather_object(shared, None if error is None
+                               else describe_failure(error, plan.rank))
+        failed = next((rank for rank, message in enumerate(shared) if message is not None),
+                      None)
+        if failed is not None and error is None:
+            error = UsageError(shared[failed])
     if error is not None:
         raise error
     return result
+
+
+def describe_failure(error, rank):
+    """One line for a failure that process `rank` reports to the others: a UsageError's own
+    message (every process finds the same bad input), else the process, the exception's type
+    and its first line."""
+    if isinstance(error, UsageError):
+        return str(error)
+    lines = str(error).strip().splitlines()
+    return (f'process {rank} failed: {type(error).__name__}'
+            + (f': {lines[0][:300]}' if lines else ''))
 
 
 def prepare(args, plan):
@@ -403,8 +426,8 @@ def train(args, plan, model, batches, evaluation, report, resume_state, main_sta
     say = report.say
     rank0 = plan.rank == 0
     last_path = os.path.join(args.checkpoint_dir, checkpoints.LAST_CHECKPOINT_FILE)
-    trainer = Trainer(plan, plan.distributed_model(model), batches, args.learning_rate,
-                      (args.beta1, args.beta2), args.eps)
+    trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2),
+                      args.eps)
     generator = plan.generator(args.seed)
     history = {'epoch': -1, 'best_hr': 0.0, 'best_epoch': -1, 'train_throughputs': [],
                'eval_throughputs': [], 'hrs': [], 'train_losses': [], 'elapsed': 0.0,

@@ -42,7 +42,10 @@ class NeuMF(nn.Module):
         gmf, x = self.inputs(user, item)
         for layer in self.mlp:
             x = self.hidden(layer(x))
-        x = self.final(torch.cat((gmf, x), dim=1))
+        x = torch.cat((gmf, x), dim=1)
+        if x.dtype != self.final.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.float()  # the scoring copy's output layer is fp32 (see inference_copy)
+        x = self.final(x)
         return torch.sigmoid(x) if sigmoid else x
 
     def inputs(self, user, item):
@@ -51,11 +54,11 @@ class NeuMF(nn.Module):
         return gmf, torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
 
     def compute_dtype(self, tensor):
-        """The dtype the layers compute in: autocast's where it is on, else the weights'."""
+        """The dtype the layers compute in: autocast's where it is on, else the tables'."""
         device_type = tensor.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-        return self.final.weight.dtype
+        return self.mf_user_embed.weight.dtype
 
     def hidden(self, x):
         """An MLP layer's activation: ReLU, then dropout in training."""
@@ -80,19 +83,31 @@ class NeuMF(nn.Module):
         x = torch.relu(user_part[:, None, :] + item_part[None, :, :]).flatten(0, 1)
         for layer in self.mlp[1:]:
             x = torch.relu(layer(x))
+        # The output layer in fp32 whatever the layers' dtype: fp32 logits
+        final = self.final.weight.float()
         mf_dim = self.mf_user_embed.weight.shape[1]
-        final_gmf, final_mlp = self.final.weight[0, :mf_dim], self.final.weight[0, mf_dim:]
-        gmf = (self.mf_user_embed(users) * final_gmf) @ self.mf_item_embed.weight.t()
-        mlp = (x @ final_mlp).view(len(users), -1)
-        return gmf.float() + mlp.float() + self.final.bias.float()
+        gmf = (self.mf_user_embed(users).float() * final[0, :mf_dim]) \
+            @ self.mf_item_embed.weight.float().t()
+        # a product and a sum rather than a matrix product: a bf16 x would round its result
+        mlp = (x * final[0, mf_dim:]).sum(1).view(len(users), -1)
+        return gmf + mlp + self.final.bias.float()
+
+    def scoring_bytes_per_pair(self, dtype):
+        """Bytes of activations per (user, item) pair that all_item_scores holds at its peak in
+        `dtype` (two widest layers' outputs, and the fp32 scores), to size its chunks."""
+        widths = sorted([self.mlp[0].in_features] + [layer.out_features for layer in self.mlp])
+        return (widths[-1] + widths[-2]) * torch.finfo(dtype).bits // 8 + 16
 
     # The class of the scoring copy (a subclass may score with another forward).
     scoring_class = None
 
     def inference_copy(self, dtype):
         """A copy for scoring: eval mode, no gradients, weights cast once to `dtype` (so no
-        autocast is needed, and no per-call casts of the weights)."""
+        autocast is needed, and no per-call casts of the weights), but for the output layer,
+        which stays fp32: logits rounded to bf16 (8 bits of mantissa) would tie the positive
+        with negatives it beats, and a tie counts against it."""
         model = copy.deepcopy(self).to(dtype).eval().requires_grad_(False)
+        model.final.float()
         if self.scoring_class is not None:
             model.__class__ = self.scoring_class  # the same parameters, another forward
         return model

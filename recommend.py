@@ -67,20 +67,28 @@ def requested_users(args, user_ids, warn):
     return list(known.values())
 
 
-def top_items(scorer, exclusion, users, topk, chunk):
-    """For chunks of `users` (mapped ids, a 1-d tensor): (users, items [R, k], logits [R, k]),
-    ranked on the device. Items a user trained on get -inf: they come last, and only when
-    nothing else is left (the writer drops them)."""
-    rows = max(1, chunk // exclusion.n_items)
+def top_items(scorer, exclusion, users, topk):
+    """(items, logits), each [len(users), topk], ranked on the device, for `users` (mapped
+    ids, a 1-d tensor). Items a user trained on get -inf: they come last, and only when nothing
+    else is left (the writer drops them)."""
+    rows = scorer.rows_per_chunk(exclusion.n_items)
+    # Every requested user's training pairs, and where each chunk's lie among them: read once
+    # here, so that the chunk loop never waits on the host.
+    pair_rows, pair_items = exclusion.pairs_of(users)
+    bounds = [0] + torch.cumsum(exclusion.counts[users], 0).tolist()
     scorer.refresh()
+    items, logits = [], []
     with torch.no_grad():
         for start in range(0, len(users), rows):
-            chunk_users = users[start:start + rows]
-            scores = scorer.all_items(chunk_users)
-            pair_rows, pair_items = exclusion.pairs_of(chunk_users)
-            scores[pair_rows, pair_items] = float('-inf')
-            best, items = torch.topk(scores, topk, dim=1)
-            yield chunk_users, items, best
+            stop = min(start + rows, len(users))
+            scores = scorer.all_items(users[start:stop])
+            trained = slice(bounds[start], bounds[stop])
+            scores[pair_rows[trained] - start, pair_items[trained]] = float('-inf')
+            best, best_items = torch.topk(scores, topk, dim=1)
+            items.append(best_items)
+            logits.append(best)
+    empty = torch.zeros(0, topk, device=users.device)
+    return torch.cat(items or [empty.long()]), torch.cat(logits or [empty])
 
 
 def csv_field(value):
@@ -128,25 +136,20 @@ def recommend(plan, model, exclusion, args, warn):
     item_fields = pa.array([csv_field(item) for item in item_ids], pa.string())
     scorer = Scorer(plan, model)
 
-    def write(sink):
-        sink.write((','.join(HEADER) + '\n').encode())
-        rows = 0
-        for chunk_users, items, logits in top_items(scorer, exclusion, users, args.topk,
-                                                    plan.eval_chunk):
-            # one transfer per chunk of users
-            data, count = csv_rows(user_fields, item_fields, chunk_users.cpu().numpy(),
-                                   items.cpu().numpy(), logits.float().cpu().numpy())
-            sink.write(data)
-            rows += count
-        return rows
-
+    items, logits = top_items(scorer, exclusion, users, args.topk)
+    # the one transfer of the results
+    data, rows = csv_rows(user_fields, item_fields, users.cpu().numpy(), items.cpu().numpy(),
+                          logits.float().cpu().numpy())
+    header = (','.join(HEADER) + '\n').encode()
     if args.output:
-        def write_file(temporary):
+        def write(temporary):
             with open(temporary, 'wb') as file:
-                write_file.rows = write(file)
-        atomic_write(args.output, write_file)
-        return len(users), write_file.rows
-    sys.stdout.flush()
-    rows = write(sys.stdout.buffer)
-    sys.stdout.buffer.flush()
+                file.write(header)
+                file.write(data)
+        atomic_write(args.output, write)
+    else:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(header)
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
     return len(users), rows

@@ -1,38 +1,56 @@
 """The runtime plan: the one place that knows CPU from CUDA.
 
 From the flags and the machine, `resolve()` decides once: the device and the process group, the
-compute precision, the implementation, the micro-batch and evaluation chunk sizes, and the
+compute precision, the implementation, the micro-batch and scoring chunk sizes, and the
 optimizer's settings. Everything else (training, evaluation, recommendations, inference.py,
 hubconf.py, the benchmarks) takes the resulting frozen `Plan` and asks it, never the device.
 
     implementation  auto       CUDA: compile                CPU: cpu_fused
-    precision       auto       CUDA: bf16 (fp16 before      CPU: bf16 where the CPU computes
-                               Ampere)                      it natively, else fp32
+    precision       auto       CUDA: bf16 where the GPU     CPU: the faster of fp32 and bf16,
+                               computes it (Ampere on),     timed once on the model's layers
+                               else fp16                    and remembered
     micro-batches              CUDA: none                   CPU: at most CPU_MICRO_BATCH samples
+    scoring chunks             CUDA: by device memory       CPU: CPU_MICRO_BATCH pairs
 """
 import dataclasses
+import json
 import os
+import re
+import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
-from utils import UsageError
+from utils import UsageError, atomic_write, warn
 
 IMPLEMENTATIONS = ('auto', 'eager', 'compile', 'cpu_fused', 'fused')
-PRECISIONS = ('auto', 'fp32', 'fp16', 'bf16')
-DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# The implementation --impl auto picks on each device type (measured fastest there).
+AUTO_IMPLEMENTATION = {'cuda': 'compile', 'cpu': 'cpu_fused'}
+PRECISIONS = ('auto', 'fp32', 'tf32', 'fp16', 'bf16')
+# tf32: fp32 weights and activations, matrix products on Ampere's TF32 tensor cores.
+DTYPES = {'fp32': torch.float32, 'tf32': torch.float32, 'fp16': torch.float16,
+          'bf16': torch.bfloat16}
 # On a CPU, a step is split into micro-batches of at most this many samples, whose activations
 # stay in cache (the update is the same: the gradients add up); evaluation goes in pieces of it.
 CPU_MICRO_BATCH = 16384
+# On CUDA, full ranking and recommendations score this many (user, item) pairs at most per
+# chunk, fewer where a quarter of the device's memory does not hold their activations.
+CUDA_SCORING_PAIRS = 2 ** 24
 # Where torch.compile keeps what it compiled, so that a second run starts in seconds.
 COMPILE_CACHE_ENV = 'NCF_COMPILE_CACHE'
+# Beside it, the CPU precision measured fastest, per CPU, thread count, torch and model shape.
+CPU_PRECISION_FILE = 'cpu_precision.json'
+
+
+def cache_home():
+    """Where ncf keeps what it learns about the machine: ~/.cache/ncf (XDG_CACHE_HOME/ncf)."""
+    return os.path.join(os.environ.get('XDG_CACHE_HOME')
+                        or os.path.join(os.path.expanduser('~'), '.cache'), 'ncf')
 
 
 def default_compile_cache():
-    cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'),
-                                                                  '.cache')
-    return os.environ.get(COMPILE_CACHE_ENV) or os.path.join(cache_home, 'ncf', 'inductor')
+    return os.environ.get(COMPILE_CACHE_ENV) or os.path.join(cache_home(), 'inductor')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +65,10 @@ class Plan:
     world_size: int = 1
     notes: tuple = ()            # why auto picked what it did, for the startup line
     warnings: tuple = ()         # settings that cost a fortune, said once at startup
+    device_memory: int = None    # bytes of device memory (CUDA), which sizes scoring chunks
+    compile_fallback: bool = False  # auto chose compiling: if it fails, run eager (one line)
+    # the compiler failures said so far: each once a run, however many functions hit it
+    failures_said: set = dataclasses.field(default_factory=set, compare=False, repr=False)
 
     @property
     def distributed(self):
@@ -60,6 +82,17 @@ class Plan:
     def eval_chunk(self):
         """(user, item) pairs per evaluation forward: no more than a micro-batch either."""
         return min(self.valid_batch_size, self.micro_batch or self.valid_batch_size)
+
+    def scoring_rows(self, n_items, bytes_per_pair):
+        """Users per chunk of full ranking or recommendations, each scored against all `n_items`:
+        on CUDA as many as a quarter of the device's memory holds at `bytes_per_pair` (the
+        model's activations per (user, item) pair), at most CUDA_SCORING_PAIRS pairs; on a CPU,
+        pieces of an evaluation chunk, whose activations stay in cache."""
+        if self.device.type == 'cuda':
+            pairs = min(CUDA_SCORING_PAIRS, self.device_memory // 4 // bytes_per_pair)
+        else:
+            pairs = self.eval_chunk
+        return max(1, pairs // n_items)
 
     @property
     def compiled(self):
@@ -89,29 +122,30 @@ class Plan:
 
     def model_class(self):
         """The NeuMF class of this implementation; all share the reference's parameters."""
-        if self.impl == 'cpu_fused':
-            from cpu_fused import CpuFusedNeuMF
-            return CpuFusedNeuMF
-        if self.impl == 'fused':
-            from fused import FusedNeuMF
-            return FusedNeuMF
-        from neumf import NeuMF
-        return NeuMF
+        return model_class(self.impl)
 
     def build_model(self, n_users, n_items, factors, layers, dropout):
         """A freshly initialised model of this implementation, on the CPU (to load weights into
         before it moves to the device)."""
         return self.model_class()(n_users, n_items, factors, layers, dropout)
 
-    def compile(self, function):
-        """`function` under torch.compile for the compiled implementations, else unchanged.
-        Shapes are static: a step and an evaluation chunk have at most two shapes a run."""
+    def compile(self, function, dynamic=False):
+        """`function` (or module) under torch.compile, as one graph (fullgraph), for the
+        compiled implementations; else unchanged. Shapes are static unless `dynamic`: a step
+        and an evaluation chunk have at most two shapes a run. Where auto chose to compile, a
+        compiler that fails (Triton missing or too old for the GPU, a compiler error) makes it
+        run eager, saying so in one line; where --impl asked for it, that is an error."""
         if not self.compiled:
             return function
-        return torch.compile(function, dynamic=False)
+        compiled = torch.compile(function, dynamic=dynamic, fullgraph=True)
+        if isinstance(function, torch.nn.Module):
+            return CompiledModule(function, compiled, self)
+        return Compiled(function, compiled, self)
 
     def distributed_model(self, model):
-        """DDP around `model` when there are several processes."""
+        """DDP around `model` when there are several processes. For a compiled step, `model` is
+        the compiled module: DDP's own forward then stays outside the graph, which holds the
+        whole step (Dynamo tracing into DDP's forward would break it into several)."""
         if not self.distributed:
             return model
         from torch.nn.parallel import DistributedDataParallel
@@ -139,6 +173,83 @@ class Plan:
         return line + (f' ({"; ".join(self.notes)})' if self.notes else '')
 
 
+def model_class(impl):
+    if impl == 'cpu_fused':
+        from cpu_fused import CpuFusedNeuMF
+        return CpuFusedNeuMF
+    if impl == 'fused':
+        from fused import FusedNeuMF
+        return FusedNeuMF
+    from neumf import NeuMF
+    return NeuMF
+
+
+class CompileError(UsageError):
+    """torch.compile failed where --impl asked for it (one line, exit status 1)."""
+
+
+def _compile_failure(error, plan, fallen_back):
+    """What to do when the compiled function raised `error`: True to run eager instead (auto
+    chose to compile; said once), or raise. Errors of the code itself (not of the compiler)
+    come back from the eager function too."""
+    if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+        raise error
+    # the compiler's own error, which Dynamo wraps (BackendCompilerFailed)
+    cause = getattr(error, 'inner_exception', None) or error
+    reason = f'{type(cause).__name__}: {_first_line(cause)}'
+    if not plan.compile_fallback:
+        raise CompileError(f'torch.compile failed ({reason}); --impl eager runs without '
+                           'compiling') from None
+    if not fallen_back and reason not in plan.failures_said:
+        plan.failures_said.add(reason)
+        warn(f'torch.compile failed ({reason}): running eager instead (--impl compile makes '
+             'this an error)')
+    return True
+
+
+
+def _first_line(error):
+    """The first line of an error's message, without terminal colour codes."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0][:300] if lines else ''
+
+
+class Compiled:
+    """A compiled function that runs eager for good once the compiler failed (auto only)."""
+
+    def __init__(self, function, compiled, plan):
+        self.function, self.compiled, self.plan = function, compiled, plan
+        self.eager = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.eager:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # sorted out by _compile_failure
+                self.eager = _compile_failure(error, self.plan, self.eager)
+        return self.function(*args, **kwargs)
+
+
+class CompiledModule(torch.nn.Module):
+    """A compiled module, as a module DDP can wrap (its parameters are the module's), that runs
+    eager for good once the compiler failed (auto only)."""
+
+    def __init__(self, module, compiled, plan):
+        super().__init__()
+        self.module = module
+        self.__dict__['compiled'] = compiled  # not a submodule: the same parameters again
+        self.plan, self.eager = plan, False
+
+    def forward(self, *args, **kwargs):
+        if not self.eager:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # sorted out by _compile_failure
+                self.eager = _compile_failure(error, self.plan, self.eager)
+        return self.module(*args, **kwargs)
+
+
 def cpu_has_native_bf16():
     """Whether this CPU does bf16 arithmetic in hardware (AVX512-BF16 or AMX): elsewhere bf16
     is emulated, and many times slower than fp32."""
@@ -156,17 +267,28 @@ def resolve_device(requested, local_rank=0):
     return torch.device('cpu')
 
 
-def resolve_precision(device, precision='auto', opt_level=None, amp=False):
+def cuda_is_ampere_or_newer(device):
+    """Whether the GPU `device` (its own, not the current one: asking creates no context on
+    another GPU) computes bf16 and TF32 in hardware (compute capability 8.0 on); older GPUs
+    emulate bf16, slower than fp16."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(device, precision='auto', opt_level=None, amp=False, measure=None):
     """(precision, note, warning) from --precision and the reference's --opt_level / --amp.
 
     O0 is fp32; O2 (--amp) is the reference's mixed precision: fp16 with loss scaling on CUDA,
-    bf16 on a CPU. auto: bf16 on CUDA where the GPU has it (Ampere on), else fp16; on a CPU,
-    bf16 where the CPU computes it natively, else fp32. Contradicting flags are an error.
+    bf16 on a CPU. auto: bf16 on a GPU that computes it (Ampere on), else fp16; on a CPU, what
+    `measure()` returns, (precision, note): the faster of fp32 and bf16 there. tf32 is fp32
+    with TF32 matrix products (CUDA, Ampere on); fp32 is strict. Contradicting flags are an
+    error.
     """
     if amp and opt_level == 'O0':
         raise UsageError('--amp and --opt_level O0 contradict each other')
     level = 'O2' if amp else opt_level
-    if precision != 'auto' and level is not None and (level == 'O0') != (precision == 'fp32'):
+    full_precision = ('fp32', 'tf32')
+    if precision != 'auto' and level is not None and \
+            (level == 'O0') != (precision in full_precision):
         raise UsageError(f'--precision {precision} contradicts --opt_level {level}'
                          f'{" (--amp)" if amp else ""}')
     cuda = device.type == 'cuda'
@@ -177,15 +299,14 @@ def resolve_precision(device, precision='auto', opt_level=None, amp=False):
         elif level == 'O2':
             precision = 'fp16' if cuda else 'bf16'
         elif cuda:
-            precision = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+            precision = 'bf16' if cuda_is_ampere_or_newer(device) else 'fp16'
             note = f'precision auto: {precision} on this GPU'
         else:
-            native = cpu_has_native_bf16()
-            precision = 'bf16' if native else 'fp32'
-            note = ('precision auto: bf16, native on this CPU' if native else
-                    'precision auto: fp32, this CPU has no native bf16')
+            precision, note = measure()
     if precision == 'fp16' and not cuda:
         raise UsageError('fp16 needs CUDA; on a CPU use --precision bf16 (or auto)')
+    if precision == 'tf32' and not (cuda and cuda_is_ampere_or_newer(device)):
+        raise UsageError('tf32 needs an Ampere or newer GPU; use --precision fp32')
     warning = None
     if precision == 'bf16' and not cuda and not cpu_has_native_bf16():
         warning = ('bf16 is emulated on this CPU (no AVX512-BF16 or AMX): training runs many '
@@ -193,10 +314,75 @@ def resolve_precision(device, precision='auto', opt_level=None, amp=False):
     return precision, note, warning
 
 
+def measure_cpu_precisions(model_class, factors, layers, rounds=3):
+    """Seconds of one training micro-step (forward, loss and backward of CPU_MICRO_BATCH
+    samples, dropout 0.5) of `model_class` at these layer sizes, in fp32 and in bf16: {'fp32':
+    s, 'bf16': s}, the median of `rounds`, the precisions interleaved. The tables are small
+    (the step's cost is in its layers); the global random state is left as it was."""
+    import torch.nn.functional as F
+
+    random_state = torch.get_rng_state()  # the initialisation and dropout draw from it
+    try:
+        generator = torch.Generator().manual_seed(0)
+        rows = 1024
+        model = model_class(rows, rows, factors, layers, 0.5)
+        users, items = (torch.randint(0, rows, (CPU_MICRO_BATCH,), generator=generator)
+                        for _ in range(2))
+        labels = (torch.rand(CPU_MICRO_BATCH, generator=generator) < 0.2).float()
+        seconds = {'fp32': [], 'bf16': []}
+        for timed in [False] + [True] * rounds:  # the first round sets up oneDNN's kernels
+            for precision in seconds:
+                start = time.perf_counter()
+                with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
+                    logits = model(users, items)
+                F.binary_cross_entropy_with_logits(logits.float().view(-1), labels).backward()
+                if timed:
+                    seconds[precision].append(time.perf_counter() - start)
+    finally:
+        torch.set_rng_state(random_state)
+    return {precision: statistics.median(times) for precision, times in seconds.items()}
+
+
+def cpu_precision_by_measurement(impl, factors, layers):
+    """(precision, note): the faster of fp32 and bf16 for this model on this CPU, measured once
+    (well under a second) and remembered in cache_home()/cpu_precision.json per CPU, thread
+    count, torch version, implementation and layer sizes. CPUs differ: one with AVX512-BF16
+    trains faster in fp32, another in bf16."""
+    from logger.autologging import hardware_info
+
+    key = (f'{hardware_info()["cpu"]}; {torch.get_num_threads()} threads; torch '
+           f'{torch.__version__}; {impl}; factors {factors}; layers {list(layers)}')
+    path = os.path.join(cache_home(), CPU_PRECISION_FILE)
+    remembered, seconds, where = {}, None, f'remembered in {path}'
+    try:
+        with open(path) as file:
+            remembered = json.load(file)
+        seconds = {name: float(remembered[key][name]) for name in ('fp32', 'bf16')}
+    except (OSError, ValueError, KeyError, TypeError):  # not measured yet, or unreadable
+        remembered = remembered if isinstance(remembered, dict) else {}
+    if seconds is None:
+        where = 'measured now'
+        seconds = measure_cpu_precisions(model_class(impl), factors, layers)
+        record = json.dumps({**remembered, key: seconds}, indent=1) + '\n'
+
+        def write(temporary):
+            with open(temporary, 'w') as file:
+                file.write(record)
+        try:
+            atomic_write(path, write, make_parents=True)
+        except OSError:  # nowhere to remember it: measured again next time
+            pass
+    precision = min(seconds, key=seconds.get)
+    other = 'bf16' if precision == 'fp32' else 'fp32'
+    return precision, (f'precision auto: {precision}, the faster on this CPU (a training '
+                       f'micro-step {seconds[precision] * 1000:.1f} ms, '
+                       f'{seconds[other] * 1000:.1f} ms in {other}; {where})')
+
+
 def resolve_impl(device, impl='auto'):
     """(implementation, note): auto is the one measured fastest on the device."""
     if impl == 'auto':
-        impl = 'compile' if device.type == 'cuda' else 'cpu_fused'
+        impl = AUTO_IMPLEMENTATION[device.type]
         return impl, f'implementation auto: {impl} on {device.type.upper()}'
     if impl == 'cpu_fused' and device.type != 'cpu':
         raise UsageError('--impl cpu_fused is for CPUs; on CUDA use compile, fused or eager')
@@ -211,22 +397,39 @@ def resolve_impl(device, impl='auto'):
     return impl, None
 
 
+# The layer sizes a plan measures the CPU precision on when it is not told the model's.
+DEFAULT_MODEL_SHAPE = (64, (256, 256, 128, 64))
+
+
 def resolve(device='auto', precision='auto', impl='auto', opt_level=None, amp=False,
-            valid_batch_size=2 ** 20, rank=0, world_size=1, local_rank=0, compile_cache=None):
-    """The plan for one process. Joins no process group (see `start`)."""
+            valid_batch_size=2 ** 20, rank=0, world_size=1, local_rank=0, compile_cache=None,
+            model_shape=DEFAULT_MODEL_SHAPE, measure=cpu_precision_by_measurement):
+    """The plan for one process. Joins no process group (see `start`).
+
+    model_shape: (factors, layers) of the model, on which a CPU's precision is measured by
+    measure(impl, factors, layers) -> (precision, note)."""
     device = resolve_device(device, local_rank)
-    precision, precision_note, warning = resolve_precision(device, precision, opt_level, amp)
+    requested_impl = impl
     impl, impl_note = resolve_impl(device, impl)
+    precision, precision_note, warning = resolve_precision(
+        device, precision, opt_level, amp, lambda: measure(impl, *model_shape))
     cpu = device.type == 'cpu'
-    if impl in ('compile', 'fused') and 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
+    compiled = impl in ('compile', 'fused')
+    if compiled and 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
         # torch.compile reads this when it first compiles: a persistent cache makes a second
         # run start in seconds instead of compiling again
         os.environ['TORCHINDUCTOR_CACHE_DIR'] = compile_cache or default_compile_cache()
+    if not cpu:
+        # TF32 matrix products only where asked for: fp32 stays strict
+        torch.set_float32_matmul_precision('high' if precision == 'tf32' else 'highest')
     return Plan(device=device, precision=precision, impl=impl,
                 micro_batch=CPU_MICRO_BATCH if cpu else None, valid_batch_size=valid_batch_size,
                 fused_adam=True, rank=rank, world_size=world_size,
                 notes=tuple(note for note in (precision_note, impl_note) if note),
-                warnings=(warning,) if warning else ())
+                warnings=(warning,) if warning else (),
+                device_memory=None if cpu else torch.cuda.get_device_properties(device)
+                .total_memory,
+                compile_fallback=compiled and requested_impl == 'auto')
 
 
 def baseline(plan):
@@ -307,12 +510,23 @@ def start(device='auto', **settings):
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     rank = int(os.environ.get('RANK', 0))
     local_rank = int(os.environ.get('LOCAL_RANK', settings.pop('local_rank', 0)))
-    plan = resolve(device, rank=rank, world_size=world_size, local_rank=local_rank, **settings)
-    if plan.device.type == 'cuda':
-        torch.cuda.set_device(plan.device)  # before NCCL starts, so each rank owns its GPU
-    if plan.distributed and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if plan.device.type == 'cuda' else 'gloo')
-    return plan
+    device_type = resolve_device(device, local_rank).type
+    if device_type == 'cuda':
+        # before NCCL starts, so that each rank owns its GPU
+        torch.cuda.set_device(resolve_device(device, local_rank))
+    measure = cpu_precision_by_measurement
+    if world_size > 1:
+        if not dist.is_initialized():
+            dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+
+        def measure(*shape):
+            # rank 0 measures and every rank takes its answer: processes timing at once would
+            # slow each other down, and could disagree
+            answer = [cpu_precision_by_measurement(*shape) if rank == 0 else None]
+            dist.broadcast_object_list(answer, src=0)
+            return answer[0]
+    return resolve(device_type, rank=rank, world_size=world_size, local_rank=local_rank,
+                   measure=measure, **settings)
 
 
 def stop():

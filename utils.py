@@ -145,6 +145,18 @@ def _describe(kept):
         return ''
 
 
+# Who speaks while run_main runs: the program's name, and whether this process is quiet (the
+# ranks of a distributed run other than 0).
+_speaker = {'program': os.path.basename(sys.argv[0]) or 'ncf', 'quiet': False}
+
+
+def warn(message):
+    """One line on stderr, `program: warning: message`: something the user should know that
+    does not stop the run. Silent on the quiet ranks of a distributed run."""
+    if not _speaker['quiet']:
+        print(f'{_speaker["program"]}: warning: {message}', file=sys.stderr, flush=True)
+
+
 def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
     """Run `function(*args, **kwargs)` as the body of the command-line tool `program`.
 
@@ -176,6 +188,7 @@ def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
         say(f'interrupted{": " + said if said else ""}')
         sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
 
+    _speaker.update(program=program, quiet=quiet)
     try:
         with _signal_handlers():
             return function(*args, **kwargs)

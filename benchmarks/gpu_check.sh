@@ -1,87 +1,157 @@
 #!/usr/bin/env bash
-# The GPU check, prepared to run once on a machine with CUDA (an H100 or H200), in under 6 minutes:
-#   1. the CUDA tests: every implementation == eager in fp32 on CUDA, bf16/fp16 within tolerance,
-#      the Triton kernels against torch on the GPU;
-#   2. benchmarks/throughput.py on ML-20m-shaped synthetic data, batch 2^20: the reference's
-#      configuration (eager fp16 AMP), each knob, compile (the default) and fused, in one run;
-#   3. learning: per-epoch HR@10 of the default beside --plain --precision fp32 (3 epochs), and
-#      the default's compile time with a warm cache;
-#   4. --mode recommend for every user, and inference.py, default beside --plain fp16;
-#   5. one JSON summary of it all: summary.json.
-# Everything goes to OUT (default ./gpu-check). Each step runs even if one before it failed.
-#   bash benchmarks/gpu_check.sh [EPOCHS]
+# The GPU check, in stages that each fit one command on a lent GPU machine (each under 4 minutes
+# on an H100 or H200; every step has its own timeout, and a step that fails or times out does not
+# stop the next):
+#
+#   bash benchmarks/gpu_check.sh tests     the CUDA tests (pytest -m "cuda or gpu"): every
+#                                          implementation == eager in fp32 on CUDA, bf16 / fp16 /
+#                                          tf32 within tolerance, the Triton kernels on the GPU
+#   bash benchmarks/gpu_check.sh speed     throughput.py at ML-20m's shape, batch 2^20 (the
+#                                          reference's configuration, each knob, compile, fused,
+#                                          the default in fp16), then HR@10 per epoch of the
+#                                          default beside --plain --precision fp32
+#   bash benchmarks/gpu_check.sh serve     --mode recommend for every user, --eval_mode full,
+#                                          inference.py default beside --plain fp16, and with two
+#                                          GPUs the 2-process launch
+#   bash benchmarks/gpu_check.sh summary   OUT/summary.json: every figure, and the ones not taken
+#
+# OUT (default ./gpu-check) collects what each step printed; WORK (default /tmp/ncf-gpu) holds
+# the ML-20m-shaped data, the checkpoints and torch.compile's cache, shared by the stages and by
+# the tests (a stage on a fresh machine makes what it needs again). EPOCHS (default 3) epochs for
+# the HR comparison.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STAGE=${1:-}
 OUT=${OUT:-./gpu-check}
-EPOCHS=${1:-3}
-WORK=${WORK:-/tmp/ncf-bench}
+WORK=${WORK:-/tmp/ncf-gpu}
+EPOCHS=${EPOCHS:-3}
 DATA="${WORK}/synthetic-ml-20m/cache"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${WORK}/inductor}
 mkdir -p "${OUT}" "${WORK}"
-step() { echo "== $* ($(date +%T))" >&2; }
 
-step gpu
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "${OUT}/gpu.txt"
+# step NAME SECONDS COMMAND...: run COMMAND with a timeout, its output to OUT/NAME.txt
+step() {
+    local name=$1 seconds=$2 status=0
+    shift 2
+    echo "== ${name} ($(date +%T), at most ${seconds} s)" >&2
+    timeout --kill-after=10 "${seconds}" "$@" > "${OUT}/${name}.txt" 2>&1 || status=$?
+    [ "${status}" -eq 124 ] && echo "(timed out after ${seconds} s)" >> "${OUT}/${name}.txt"
+    echo "${status}" > "${OUT}/${name}.status"
+    tail -4 "${OUT}/${name}.txt" >&2
+    return 0
+}
 
-step CUDA tests
-python -m pytest -q tests -k "cuda or fused or gpu" 2>&1 | tail -15 > "${OUT}/tests.txt"
-cat "${OUT}/tests.txt"
+# The ML-20m-shaped synthetic cache (138,493 users, 26,744 items, 20M rows), once per machine.
+data() {
+    [ -f "${DATA}/metadata.json" ] || step data 150 python - "${WORK}" <<'PY'
+import sys
+sys.argv = ['throughput.py', '--workdir', sys.argv[1], '--shape', 'ml-20m']
+sys.path.insert(0, 'benchmarks')
+import throughput
+throughput.prepare_data(throughput.parse_args(sys.argv[1:]), 'ml-20m')
+PY
+}
 
-step throughput
-python benchmarks/throughput.py --workdir "${WORK}" > "${OUT}/throughput.json" \
-    2> "${OUT}/throughput.txt"
-tail -8 "${OUT}/throughput.txt"
+# A trained default model for the serving steps (the speed stage's, or one epoch now).
+model() {
+    [ -f "${WORK}/default/model.pth" ] || step model 120 python ncf.py --data "${DATA}" -e 1 \
+        --checkpoint_dir "${WORK}/default"
+}
 
-step "HR@10 per epoch: default, then --plain --precision fp32"
-python ncf.py --data "${DATA}" -e "${EPOCHS}" --checkpoint_dir "${WORK}/default" \
-    > "${OUT}/hr_default.txt" 2>&1
-python ncf.py --data "${DATA}" -e "${EPOCHS}" --plain --precision fp32 \
-    --checkpoint_dir "${WORK}/plain" > "${OUT}/hr_plain.txt" 2>&1
-grep -hE '^(Precision|Compiled|Epoch|best_)' "${OUT}/hr_default.txt" "${OUT}/hr_plain.txt"
-
-step recommend for all users
-python ncf.py --data "${DATA}" --mode recommend --checkpoint_dir "${WORK}/default" \
-    --output "${WORK}/recs.csv" > "${OUT}/recommend.txt" 2>&1
-tail -1 "${OUT}/recommend.txt"
-
-step inference.py
-python inference.py --batch_sizes 65536,1048576 --log_path "${WORK}/inference.json" \
-    > "${OUT}/inference_default.txt" 2>&1
-python inference.py --plain --precision fp16 --batch_sizes 65536,1048576 \
-    --log_path "${WORK}/inference_plain.json" > "${OUT}/inference_plain.txt" 2>&1
-tail -3 "${OUT}/inference_default.txt" "${OUT}/inference_plain.txt"
-
-step summary
-python - "${OUT}" <<'PY'
+case ${STAGE} in
+tests)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "${OUT}/gpu.txt" 2>&1
+    cat "${OUT}/gpu.txt" >&2
+    step tests 220 python -m pytest -q -m "cuda or gpu" tests
+    ;;
+speed)
+    data
+    step throughput 200 python benchmarks/throughput.py --data "${DATA}"
+    rm -rf "${WORK}/default" "${WORK}/plain"
+    step hr_default 90 python ncf.py --data "${DATA}" -e "${EPOCHS}" \
+        --checkpoint_dir "${WORK}/default"
+    step hr_plain 120 python ncf.py --data "${DATA}" -e "${EPOCHS}" --plain --precision fp32 \
+        --checkpoint_dir "${WORK}/plain"
+    ;;
+serve)
+    data
+    model
+    step recommend 90 python ncf.py --data "${DATA}" --mode recommend \
+        --checkpoint_dir "${WORK}/default" --output "${WORK}/recs.csv"
+    step full_ranking 90 python ncf.py --data "${DATA}" --mode test --eval_mode full \
+        --checkpoint_dir "${WORK}/default" --log_path "${WORK}/full.json"
+    step inference_default 60 python inference.py --batch_sizes 65536,1048576 \
+        --log_path "${WORK}/inference_default.json"
+    step inference_plain 60 python inference.py --plain --precision fp16 \
+        --batch_sizes 65536,1048576 --log_path "${WORK}/inference_plain.json"
+    if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+        step two_gpus 150 python -m torch.distributed.run --standalone --nproc_per_node=2 \
+            ncf.py --data "${DATA}" -e 2 --checkpoint_dir "${WORK}/two_gpus"
+    fi
+    ;;
+summary)
+    python - "${OUT}" <<'PY'
 import json, os, re, sys
 out = sys.argv[1]
 
 def read(name):
-    path = os.path.join(out, name)
+    path = os.path.join(out, f'{name}.txt')
     return open(path).read() if os.path.exists(path) else ''
 
+def found(pattern, text, kind=float):
+    match = re.search(pattern, text, re.M)
+    return kind(match.group(1)) if match else None
+
 def hrs(text):
-    return [float(x) for x in re.findall(r'^Epoch \d+: HR@10 = ([0-9.]+)', text, re.M)]
+    return [float(x) for x in re.findall(r'^Epoch \d+: HR@10 = ([0-9.]+)', text, re.M)] or None
 
 def inference(text):
     rows = re.findall(r'^\s*(\d+)\s+([0-9.e+]+)\s', text, re.M)
-    return {int(size): float(rate) for size, rate in rows}
+    return {int(size): float(rate) for size, rate in rows} or None
 
-throughput = read('throughput.json').strip().splitlines()
-default, plain = read('hr_default.txt'), read('hr_plain.txt')
-compiled = re.search(r'Compiled .* in ([0-9.]+) s', default)
-recommend = re.search(r'in ([0-9.]+) s after loading', read('recommend.txt'))
-summary = {
-    'gpu': read('gpu.txt').strip().splitlines()[-1:],
-    'tests': read('tests.txt').strip().splitlines()[-1:],
-    'throughput': json.loads(throughput[-1]) if throughput else None,
+throughput = [line for line in read('throughput').splitlines() if line.startswith('{')]
+throughput = json.loads(throughput[-1]) if throughput else None
+rows = {row['row']: row for row in throughput['rows']} if throughput else {}
+
+def train(name):
+    return rows[name]['train_epoch_samples_per_s'] if name in rows else None
+
+default, plain = read('hr_default'), read('hr_plain')
+figures = {
+    'gpu': (read('gpu').strip().splitlines() or [None])[-1],
+    'tests': (read('tests').strip().splitlines() or [None])[-1],
+    'train_baseline_fp16_samples_per_s': train(throughput['baseline']) if throughput else None,
+    'train_compile_samples_per_s': train('compile'),
+    'train_fused_samples_per_s': train('fused'),
+    'eval_default_samples_per_s': rows.get(throughput['default'], {}).get('eval_samples_per_s')
+    if throughput else None,
+    'peak_memory_gib': {name: row['peak_memory_gib'] for name, row in rows.items()} or None,
     'hr_default': hrs(default), 'hr_plain_fp32': hrs(plain),
-    'warm_compile_s': float(compiled.group(1)) if compiled else None,
-    'recommend_all_users_s': float(recommend.group(1)) if recommend else None,
-    'inference_default': inference(read('inference_default.txt')),
-    'inference_plain_fp16': inference(read('inference_plain.txt')),
+    'compile_s_warm_cache': found(r'Compiled .* in ([0-9.]+) s', default),
+    'recommend_all_users_s': found(r'in ([0-9.]+) s after loading', read('recommend')),
+    'full_ranking_hr': found(r'^HR@10 = ([0-9.]+)', read('full_ranking')),
+    'full_ranking_samples_per_s': found(r'eval_throughput = ([0-9.e+]+)', read('full_ranking')),
+    'inference_default': inference(read('inference_default')),
+    'inference_plain_fp16': inference(read('inference_plain')),
+    'two_gpus_hr': hrs(read('two_gpus')),
 }
+if figures['train_compile_samples_per_s'] and figures['train_baseline_fp16_samples_per_s']:
+    for impl in ('compile', 'fused'):
+        if figures[f'train_{impl}_samples_per_s']:
+            figures[f'{impl}_over_plain_fp16'] = round(
+                figures[f'train_{impl}_samples_per_s']
+                / figures['train_baseline_fp16_samples_per_s'], 2)
+if figures['hr_default'] and figures['hr_plain_fp32']:
+    figures['hr_max_difference'] = round(max(
+        abs(a - b) for a, b in zip(figures['hr_default'], figures['hr_plain_fp32'])), 4)
+figures['not_measured'] = sorted(name for name, value in figures.items() if value is None)
 with open(os.path.join(out, 'summary.json'), 'w') as file:
-    json.dump(summary, file, indent=1)
-print(json.dumps({k: v for k, v in summary.items() if k != 'throughput'}, indent=1))
+    json.dump({**figures, 'throughput': throughput}, file, indent=1)
+print(json.dumps(figures, indent=1))
 PY
+    ;;
+*)
+    sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+    exit 2
+    ;;
+esac

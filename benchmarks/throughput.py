@@ -7,7 +7,8 @@
 The first row is the reference's configuration on this device (runtime.baseline: the eager model
 in fp16 AMP with fused Adam on CUDA, in fp32 with plain Adam on a CPU); each following row adds one
 knob of the default plan (its precision, fused Adam, micro-batches), then every implementation
-that runs here, each with the default's other settings. Every row runs ncf.py's own code
+that runs here, each with the default's other settings, and last the default implementation in
+the other precision (the one auto did not choose: on a CPU, fp32 or bf16). Every row runs ncf.py's own code
 (runtime.Plan, training.Trainer, evaluation.Evaluation) and times, with device synchronisation:
 a training step (median of --steps after warm-up), a whole epoch (negative sampling and
 shuffling included), one full evaluation, the time from building the model to the end of the
@@ -36,6 +37,10 @@ import synthetic  # noqa: E402
 from evaluation import Evaluation  # noqa: E402
 from training import Trainer  # noqa: E402
 
+# Per device type: the precision the last row times the default implementation in, beside the
+# default's own.
+OTHER_PRECISION = {'cpu': {'fp32': 'bf16', 'bf16': 'fp32'},
+                   'cuda': {'bf16': 'fp16', 'fp16': 'bf16', 'fp32': 'bf16', 'tf32': 'bf16'}}
 SHAPES = {  # (users, items, rows) of the generated data
     'ml-20m': (138_493, 26_744, 20_000_000),
     'ml-1m': (6_040, 3_706, 1_000_000),
@@ -72,6 +77,11 @@ def rows_of(default):
     for impl in runtime.implementations(default.device):
         if impl != 'eager':
             rows.append((impl, dataclasses.replace(default, impl=impl)))
+    # The default implementation in the other reduced or full precision, to check auto's choice
+    # in the same run.
+    other = OTHER_PRECISION[default.device.type][default.precision]
+    rows.append((f'{default.impl}, {other}',
+                 dataclasses.replace(default, precision=other, notes=(), warnings=())))
     return rows
 
 
@@ -138,7 +148,7 @@ def time_row(name, plan, dataset, args):
     return figures
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data', help='a cache to use (None: generate synthetic data)')
@@ -159,9 +169,13 @@ def main(argv=None):
     parser.add_argument('-b2', '--beta2', type=float, default=0.5)
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    default = runtime.resolve(args.device)
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    default = runtime.resolve(args.device, model_shape=(args.factors, args.layers))
     on_cuda = default.device.type == 'cuda'
     args.batch_size = args.batch_size or (2 ** 20 if on_cuda else 2 ** 16)
     data = prepare_data(args, args.shape or ('ml-20m' if on_cuda else 'ml-1m'))
@@ -198,9 +212,15 @@ def main(argv=None):
                               / baseline_row['eval_samples_per_s'], 2),
         'rows': results,
     }
+    other_row = results[-1]
+    if other_row['impl'] == default.impl and other_row['precision'] != default.precision:
+        # above 1: auto chose the faster precision
+        result['default_over_other_precision'] = round(
+            default_row['train_epoch_samples_per_s'] / other_row['train_epoch_samples_per_s'], 2)
     print(f'default ({result["default"]}) against {result["baseline"]}: train '
           f'{result["train_speedup"]}x (epoch), {result["train_step_speedup"]}x (step); eval '
-          f'{result["eval_speedup"]}x', file=sys.stderr)
+          f'{result["eval_speedup"]}x; against {other_row["row"]}: train '
+          f'{result.get("default_over_other_precision")}x', file=sys.stderr)
     print(json.dumps(result))
 
 

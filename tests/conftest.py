@@ -16,10 +16,14 @@ if 'TRITON_INTERPRET' not in os.environ:
 
 
 @pytest.fixture(scope='session', autouse=True)
-def compile_cache(tmp_path_factory):
-    """torch.compile's cache for the whole session, under pytest's temporary directory: shared
-    by the tests (a graph compiled once is reused) and by the processes they start."""
-    os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(tmp_path_factory.mktemp('inductor'))
+def machine_caches(tmp_path_factory):
+    """What the runs learn about the machine, for the whole session and the processes the tests
+    start, under pytest's temporary directory: torch.compile's cache (a graph compiled once is
+    reused; one exported by the caller, as benchmarks/gpu_check.sh does, is used instead) and
+    the CPU precision measured fastest (runtime.cache_home)."""
+    if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(tmp_path_factory.mktemp('inductor'))
+    os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('cache'))
 
 
 @pytest.fixture(autouse=True)
@@ -114,3 +118,16 @@ def pytest_configure(config):
     # torch's own, raised from inside it when Triton's interpreter loads (not ours to fix)
     config.addinivalue_line('filterwarnings',
                             'ignore:`torch.jit.script_method` is deprecated:DeprecationWarning')
+    config.addinivalue_line('markers', 'cuda: needs CUDA (skipped without)')
+    config.addinivalue_line('markers', "gpu: runs on the GPU where there is one (the Triton "
+                                       "kernels run in Triton's interpreter on a CPU)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs CUDA')
+    for item in items:
+        if 'cuda' in item.keywords:
+            item.add_marker(skip)

@@ -290,3 +290,21 @@ def test_tensorboard_missing_is_one_line(tiny_data, tmp_path, capsys, monkeypatc
     fails(['--data', tiny_data, '-e', '1', '--tensorboard', str(tmp_path / 'tb')] + TINY,
           'needs the tensorboard package', capsys)
     assert not (tmp_path / 'tb').exists()
+
+
+def test_inference_compiles_once_for_any_batch_size(tmp_path, capsys):
+    """Nine batch sizes (one more than Dynamo recompiles a static function for before it runs
+    it eager): the scoring forward is compiled for a dynamic batch, not once per size."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    sizes = [1, 2, 3, 5, 8, 13, 21, 34, 55]
+    results = inference.main(['--n_users', '40', '--n_items', '30', '-f', '4', '--layers', '8',
+                              '4', '--batch_sizes', ','.join(map(str, sizes)), '--num_batches',
+                              '1', '--warmup', '1', '--device', 'cpu', '--precision', 'fp32',
+                              '--impl', 'compile', '--log_path', str(tmp_path / 'log.json')])
+    assert [result['batch_size'] for result in results] == sizes
+    # batch 1 is its own graph (Dynamo specialises sizes 0 and 1), every other size one more
+    assert counters['stats']['unique_graphs'] <= 2
+    assert not counters['graph_break']
+    torch._dynamo.reset()

@@ -115,3 +115,29 @@ def test_metric_matches_brute_force_on_random_lists():
                 expected_ndcg += 1 / math.log2(rank + 2)
         assert hits.item() == expected_hits
         assert ndcg.item() == pytest.approx(expected_ndcg)
+
+
+def test_the_scoring_copy_keeps_fp32_logits():
+    """Layers in bf16, the output layer in fp32: logits keep fp32's resolution, where bf16's
+    8-bit mantissa would tie a positive with the negatives it beats (a tie counts against it)."""
+    torch.manual_seed(0)
+    model = NeuMF(200, 300, 8, [32, 16, 8]).eval()
+    copy = model.inference_copy(torch.bfloat16)
+    assert copy.mlp[0].weight.dtype == copy.mf_user_embed.weight.dtype == torch.bfloat16
+    assert copy.final.weight.dtype == torch.float32
+    users = torch.arange(200).repeat_interleave(300)
+    items = torch.arange(300).repeat(200)
+    with torch.no_grad():
+        pairs = copy(users, items).view(-1)
+        every_item = copy.all_item_scores(torch.arange(200))
+        reference = model(users, items).view(-1)
+    assert pairs.dtype == every_item.dtype == torch.float32
+    # bf16 layers, rounded in another order by the factorised scoring: close to each other and
+    # to the fp32 model's
+    assert torch.allclose(every_item.view(-1), pairs, atol=0.01)
+    assert torch.allclose(pairs, reference, atol=0.02)
+    # an untrained model's logits lie close together (here within 0.18..0.21): fp32 tells them
+    # apart about as well as the fp32 model does, bf16 logits would tie most of them
+    distinct = len(torch.unique(pairs))
+    assert distinct > 0.95 * len(torch.unique(reference))
+    assert len(torch.unique(pairs.bfloat16())) < 0.01 * distinct

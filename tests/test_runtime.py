@@ -20,8 +20,8 @@ CPU, CUDA = torch.device('cpu'), torch.device('cuda', 0)
 
 
 @pytest.mark.parametrize('native, flags, expected, warns', [
-    (True, {}, 'bf16', False),
-    (False, {}, 'fp32', False),
+    (True, {}, 'measured', False),
+    (False, {}, 'measured', False),
     (True, {'opt_level': 'O0'}, 'fp32', False),
     (True, {'opt_level': 'O2'}, 'bf16', False),
     (True, {'amp': True}, 'bf16', False),
@@ -31,24 +31,72 @@ CPU, CUDA = torch.device('cpu'), torch.device('cuda', 0)
 ])
 def test_precision_on_a_cpu(native, flags, expected, warns, monkeypatch):
     monkeypatch.setattr(runtime, 'cpu_has_native_bf16', lambda: native)
-    precision, note, warning = runtime.resolve_precision(CPU, **flags)
+    precision, note, warning = runtime.resolve_precision(
+        CPU, **flags, measure=lambda: ('measured', 'precision auto: measured'))
     assert precision == expected
     assert (warning is not None) == warns
     if warns:
         assert 'emulated' in warning and 'auto' in warning
-    if not flags:
-        assert note == ('precision auto: bf16, native on this CPU' if native else
-                        'precision auto: fp32, this CPU has no native bf16')
+    assert (note == 'precision auto: measured') == (not flags)
 
 
-def test_precision_on_cuda_and_contradictions():
+@pytest.mark.parametrize('seconds, expected', [({'fp32': 0.040, 'bf16': 0.058}, 'fp32'),
+                                               ({'fp32': 0.040, 'bf16': 0.021}, 'bf16')])
+def test_cpu_precision_is_the_faster_one_measured_once_and_remembered(seconds, expected,
+                                                                      monkeypatch, tmp_path):
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+    measured = []
+
+    def measure(model_class, factors, layers):
+        measured.append((model_class.__name__, factors, layers))
+        return seconds
+    monkeypatch.setattr(runtime, 'measure_cpu_precisions', measure)
+    precision, note = runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
+    assert precision == expected and measured == [('CpuFusedNeuMF', 8, [32, 16, 8])]
+    other = 'bf16' if expected == 'fp32' else 'fp32'
+    assert note == (f'precision auto: {expected}, the faster on this CPU (a training micro-step '
+                    f'{seconds[expected] * 1000:.1f} ms, {seconds[other] * 1000:.1f} ms in '
+                    f'{other}; measured now)')
+    remembered = tmp_path / 'ncf' / runtime.CPU_PRECISION_FILE
+    again = runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
+    assert again[0] == expected and len(measured) == 1  # not measured again
+    assert again[1].endswith(f'remembered in {remembered})')
+    # other layers, another implementation: measured anew; an unreadable file: likewise
+    runtime.cpu_precision_by_measurement('eager', 8, [32, 16, 8])
+    runtime.cpu_precision_by_measurement('cpu_fused', 8, [64, 32])
+    assert len(measured) == 3 and len(json.loads(remembered.read_text())) == 3
+    remembered.write_text('{torn')
+    runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
+    assert len(measured) == 4 and len(json.loads(remembered.read_text())) == 1
+
+
+def test_cpu_precision_measurement_runs_the_model():
+    """The real measurement: both precisions timed, the global random state untouched."""
+    state = torch.get_rng_state()
+    seconds = runtime.measure_cpu_precisions(runtime.model_class('cpu_fused'), 8, [32, 16, 8],
+                                             rounds=1)
+    assert set(seconds) == {'fp32', 'bf16'} and min(seconds.values()) > 0
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_precision_on_cuda_and_contradictions(monkeypatch):
+    capability = [(8, 0)]
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability[0])
+    assert runtime.resolve_precision(CUDA)[:2] == ('bf16', 'precision auto: bf16 on this GPU')
+    assert runtime.resolve_precision(CUDA, 'tf32')[0] == 'tf32'
+    assert runtime.resolve_precision(CUDA, 'tf32', opt_level='O0')[0] == 'tf32'
+    capability[0] = (7, 0)  # a V100: bf16 only emulated, no TF32
+    assert runtime.resolve_precision(CUDA)[:2] == ('fp16', 'precision auto: fp16 on this GPU')
+    with pytest.raises(UsageError, match='tf32 needs an Ampere or newer GPU'):
+        runtime.resolve_precision(CUDA, 'tf32')
     assert runtime.resolve_precision(CUDA, opt_level='O2')[0] == 'fp16'  # the reference's AMP
     assert runtime.resolve_precision(CUDA, amp=True)[0] == 'fp16'
     assert runtime.resolve_precision(CUDA, opt_level='O0')[0] == 'fp32'
     for flags, fragment in (({'amp': True, 'opt_level': 'O0'}, 'contradict'),
                             ({'precision': 'fp32', 'opt_level': 'O2'}, 'contradicts'),
                             ({'precision': 'bf16', 'opt_level': 'O0'}, 'contradicts'),
-                            ({'precision': 'fp16'}, 'fp16 needs CUDA')):
+                            ({'precision': 'fp16'}, 'fp16 needs CUDA'),
+                            ({'precision': 'tf32'}, 'tf32 needs an Ampere')):
         with pytest.raises(UsageError, match=fragment):
             runtime.resolve_precision(CPU, **flags)
 
@@ -65,13 +113,16 @@ def test_implementation_auto_and_misuse(monkeypatch):
 
 
 def test_plan_of_a_cpu(monkeypatch, tmp_path):
-    monkeypatch.setattr(runtime, 'cpu_has_native_bf16', lambda: True)
-    plan = runtime.resolve('cpu', valid_batch_size=2 ** 20)
+    plan = runtime.resolve('cpu', valid_batch_size=2 ** 20, model_shape=(8, [32, 16]),
+                           measure=lambda impl, factors, layers: ('bf16', f'{impl} {layers}'))
     assert (plan.impl, plan.precision, plan.micro_batch, plan.fused_adam) == \
         ('cpu_fused', 'bf16', runtime.CPU_MICRO_BATCH, True)
     assert plan.eval_chunk == runtime.CPU_MICRO_BATCH and not plan.compiled
+    assert not plan.compile_fallback and plan.device_memory is None
     assert plan.describe().startswith('Precision: bf16, implementation: cpu_fused, device: cpu')
-    assert 'implementation auto: cpu_fused on CPU' in plan.describe()
+    assert '(cpu_fused [32, 16]; implementation auto: cpu_fused on CPU)' in plan.describe()
+    assert plan.scoring_rows(1000, 1040) == runtime.CPU_MICRO_BATCH // 1000
+    assert plan.scoring_rows(10 ** 6, 1040) == 1
     baseline = runtime.baseline(plan)
     assert (baseline.impl, baseline.precision, baseline.micro_batch, baseline.fused_adam) == \
         ('eager', 'fp32', None, False)
@@ -80,8 +131,20 @@ def test_plan_of_a_cpu(monkeypatch, tmp_path):
         plan.impl = 'eager'
     # compiled plans keep their compiled code in a persistent cache
     monkeypatch.delenv('TORCHINDUCTOR_CACHE_DIR')
-    runtime.resolve('cpu', impl='compile', compile_cache=str(tmp_path / 'cache'))
+    compiled = runtime.resolve('cpu', impl='compile', precision='fp32',
+                               compile_cache=str(tmp_path / 'cache'))
     assert os.environ['TORCHINDUCTOR_CACHE_DIR'] == str(tmp_path / 'cache')
+    assert compiled.compiled and not compiled.compile_fallback  # asked for: no fallback
+
+
+def test_scoring_chunks_on_cuda_are_sized_by_memory():
+    plan = dataclasses.replace(runtime.resolve('cpu', precision='fp32', impl='eager'),
+                               device=CUDA, micro_batch=None, device_memory=80 * 2 ** 30)
+    assert plan.scoring_rows(26744, 1040) == runtime.CUDA_SCORING_PAIRS // 26744  # the cap
+    small = dataclasses.replace(plan, device_memory=16 * 2 ** 30)
+    assert small.scoring_rows(26744, 1040) == 4 * 2 ** 30 // 1040 // 26744
+    model = NeuMF(10, 10, 64, [256, 256, 128, 64])
+    assert model.scoring_bytes_per_pair(torch.bfloat16) == (256 + 256) * 2 + 16
 
 
 def test_flags_map_onto_the_plan(capsys):
@@ -141,11 +204,14 @@ def test_throughput_benchmark_attributes_every_knob(tiny_data):
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result['shape']['n_users'] == 300 and result['batch_size'] == 4096
     names = [row['row'] for row in result['rows']]
-    native = runtime.cpu_has_native_bf16()
-    assert names == ['baseline: eager fp32'] + (['+ bf16'] if native else []) + \
-        ['+ fused Adam', f'+ micro-batches of {runtime.CPU_MICRO_BATCH}', 'cpu_fused']
+    chosen = result['default_precision']  # measured faster on this CPU
+    other = 'bf16' if chosen == 'fp32' else 'fp32'
+    assert names == ['baseline: eager fp32'] + (['+ bf16'] if chosen == 'bf16' else []) + \
+        ['+ fused Adam', f'+ micro-batches of {runtime.CPU_MICRO_BATCH}', 'cpu_fused',
+         f'cpu_fused, {other}']
+    assert result['rows'][-1]['precision'] == other
     assert result['default'] == 'cpu_fused' and result['baseline'] == 'baseline: eager fp32'
-    assert result['default_precision'] == ('bf16' if native else 'fp32')
+    assert result['default_over_other_precision'] > 0
     for row in result['rows']:
         for key in ('train_step_samples_per_s', 'train_epoch_samples_per_s',
                     'eval_samples_per_s', 'first_step_s'):

@@ -1,4 +1,5 @@
 """ncf.py end to end on tiny data: learning, sampling, accumulation, torchrun, resume, test mode."""
+import json
 import os
 import shutil
 import socket
@@ -11,6 +12,7 @@ import torch
 import dataloading
 import evaluation
 import ncf
+import runtime
 import training
 from conftest import ROOT, TINY, assert_one_line_error, make_cache
 from logger.logger import read_log
@@ -180,6 +182,48 @@ def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
     assert tested['hr'] == pytest.approx(best, abs=1e-4)
 
 
+def probe_launch(tmp_path, arguments, env=()):
+    """tests/torchrun_probe.py under a 2-process torchrun: the completed launch, and what each
+    process's Dynamo counted."""
+    completed = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         os.path.join(ROOT, 'tests', 'torchrun_probe.py'), str(tmp_path / 'counts')]
+        + arguments, capture_output=True, text=True, env={**free_port_env(), **dict(env)},
+        timeout=300)
+    counts = [json.loads((tmp_path / f'counts.{rank}').read_text()) for rank in range(2)
+              if (tmp_path / f'counts.{rank}').exists()]
+    return completed, counts
+
+
+def test_the_compiled_step_is_one_graph_under_torchrun_and_matches_one_process(tiny_data,
+                                                                              tmp_path):
+    """DDP wraps the compiled step (model and loss), so that Dynamo never traces DDP's own
+    forward: one graph per shape, no graph break; and 2 processes train as 1 does."""
+    arguments = ['--data', tiny_data, '-e', '2', '--dropout', '0', '--impl', 'compile',
+                 '--precision', 'fp32'] + TINY + ['--valid_batch_size', str(150 * 51)]
+    # One process in two micro-batches computes in the shapes of each of two processes (half a
+    # batch, evaluation chunks of 150 users), so that they find its graphs in the cache.
+    single = ncf.main(arguments + ['--grads_accumulated', '2'])
+    completed, counts = probe_launch(tmp_path, arguments)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert 'implementation: compile, device: cpu, processes: 2' in completed.stdout
+    # per process: the training step (one micro-batch shape) and the evaluation (one chunk shape)
+    assert counts == [{'unique_graphs': 2, 'graph_breaks': 0}] * 2
+    hrs = [float(line.split('HR@10 = ')[1].split(',')[0])
+           for line in completed.stdout.splitlines() if line.startswith('Epoch ')]
+    assert hrs == pytest.approx(single['hrs'], abs=2 / 300)
+
+
+def test_a_process_failing_stops_every_process_with_one_line(tiny_data, tmp_path):
+    """Not bad input but an error on one process (as running out of memory would be): the
+    others do not wait for it in their next collective; rank 0 names it in one line."""
+    completed, _ = probe_launch(tmp_path, ['--data', tiny_data, '-e', '1'] + TINY,
+                                env={'NCF_PROBE_FAIL_RANK': '1'})
+    assert completed.returncode != 0
+    assert ('ncf.py: error: process 1 failed: RuntimeError: injected failure while loading\n'
+            in completed.stderr), completed.stderr[-3000:]
+
+
 def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tiny_data,
                                                                            tmp_path):
     ncf.main(['--data', tiny_data, '-e', '1', '--checkpoint_dir', str(tmp_path)] + TINY)
@@ -195,7 +239,7 @@ def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tin
     assert f"HR@10 = {single['hr']:.4f}" in completed.stdout
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.cuda
 def test_gpu_mixed_precision_and_fused_adam(tiny_data):
     result = ncf.main(['--data', tiny_data, '-e', '3', '--amp'] +
                       [a for a in TINY if a not in ('--device', 'cpu')] + ['--device', 'cuda'])
@@ -319,12 +363,11 @@ def run_small(small_data, *flags):
 
 
 @pytest.mark.parametrize('device, impl', [
-    ('cpu', 'cpu_fused'), ('cpu', 'compile'), ('cpu', 'fused'), ('cuda', 'compile'),
-    ('cuda', 'fused')])
+    ('cpu', 'cpu_fused'), ('cpu', 'compile'), ('cpu', 'fused'),
+    pytest.param('cuda', 'compile', marks=pytest.mark.cuda),
+    pytest.param('cuda', 'fused', marks=pytest.mark.cuda)])
 def test_every_implementation_trains_as_eager_does(device, impl, small_data, capsys):
     import fused
-    if device == 'cuda' and not torch.cuda.is_available():
-        pytest.skip('needs CUDA')
     if impl == 'fused' and not fused.available()[0]:
         pytest.skip(fused.available()[1])
     if impl == 'fused' and device == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
@@ -338,9 +381,39 @@ def test_every_implementation_trains_as_eager_does(device, impl, small_data, cap
     assert eager['hrs'][-1] > eager['hrs'][0]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
-@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
-def test_cuda_default_in_mixed_precision_tracks_fp32(precision, small_data):
+def test_a_failing_compiler_runs_eager_where_auto_chose_to_compile(small_data, monkeypatch,
+                                                                   capsys):
+    """As on a GPU whose Triton is missing or too old: auto's compile goes on eager, saying so
+    once; --impl compile, asked for, is an error."""
+    import torch._inductor.compile_fx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError('no compiler for this GPU')
+    eager = run_small(small_data, '--impl', 'eager')
+    capsys.readouterr()
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._inductor.compile_fx, 'compile_fx', broken)
+    monkeypatch.setitem(runtime.AUTO_IMPLEMENTATION, 'cpu', 'compile')
+    fallen_back = run_small(small_data)
+    captured = capsys.readouterr()
+    assert 'implementation: compile, device: cpu' in captured.out
+    assert captured.err == ('ncf.py: warning: torch.compile failed (RuntimeError: no compiler '
+                            'for this GPU): running eager instead (--impl compile makes this an '
+                            'error)\n')
+    assert fallen_back['train_losses'] == eager['train_losses']
+    assert fallen_back['hrs'] == eager['hrs']
+    torch._dynamo.reset()
+    with pytest.raises(SystemExit) as exit_info:
+        run_small(small_data, '--impl', 'compile')
+    assert exit_info.value.code == 1
+    assert_one_line_error(capsys.readouterr().err, 'torch.compile failed (RuntimeError: no '
+                          'compiler for this GPU); --impl eager runs without compiling')
+    torch._dynamo.reset()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize('precision', ['bf16', 'fp16', 'tf32'])
+def test_cuda_default_in_reduced_precision_tracks_fp32(precision, small_data):
     reference = run_small(small_data, '--impl', 'eager', '--device', 'cuda')
     mixed = run_small(small_data, '--device', 'cuda', '--precision', precision)
     assert mixed['train_losses'] == pytest.approx(reference['train_losses'], rel=0.02)
