@@ -9,19 +9,21 @@ is, in values and in gradients w.r.t. the four tables, the plain
     gmf = (mf_user[user] * mf_item[item]).to(dtype)
     mlp_input = torch.cat((mlp_user[user], mlp_item[item]), dim=1).to(dtype)
 
-Forward: one program per BLOCK_B samples loads their user and item rows of the four tables and
-writes gmf (product in fp32) and mlp_input straight in `dtype`; it saves only the two index
-vectors (and references to the two MF tables, which the backward re-gathers: no [B, F] rows kept).
+Forward: a 2-D grid, one program per BLOCK_B samples and per part of the output (column 0: the
+GMF product of their MF rows, in fp32; 1: the MLP input's user half; 2: its item half), each
+written straight in `dtype`; it saves only the two index vectors (and references to the two MF
+tables, which the backward re-gathers: no [B, F] rows kept).
 
 Backward, per side (user: mf_user and mlp_user; item: mf_item and mlp_item): one stable sort of
 that side's indices, shared by its two tables; the run [start, end) of every table row in the
 sorted indices comes from one torch.searchsorted of arange(n_rows + 1) (row r's run ends where row
-r + 1's begins), so nothing waits on the host. Then one kernel: each program owns BLOCK_R
-consecutive table rows and writes each of them exactly once (zeros for a row absent from the
-batch: the outputs are torch.empty), walking the row's run in tiles of BLOCK_P positions and
-reducing each tile with tl.sum in fp32. A sample's MF gradient, grad_gmf[s] * mf_other[other[s]],
-re-gathers the other side's MF row there. The gradients are dense fp32 tables, so torch's Adam
-(fused=True included) runs unchanged with its exact dense semantics.
+r + 1's begins), so nothing waits on the host. Then one kernel, a 2-D grid: each program owns
+BLOCK_R consecutive rows of one of the two tables (column 0: the MF table, 1: the MLP table) and
+writes each of them exactly once (zeros for a row absent from the batch: the outputs are
+torch.empty), walking the row's run in tiles of BLOCK_P positions and reducing each tile with
+tl.sum in fp32. A sample's MF gradient, grad_gmf[s] * mf_other[other[s]], re-gathers the other
+side's MF row there. The gradients are dense fp32 tables, so torch's Adam (fused=True included)
+runs unchanged with its exact dense semantics.
 
 Both are torch.library custom ops (ncf::gather_inputs, ncf::gather_inputs_backward) with fake
 implementations and autograd registered: torch.compile keeps them as opaque nodes of its graph.
@@ -47,14 +49,24 @@ class FusedNeuMF(NeuMF):
                              self.compute_dtype(user))
 
 
-# Block sizes (all constexpr in the kernels), chosen for an H100 at the recipe's sizes: F=64,
-# H=128, a batch of 2^20, 138k users and 27k items.
-FORWARD_BLOCK_B = 32        # samples per forward program: 32k programs at 2^20
-FORWARD_WARPS = 4
+# Block sizes (all constexpr in the kernels), for the recipe's sizes: F=64, H=128, a batch of
+# 2^20, 138k users and 27k items. These gathers are bound by memory latency: what counts is how
+# many warps an SM keeps in flight, and a thread's registers bound that (64K registers a SM). A
+# thread holds rows x width / (32 x warps) elements of its program's tile, each with an address
+# of its own where the rows' alignment is unknown (a width not a multiple of 16: no vector
+# loads). Hence one part of the work per program (a forward program gathers one of the GMF
+# product, the MLP user half and the MLP item half; a backward program sums rows of one table),
+# and warps in proportion to the tile, so that a thread holds 16 elements (of one 128-wide row
+# or of two 64-wide MF rows), stays well under 128 registers, aligned or not, and spills nothing
+# (benchmarks/kernel_resources.py reads them from the compiled kernels). More warps rather than
+# more programs: Triton's interpreter, which runs the tests without a GPU, runs programs one
+# after another at a cost per operation, whatever the tile.
+FORWARD_BLOCK_B = 64        # samples per forward program: 16k x 3 programs at 2^20
+FORWARD_WARPS = 16
 BACKWARD_BLOCK_R = 2        # table rows per backward program
-BACKWARD_BLOCK_P_MIN = 16   # positions per tile of a row's run, sized from the mean run length
-BACKWARD_BLOCK_P_MAX = 64
-BACKWARD_WARPS = 4
+BACKWARD_BLOCK_P_MIN = 16   # positions per tile of a row's run, sized from the mean run length;
+BACKWARD_BLOCK_P_MAX = 32   # at 64 (16 warps), ptxas trims the registers for sm_80 and spills
+BACKWARD_POSITIONS_PER_WARP = 4  # warps = BLOCK_P / 4
 
 
 def available():
@@ -91,28 +103,33 @@ def _kernels():
                        gmf_ptr, mlp_ptr, B, F, H,
                        stride_mf_user, stride_mf_item, stride_mlp_user, stride_mlp_item,
                        BLOCK_B: tl.constexpr, F_PAD: tl.constexpr, H_PAD: tl.constexpr):
+        # Column 0 of the grid: the GMF product; 1: the MLP input's user half; 2: its item half.
+        # (One program doing all three would have all four tables' rows in registers at once:
+        # the compiler issues every load before the first store.)
         b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
         in_batch = b < B
-        u = tl.load(user_ptr + b, mask=in_batch, other=0).to(tl.int64)
-        i = tl.load(item_ptr + b, mask=in_batch, other=0).to(tl.int64)
-        f = tl.arange(0, F_PAD)
-        h = tl.arange(0, H_PAD)
-        mask_f = in_batch[:, None] & (f < F)[None, :]
-        mask_h = in_batch[:, None] & (h < H)[None, :]
+        part = tl.program_id(1)
         out_dtype = gmf_ptr.dtype.element_ty
-
-        x = tl.load(mf_user_ptr + u[:, None] * stride_mf_user + f[None, :], mask=mask_f, other=0.0)
-        y = tl.load(mf_item_ptr + i[:, None] * stride_mf_item + f[None, :], mask=mask_f, other=0.0)
-        gmf = x.to(tl.float32) * y.to(tl.float32)
-        tl.store(gmf_ptr + b[:, None] * F + f[None, :], gmf.to(out_dtype), mask=mask_f)
-
-        row = mlp_ptr + b[:, None] * (2 * H) + h[None, :]
-        x = tl.load(mlp_user_ptr + u[:, None] * stride_mlp_user + h[None, :], mask=mask_h,
-                    other=0.0)
-        tl.store(row, x.to(out_dtype), mask=mask_h)
-        y = tl.load(mlp_item_ptr + i[:, None] * stride_mlp_item + h[None, :], mask=mask_h,
-                    other=0.0)
-        tl.store(row + H, y.to(out_dtype), mask=mask_h)
+        if part == 0:
+            u = tl.load(user_ptr + b, mask=in_batch, other=0).to(tl.int64)
+            i = tl.load(item_ptr + b, mask=in_batch, other=0).to(tl.int64)
+            f = tl.arange(0, F_PAD)[None, :]
+            mask_f = in_batch[:, None] & (f < F)
+            x = tl.load(mf_user_ptr + u[:, None] * stride_mf_user + f, mask=mask_f, other=0.0)
+            y = tl.load(mf_item_ptr + i[:, None] * stride_mf_item + f, mask=mask_f, other=0.0)
+            gmf = x.to(tl.float32) * y.to(tl.float32)
+            tl.store(gmf_ptr + b[:, None] * F + f, gmf.to(out_dtype), mask=mask_f)
+        else:
+            if part == 1:
+                index_ptr, table_ptr, stride = user_ptr, mlp_user_ptr, stride_mlp_user
+            else:
+                index_ptr, table_ptr, stride = item_ptr, mlp_item_ptr, stride_mlp_item
+            r = tl.load(index_ptr + b, mask=in_batch, other=0).to(tl.int64)
+            h = tl.arange(0, H_PAD)[None, :]
+            mask_h = in_batch[:, None] & (h < H)
+            row = tl.load(table_ptr + r[:, None] * stride + h, mask=mask_h, other=0.0)
+            tl.store(mlp_ptr + b[:, None] * (2 * H) + (part - 1) * H + h, row.to(out_dtype),
+                     mask=mask_h)
 
     @triton.jit
     def backward_kernel(perm_ptr, bounds_ptr, other_ptr, mf_other_ptr, grad_gmf_ptr,
@@ -120,35 +137,57 @@ def _kernels():
                         stride_mf_other, stride_grad_gmf, stride_grad_mlp,
                         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
                         F_PAD: tl.constexpr, H_PAD: tl.constexpr):
-        f = tl.arange(0, F_PAD)
-        h = tl.arange(0, H_PAD)
-        f_in = f < F
-        h_in = h < H
+        # Column 0 of the grid: rows of the MF table; 1: rows of the MLP table. Row r's run in
+        # the sorted indices is [bounds[r], bounds[r + 1]).
+        first = tl.program_id(0).to(tl.int64) * BLOCK_R
         positions = tl.arange(0, BLOCK_P)
-        for k in tl.static_range(BLOCK_R):
-            r = tl.program_id(0).to(tl.int64) * BLOCK_R + k
-            in_table = r < n_rows
-            # Row r's run in the sorted indices: [bounds[r], bounds[r + 1]); empty past the end.
-            start = tl.load(bounds_ptr + r, mask=in_table, other=0)
-            end = tl.load(bounds_ptr + r + 1, mask=in_table, other=0)
-            acc_mf = tl.zeros([F_PAD], dtype=tl.float32)
-            acc_mlp = tl.zeros([H_PAD], dtype=tl.float32)
-            for p0 in range(start, end, BLOCK_P):
-                p = p0 + positions
-                in_run = p < end
-                s = tl.load(perm_ptr + p, mask=in_run, other=0).to(tl.int64)
-                o = tl.load(other_ptr + s, mask=in_run, other=0).to(tl.int64)
-                mask_f = in_run[:, None] & f_in[None, :]
-                g = tl.load(grad_gmf_ptr + s[:, None] * stride_grad_gmf + f[None, :],
-                            mask=mask_f, other=0.0)
-                e = tl.load(mf_other_ptr + o[:, None] * stride_mf_other + f[None, :],
-                            mask=mask_f, other=0.0)
-                acc_mf += tl.sum(g.to(tl.float32) * e.to(tl.float32), axis=0)
-                gm = tl.load(grad_mlp_ptr + s[:, None] * stride_grad_mlp + mlp_column + h[None, :],
-                             mask=in_run[:, None] & h_in[None, :], other=0.0)
-                acc_mlp += tl.sum(gm.to(tl.float32), axis=0)
-            tl.store(grad_mf_ptr + r * F + f, acc_mf, mask=f_in & (f * 0 + r < n_rows))
-            tl.store(grad_mlpt_ptr + r * H + h, acc_mlp, mask=h_in & (h * 0 + r < n_rows))
+        if tl.program_id(1) == 0:
+            f = tl.arange(0, F_PAD)
+            f_in = f < F
+            f_in_tile = f_in[None, :]
+            grad_gmf_cols = grad_gmf_ptr + f[None, :]
+            mf_other_cols = mf_other_ptr + f[None, :]
+            grad_mf_cols = grad_mf_ptr + f
+            for k in tl.static_range(BLOCK_R):
+                r = first + k
+                if r < n_rows:  # the last program's rows may run past the table's end
+                    bound = bounds_ptr + r
+                    start = tl.load(bound)
+                    end = tl.load(bound + 1)
+                    acc_mf = tl.zeros([F_PAD], dtype=tl.float32)
+                    for p0 in range(start, end, BLOCK_P):
+                        p = p0 + positions
+                        in_run = p < end
+                        s = tl.load(perm_ptr + p, mask=in_run, other=0).to(tl.int64)
+                        o = tl.load(other_ptr + s, mask=in_run, other=0).to(tl.int64)
+                        mask = in_run[:, None] & f_in_tile
+                        g = tl.load(grad_gmf_cols + s[:, None] * stride_grad_gmf, mask=mask,
+                                    other=0.0)
+                        e = tl.load(mf_other_cols + o[:, None] * stride_mf_other, mask=mask,
+                                    other=0.0)
+                        acc_mf += tl.sum(g.to(tl.float32) * e.to(tl.float32), axis=0)
+                    tl.store(grad_mf_cols + r * F, acc_mf, mask=f_in)
+        else:
+            h = tl.arange(0, H_PAD)
+            h_in = h < H
+            h_in_tile = h_in[None, :]
+            grad_mlp_cols = grad_mlp_ptr + mlp_column + h[None, :]
+            grad_mlpt_cols = grad_mlpt_ptr + h
+            for k in tl.static_range(BLOCK_R):
+                r = first + k
+                if r < n_rows:
+                    bound = bounds_ptr + r
+                    start = tl.load(bound)
+                    end = tl.load(bound + 1)
+                    acc_mlp = tl.zeros([H_PAD], dtype=tl.float32)
+                    for p0 in range(start, end, BLOCK_P):
+                        p = p0 + positions
+                        in_run = p < end
+                        s = tl.load(perm_ptr + p, mask=in_run, other=0).to(tl.int64)
+                        gm = tl.load(grad_mlp_cols + s[:, None] * stride_grad_mlp,
+                                     mask=in_run[:, None] & h_in_tile, other=0.0)
+                        acc_mlp += tl.sum(gm.to(tl.float32), axis=0)
+                    tl.store(grad_mlpt_cols + r * H, acc_mlp, mask=h_in)
 
     return forward_kernel, backward_kernel
 
@@ -178,6 +217,37 @@ def _check(user, item, mf_user, mf_item, mlp_user, mlp_item):
         raise ValueError('the user and item tables of a branch must be as wide')
 
 
+# The launches' grids and arguments, in one place each: the ops below launch them, and
+# benchmarks/kernel_resources.py compiles the same ahead of time to read their registers.
+
+def _forward_launch(user, item, mf_user, mf_item, mlp_user, mlp_item, gmf, mlp_input):
+    """(grid, args, options) of the forward kernel over these tensors."""
+    B, F, H = user.shape[0], mf_user.shape[1], mlp_user.shape[1]
+    grid = (_cdiv(B, FORWARD_BLOCK_B), 3)
+    args = (user, item, mf_user, mf_item, mlp_user, mlp_item, gmf, mlp_input, B, F, H,
+            mf_user.stride(0), mf_item.stride(0), mlp_user.stride(0), mlp_item.stride(0))
+    options = dict(BLOCK_B=FORWARD_BLOCK_B, F_PAD=_pow2(F), H_PAD=_pow2(H),
+                   num_warps=FORWARD_WARPS)
+    return grid, args, options
+
+
+def _backward_block_p(B, n_rows):
+    """Positions per tile of a row's run: the mean run length's power of two, clamped."""
+    return min(max(_pow2(_cdiv(B, n_rows)), BACKWARD_BLOCK_P_MIN), BACKWARD_BLOCK_P_MAX)
+
+
+def _backward_launch(perm, bounds, other, mf_other, grad_gmf, grad_mlp, grad_mf, grad_mlp_table,
+                     mlp_column, block_p):
+    """(grid, args, options) of one side's backward kernel over these tensors."""
+    (n_rows, F), H = grad_mf.shape, grad_mlp_table.shape[1]
+    grid = (_cdiv(n_rows, BACKWARD_BLOCK_R), 2)
+    args = (perm, bounds, other, mf_other, grad_gmf, grad_mlp, grad_mf, grad_mlp_table, n_rows,
+            F, H, mlp_column, mf_other.stride(0), grad_gmf.stride(0), grad_mlp.stride(0))
+    options = dict(BLOCK_R=BACKWARD_BLOCK_R, BLOCK_P=block_p, F_PAD=_pow2(F), H_PAD=_pow2(H),
+                   num_warps=max(1, block_p // BACKWARD_POSITIONS_PER_WARP))
+    return grid, args, options
+
+
 @torch.library.custom_op('ncf::gather_inputs', mutates_args=())
 def _gather_inputs(user: torch.Tensor, item: torch.Tensor, mf_user: torch.Tensor,
                    mf_item: torch.Tensor, mlp_user: torch.Tensor, mlp_item: torch.Tensor,
@@ -191,12 +261,10 @@ def _gather_inputs(user: torch.Tensor, item: torch.Tensor, mf_user: torch.Tensor
         return gmf, mlp_input
     user, item = user.contiguous(), item.contiguous()
     mf_user, mf_item, mlp_user, mlp_item = map(_rows, (mf_user, mf_item, mlp_user, mlp_item))
-    grid = (_cdiv(B, FORWARD_BLOCK_B),)
+    grid, args, options = _forward_launch(user, item, mf_user, mf_item, mlp_user, mlp_item, gmf,
+                                          mlp_input)
     with _device_guard(user):
-        forward_kernel[grid](user, item, mf_user, mf_item, mlp_user, mlp_item, gmf, mlp_input,
-                             B, F, H, mf_user.stride(0), mf_item.stride(0), mlp_user.stride(0),
-                             mlp_item.stride(0), BLOCK_B=FORWARD_BLOCK_B, F_PAD=_pow2(F),
-                             H_PAD=_pow2(H), num_warps=FORWARD_WARPS)
+        forward_kernel[grid](*args, **options)
     return gmf, mlp_input
 
 
@@ -218,14 +286,11 @@ def _side(index, other, mf_other, grad_gmf, grad_mlp, n_rows, F, H, mlp_column, 
     sorted_index, perm = torch.sort(index, stable=True)
     rows = torch.arange(n_rows + 1, dtype=sorted_index.dtype, device=device)
     bounds = torch.searchsorted(sorted_index, rows, out_int32=B < 2 ** 31)
-    block_p = min(max(_pow2(_cdiv(B, n_rows)), BACKWARD_BLOCK_P_MIN), BACKWARD_BLOCK_P_MAX)
-    grid = (_cdiv(n_rows, BACKWARD_BLOCK_R),)
+    grid, args, options = _backward_launch(perm, bounds, other, mf_other, grad_gmf, grad_mlp,
+                                           grad_mf, grad_mlp_table, mlp_column,
+                                           _backward_block_p(B, n_rows))
     with _device_guard(index):
-        backward_kernel[grid](perm, bounds, other, mf_other, grad_gmf, grad_mlp, grad_mf,
-                              grad_mlp_table, n_rows, F, H, mlp_column, mf_other.stride(0),
-                              grad_gmf.stride(0), grad_mlp.stride(0), BLOCK_R=BACKWARD_BLOCK_R,
-                              BLOCK_P=block_p, F_PAD=_pow2(F), H_PAD=_pow2(H),
-                              num_warps=BACKWARD_WARPS)
+        backward_kernel[grid](*args, **options)
     return grad_mf, grad_mlp_table
 
 

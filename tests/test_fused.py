@@ -10,6 +10,8 @@ import torch
 
 import fused
 
+pytestmark = pytest.mark.gpu  # runs on the GPU where there is one
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 
@@ -250,7 +252,7 @@ def test_compiled_matches_eager(kernels):
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
     for a, b in zip(compiled_grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert torch.equal(compiled_grads[0][-2:], torch.zeros(2, 5))
+    assert torch.equal(compiled_grads[0][-2:], torch.zeros(2, 5, device=DEVICE))
 
 
 # Availability -------------------------------------------------------------------------------
