@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from utils import UsageError, atomic_torch_save
+from utils import UsageError, atomic_torch_save, first_line, torch_load
 
 BEST_MODEL_FILE = 'model.pth'      # state dict of the best model so far, as the reference
 LAST_CHECKPOINT_FILE = 'last.pth'  # everything --resume needs, after every epoch
@@ -29,11 +29,7 @@ def read(path):
         raise UsageError(f'checkpoint {path} does not exist')
     if os.path.getsize(path) == 0:
         raise UsageError(f'checkpoint {path} is empty (0 bytes)')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # truncated zip, foreign pickle...: not a checkpoint of ours
-        raise UsageError(f'cannot read checkpoint {path}: '
-                         f'{str(error).splitlines()[0][:200]}') from None
+    return torch_load(path, 'checkpoint', map_location='cpu')
 
 
 def model_state(state, path):
@@ -60,6 +56,11 @@ def load_model_state(model, state, path):
             have = list(state[key].shape) if isinstance(state[key], torch.Tensor) else state[key]
             raise UsageError(f'checkpoint {path} does not fit this model and data: {key} is '
                              f'{have} there, {list(value.shape)} here')
+    broken = [key for key, value in state.items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:
+        raise UsageError(f'checkpoint {path} holds weights that are not finite (NaN or '
+                         f'infinite) in {", ".join(broken[:3])}: not a usable model')
     model.load_state_dict(state)
 
 
@@ -103,23 +104,30 @@ def fingerprint_of(state):
     return (metadata.get('') or metadata.get('module') or {}).get(FINGERPRINT_KEY)
 
 
-def check_data(state, path, fingerprint, allow_other_data, say):
-    """Refuse a checkpoint trained on other data than the cache's (one line), unless told to;
-    a checkpoint or a cache without a fingerprint passes with a notice."""
+def check_data(state, path, dataset, allow_other_data, say):
+    """Refuse a checkpoint trained on other data than `dataset` (one line), unless told to; a
+    checkpoint or a cache without a fingerprint passes with a notice, and so does one trained
+    on a cache of the same ratings and ids converted before the fingerprint covered the split."""
     trained_on = fingerprint_of(state)
     if trained_on is None:
         say(f'Notice: {path} records no data fingerprint (the reference\'s checkpoints and '
             'older ones do not): not checked against the data')
-    elif fingerprint is None:
+    elif dataset.fingerprint is None:
         say('Notice: the cache records no data fingerprint (convert.py before cache version '
             f'2): {path} is not checked against it')
-    elif trained_on != fingerprint:
-        if not allow_other_data:
-            raise UsageError(f'{path} was trained on other data (fingerprint {trained_on}) than '
-                             f'--data (fingerprint {fingerprint}); --allow_other_data uses it '
-                             'anyway')
+    elif trained_on == dataset.fingerprint:
+        return
+    elif trained_on == dataset.fingerprint_without_split:
+        say(f'Notice: {path} was trained on a cache of these ratings and ids converted before '
+            'the fingerprint covered the split (cache version 2): its training pairs are not '
+            'checked')
+    elif not allow_other_data:
+        raise UsageError(f'{path} was trained on other data (fingerprint {trained_on}) than '
+                         f'--data (fingerprint {dataset.fingerprint}); --allow_other_data uses '
+                         'it anyway')
+    else:
         say(f'Notice: {path} was trained on other data (fingerprint {trained_on}, the data '
-            f'{fingerprint}): used anyway, as --allow_other_data says')
+            f'{dataset.fingerprint}): used anyway, as --allow_other_data says')
 
 
 def check_settings(state, path, args, allow_changed_settings, say):
@@ -194,4 +202,4 @@ def restore_training_state(state, path, trainer, plan, generator):
         return state['history']
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UsageError(f'{path} is not a resumable checkpoint of this run: '
-                         f'{str(error).splitlines()[0][:200]}') from None
+                         f'{first_line(error)}') from None

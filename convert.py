@@ -10,8 +10,9 @@ each user's latest interaction as the test positive and train on the rest. Then 
 `valid_negative` test negatives per user, uniformly with replacement from the items the user has
 no training interaction with.
 
-The cache's metadata.json records the source file's sha256, a sha256 over the id maps and the
-`fingerprint` derived from both (the data's identity, as checkpoints record it). A cache is
+The cache's metadata.json records each tensor's shape and sha256, the source file's sha256, a
+sha256 over the id maps and the `fingerprint` derived from the source, the id maps and the split
+(the data's identity, as checkpoints record it). A cache is
 replaced as a whole: a failed, full-disk or interrupted (Ctrl-C, SIGTERM) run ends in one line
 and leaves the previous cache as it was, and a run killed outright leaves either a consistent
 cache or one without metadata.json, which nothing trusts.
@@ -28,8 +29,11 @@ import sys
 import threading
 import time
 
+from cache_layout import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, TEST_FILE,
+                          TEST_NEGATIVES_FILE, TRAIN_FILE, USER_IDS_FILE, fingerprint,
+                          split_sha256, tensor_sha256)
 from utils import (DISK_FULL, ArgumentParser, FileSet, UsageError, check_writable_directory,
-                   deferred_signals, disk_full_error, import_held, run_main)
+                   deferred_signals, disk_full_error, import_held, run_main, same_file)
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
 # a bad input or output is reported at once, and Ctrl-C or SIGTERM find run_main's handlers in
@@ -37,8 +41,6 @@ from utils import (DISK_FULL, ArgumentParser, FileSet, UsageError, check_writabl
 
 MIN_RATINGS = 20
 VALID_NEGATIVE = 100
-CACHE_VERSION = 2  # 2: metadata has id_maps_sha256 and fingerprint
-METADATA_FILE = 'metadata.json'  # dataloading.METADATA_FILE, without importing torch here
 BOM = '\ufeff'  # a UTF-8 byte order mark, as some editors write at the start of a CSV
 NEGATIVE_CHUNK_USERS = 16384
 
@@ -76,7 +78,7 @@ def detect_format(path):
     first = first_line(path)
     if not first:
         raise UsageError(f'{path} has an empty first line: expected a header or a first rating')
-    names = [name.strip().strip('"') for name in first.split(',')]
+    names = header_names(first, ',')
     if '::' in first:
         return 'ml-1m'
     if set(FORMATS['ml-20m']['columns']) <= set(names):
@@ -94,6 +96,7 @@ def detect_format(path):
 def read_interactions(path, fmt):
     """Return {'user', 'item', 'timestamp'}: Arrow arrays, in file order."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.csv as pacsv
 
     spec = FORMATS[fmt]
@@ -101,12 +104,19 @@ def read_interactions(path, fmt):
     if not spec['header']:
         read_options.column_names = list(spec['names'])
     else:
+        # The header as read here (no byte order mark, blanks and quotes around names removed:
+        # 'user_id, item_id' names user_id and item_id), not as Arrow would read it.
         header = first_line(path)
-        names = [name.strip().strip('"') for name in header.split(spec['delimiter'])]
+        names = header_names(header, spec['delimiter'])
         missing = [column for column in spec['columns'] if column not in names]
         if missing:
             raise UsageError(f'{path} ({fmt}) lacks the column(s) {", ".join(missing)} '
                              f'in its header: {header[:200]}')
+        if len(set(names)) != len(names):
+            raise UsageError(f'{path} ({fmt}) names a column twice in its header: '
+                             f'{header[:200]}')
+        read_options.column_names = names
+        read_options.skip_rows = 1
     user_column, item_column, time_column = spec['columns']
     # Explicit types read fastest and leanest (inference holds twice the memory); a column that
     # does not parse as such is read again: ids as strings, timestamps as floats.
@@ -141,6 +151,8 @@ def read_interactions(path, fmt):
     for name, column in columns.items():
         if column.null_count:
             raise UsageError(f'{path} has {column.null_count} rows without a {name}')
+        if pa.types.is_string(column.type):  # 'u1, a' holds the ids u1 and a, not ' a'
+            columns[name] = pc.utf8_trim_whitespace(column)
     return columns
 
 
@@ -148,8 +160,12 @@ def _csv_column_index(path, spec, name):
     """Index of column `name` in the file, as Arrow's error messages count columns."""
     if not spec['header']:
         return spec['names'].index(name)
-    header = first_line(path)
-    return [field.strip().strip('"') for field in header.split(spec['delimiter'])].index(name)
+    return header_names(first_line(path), spec['delimiter']).index(name)
+
+
+def header_names(header, delimiter):
+    """Column names of a header line, without blanks or quotes around them."""
+    return [name.strip().strip('"').strip() for name in header.split(delimiter)]
 
 
 def factorize(column):
@@ -266,11 +282,6 @@ def id_map_bytes(header, values):
     return text.getvalue().encode('utf-8')
 
 
-def fingerprint(source_sha256, id_maps_sha256):
-    """The data's identity, as checkpoints record it: the source file and the id maps."""
-    return hashlib.sha256(f'{source_sha256}:{id_maps_sha256}'.encode()).hexdigest()[:16]
-
-
 def lock_directory(directory):
     """An exclusive lock on `directory` (an open descriptor: closing it unlocks), so that two
     conversions into one cache never interleave their files; UsageError if one is running."""
@@ -291,26 +302,30 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
     (utils.FileSet). So until then the previous cache stays whole and loadable (an interrupted
     or failed run leaves it as it was), and a process killed outright during the renames leaves
     no metadata.json: a cache is trusted only with a metadata.json written after all its files.
-    Adds id_maps_sha256 and fingerprint to `metadata`. progress: a dict whose 'committed' is set
-    once the new cache is in place.
+    Adds each tensor's shape and sha256, id_maps_sha256 and the fingerprint to `metadata`.
+    progress: a dict whose 'committed' is set once the new cache is in place.
     """
     import numpy as np
     import torch
 
-    from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE,
-                             TRAIN_FILE, USER_IDS_FILE)
 
-    created = not os.path.isdir(output)
-    os.makedirs(output, exist_ok=True)
+    try:  # whether this run made the directory: one run can, however many start at once
+        os.makedirs(output)
+        created = True
+    except FileExistsError:
+        created = False
     lock = None
     try:
         lock = lock_directory(output)
         with FileSet() as files:
+            tensors = {}
+
             def save(name, tensor):
                 def write(temporary):
                     with open(temporary, 'wb') as file:
                         torch.save(tensor, file)
                 files.write(os.path.join(output, name), write)
+                tensors[name] = {'shape': list(tensor.shape), 'sha256': tensor_sha256(tensor)}
             for name, (first, second) in ((TRAIN_FILE, ('train_users', 'train_items')),
                                           (TEST_FILE, ('test_users', 'test_items'))):
                 save(name, torch.from_numpy(np.stack([result[first], result[second]], axis=1)
@@ -322,9 +337,11 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
                 data = id_map_bytes(header, values)
                 id_maps.update(data)
                 files.write_bytes(os.path.join(output, name), data)
+            metadata['tensors'] = tensors
             metadata['id_maps_sha256'] = id_maps.hexdigest()
             metadata['fingerprint'] = fingerprint(metadata['source_sha256'],
-                                                  metadata['id_maps_sha256'])
+                                                  metadata['id_maps_sha256'],
+                                                  split_sha256(tensors))
             metadata_path = os.path.join(output, METADATA_FILE)
             files.write_bytes(metadata_path, (json.dumps(metadata, indent=2) + '\n').encode())
             with deferred_signals():  # a signal during the renames is raised after them
@@ -332,7 +349,9 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
                 if progress is not None:
                     progress['committed'] = True
     except BaseException:
-        if created:  # leave no empty directory behind
+        # Leave no empty directory behind, but only one this run created and locked: a run that
+        # found another one writing there leaves that one's directory alone.
+        if created and lock is not None:
             try:
                 os.rmdir(output)
             except OSError:
@@ -394,6 +413,10 @@ def check_arguments(args):
     if not -2 ** 63 <= args.seed < 2 ** 64:
         raise UsageError(f'--seed {args.seed} is out of range (a 64-bit integer)')
     check_writable_directory(args.output, '--output')
+    for name in CACHE_FILES:
+        if same_file(args.path, os.path.join(args.output, name)):
+            raise UsageError(f'--path {args.path} is the {name} convert.py writes in --output '
+                             f'{args.output}: it would be overwritten; write the cache elsewhere')
 
 
 def convert(args, progress=None):

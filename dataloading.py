@@ -1,18 +1,15 @@
 """The cached dataset on the device: loading, negative sampling, batching and test candidates."""
+import hashlib
 import json
 import os
 
 import torch
 
-from utils import UsageError
+from utils import UsageError, torch_load
 
-# The cache convert.py writes and ncf.py reads (one directory per dataset).
-TRAIN_FILE = 'train_ratings.pt'        # int64 [n_train, 2]: user, item
-TEST_FILE = 'test_ratings.pt'          # int64 [n_users, 2]: row u holds user u's test positive
-TEST_NEGATIVES_FILE = 'test_negatives.pt'  # int64 [n_users, valid_negative]
-METADATA_FILE = 'metadata.json'        # written last: a cache without it is not trusted
-USER_IDS_FILE = 'user_ids.csv'         # line k (after the header) holds the original id of user k
-ITEM_IDS_FILE = 'item_ids.csv'
+from cache_layout import (CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, TENSOR_FILES, TEST_FILE,
+                          TEST_NEGATIVES_FILE, TRAIN_FILE, USER_IDS_FILE, fingerprint,
+                          tensor_sha256)
 
 
 class ItemExclusion:
@@ -100,22 +97,100 @@ class Dataset:
         self.train_users, self.train_items = train_users, train_items
         self.test_items, self.test_negatives = test_items, test_negatives
         self.n_users, self.n_items, self.metadata = n_users, n_items, metadata
-        # the data's identity (convert.py's, from cache version 2), recorded in checkpoints
+        # the data's identity, recorded in checkpoints (convert.py's, from cache version 2)
         self.fingerprint = metadata.get('fingerprint')
+        # what a cache of version 2 of the same ratings and ids had as its fingerprint
+        self.fingerprint_without_split = (
+            fingerprint(metadata['source_sha256'], metadata['id_maps_sha256'])
+            if isinstance(metadata.get('source_sha256'), str)
+            and isinstance(metadata.get('id_maps_sha256'), str) else None)
 
 
-def _load_tensor(path, device):
+def _load_tensor(path, device, recorded):
+    """The tensor in `path`, on `device`, checked against what metadata.json `recorded` of it
+    ({'shape': ..., 'sha256': ...}; None for a cache older than version 3)."""
     if not os.path.isfile(path):
         raise UsageError(f'{path} is missing: run prepare_dataset.sh or convert.py first')
     if os.path.getsize(path) == 0:
         raise UsageError(f'{path} is empty (0 bytes): run prepare_dataset.sh or convert.py again')
-    try:
-        tensor = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # any unpickling or zip failure: the file is not a tensor file
-        raise UsageError(f'cannot read {path}: {str(error).splitlines()[0][:200]}') from None
+    tensor = torch_load(path, 'tensor file', map_location='cpu')
     if not isinstance(tensor, torch.Tensor):
         raise UsageError(f'{path} holds a {type(tensor).__name__}, not a tensor')
-    return tensor
+    if recorded is not None and (list(tensor.shape) != recorded.get('shape')
+                                 or tensor_sha256(tensor) != recorded.get('sha256')):
+        raise UsageError(f'{path} has changed since convert.py wrote it (its shape or sha256 is '
+                         f'not what {METADATA_FILE} records): run prepare_dataset.sh or '
+                         'convert.py again')
+    return tensor.to(device)
+
+
+def read_metadata(data_dir, log=print):
+    """metadata.json of the cache in `data_dir`, checked for what loading needs. A cache older
+    than version 3 (no tensor digests) is read with a one-line notice."""
+    if not data_dir or not os.path.isdir(data_dir):
+        raise UsageError(f'--data {data_dir!r} is not a directory: run prepare_dataset.sh first')
+    path = os.path.join(data_dir, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(f'{data_dir} has no {METADATA_FILE}: the cache is missing or incomplete; '
+                         'run prepare_dataset.sh or convert.py again')
+    try:
+        with open(path) as file:
+            metadata = json.load(file)
+        int(metadata['n_users']), int(metadata['n_items'])
+        version = metadata.get('version', 1)
+        tensors = metadata.get('tensors')
+        if version >= CACHE_VERSION and not (isinstance(tensors, dict) and all(
+                isinstance(tensors.get(name), dict) for name in TENSOR_FILES)):
+            raise ValueError(f'no tensor digests in a cache of version {version}')
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f'{path} is not convert.py metadata: {error}') from None
+    if version > CACHE_VERSION:
+        raise UsageError(f'{path} is of cache version {version}, newer than this ncf reads '
+                         f'({CACHE_VERSION}): update ncf')
+    if version < CACHE_VERSION:
+        log(f'Notice: the cache in {data_dir} records no tensor digests (cache version '
+            f'{version}): its tensors are not checked against {METADATA_FILE}; '
+            'prepare_dataset.sh or convert.py converts it again')
+    return metadata
+
+
+def check_counts(metadata, path, counts):
+    """metadata.json's counts (n_train, n_test, valid_negative, where it has them) are the
+    tensors' `counts`."""
+    for name, count in counts.items():
+        if name in metadata and metadata[name] != count:
+            raise UsageError(f'{path} says {name} {metadata[name]}, but the tensors hold '
+                             f'{count}: the cache is inconsistent; run convert.py again')
+
+
+def read_id_maps(data_dir, metadata):
+    """(user ids, item ids): the original ids in mapped order (line k after the header: mapped
+    id k), as strings, checked against metadata.json's id_maps_sha256 where it has one."""
+    import csv
+    import io
+
+    data, digest = [], hashlib.sha256()
+    for name in (USER_IDS_FILE, ITEM_IDS_FILE):
+        path = os.path.join(data_dir, name)
+        if not os.path.isfile(path):
+            raise UsageError(f'{path} is missing: recommend mode needs the id maps convert.py '
+                             'writes (run it again to get them)')
+        with open(path, 'rb') as file:
+            data.append(file.read())
+        digest.update(data[-1])
+    recorded = metadata.get('id_maps_sha256')
+    if recorded is not None and digest.hexdigest() != recorded:
+        raise UsageError(f'{USER_IDS_FILE} or {ITEM_IDS_FILE} in {data_dir} has changed since '
+                         f'convert.py wrote it (their sha256 is not what {METADATA_FILE} '
+                         'records): run prepare_dataset.sh or convert.py again')
+    maps = []
+    for name, raw in zip((USER_IDS_FILE, ITEM_IDS_FILE), data):
+        rows = list(csv.reader(io.StringIO(raw.decode('utf-8', errors='replace'), newline='')))
+        if not rows or len(rows[0]) != 1:
+            raise UsageError(f'{os.path.join(data_dir, name)} is not an id map: expected a '
+                             'one-column CSV with a header')
+        maps.append([row[0] if row else '' for row in rows[1:]])
+    return maps
 
 
 def _check(tensor, path, shape, high):
@@ -138,36 +213,29 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     valid_negative: test negatives per user; when it differs from the cache, new ones are drawn
     (uniformly from each user's non-training items, with `seed`) and `log` says so.
     """
-    if not data_dir or not os.path.isdir(data_dir):
-        raise UsageError(f'--data {data_dir!r} is not a directory: run prepare_dataset.sh first')
+    metadata = read_metadata(data_dir, log)
     metadata_path = os.path.join(data_dir, METADATA_FILE)
-    if not os.path.isfile(metadata_path):
-        raise UsageError(f'{data_dir} has no {METADATA_FILE}: the cache is missing or incomplete; '
-                         'run prepare_dataset.sh or convert.py again')
-    try:
-        with open(metadata_path) as file:
-            metadata = json.load(file)
-        n_users, n_items = int(metadata['n_users']), int(metadata['n_items'])
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f'{metadata_path} is not convert.py metadata: {error}') from None
-
+    n_users, n_items = int(metadata['n_users']), int(metadata['n_items'])
+    recorded = metadata.get('tensors') or {}
     if valid_negative is not None and valid_negative > n_items:
         raise UsageError(f'--valid_negative {valid_negative} is more than the catalogue '
                          f'({n_items} items)')
     path = os.path.join(data_dir, TRAIN_FILE)
-    train = _load_tensor(path, device)
+    train = _load_tensor(path, device, recorded.get(TRAIN_FILE))
     _check(train, path, (None, 2), max(n_users, n_items))
     _check(train[:, 0], path, (None,), n_users)
     _check(train[:, 1], path, (None,), n_items)
     path = os.path.join(data_dir, TEST_FILE)
-    test = _load_tensor(path, device)
+    test = _load_tensor(path, device, recorded.get(TEST_FILE))
     _check(test, path, (n_users, 2), max(n_users, n_items))
     _check(test[:, 1], path, (n_users,), n_items)
     if not torch.equal(test[:, 0], torch.arange(n_users, device=device)):
         raise UsageError(f'{path}: row u must hold user u')
     path = os.path.join(data_dir, TEST_NEGATIVES_FILE)
-    negatives = _load_tensor(path, device)
+    negatives = _load_tensor(path, device, recorded.get(TEST_NEGATIVES_FILE))
     _check(negatives, path, (n_users, None), n_items)
+    check_counts(metadata, metadata_path, {'n_train': len(train), 'n_test': len(test),
+                                           'valid_negative': negatives.shape[1]})
     # convert.py numbers the items that occur, so every item is in the training or test pairs:
     # a catalogue larger than that (a hand-edited metadata.json) would train rows nothing uses
     items = torch.cat((train[:, 1], test[:, 1]))

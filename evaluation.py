@@ -3,6 +3,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from utils import UsageError
+
 
 def duplicate_mask(candidates):
     """True where a candidate repeats an item that stands earlier in its row.
@@ -20,10 +22,25 @@ def hits_and_ndcg(scores, mask, k):
     """Sums of HR@k and NDCG@k over rows of `scores` [users, candidates], column 0 the positive.
 
     The positive's rank is the number of unmasked negatives scoring at least as high (a tie
-    counts against the positive, as the reference's stable top-k with the positive last).
+    counts against the positive, as the reference's stable top-k with the positive last). A row
+    with a score that is not finite ranks its positive last: NaN compares false, and would
+    otherwise put a broken model's positive first.
     """
     ahead = (scores[:, 1:] >= scores[:, :1]) & ~mask[:, 1:]
-    return rank_metrics(ahead.sum(1), k)
+    return rank_metrics(last_if_not_finite(ahead.sum(1), scores), k)
+
+
+def last_if_not_finite(rank, scores):
+    """`rank`, or the last rank (the row's width) where a row of `scores` is not all finite."""
+    return torch.where(torch.isfinite(scores).all(1), rank, scores.shape[1])
+
+
+class NonFiniteScores(UsageError):
+    """The model scored NaN or infinity: it is broken (diverged, or its scores overflow)."""
+
+    def __init__(self, count, total):
+        super().__init__(f'{count:,} of {total:,} scores are not finite (NaN or infinite): the '
+                         'model is broken (diverged in training, or its scores overflow)')
 
 
 def rank_metrics(rank, k):
@@ -45,7 +62,8 @@ def sampled_sums(model, users, candidates, mask, k):
     labels[:, 0] = 1.0
     counted = ~mask
     losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none') * counted
-    return torch.stack([hits.double(), ndcg, losses.sum().double(), counted.sum().double()])
+    return torch.stack([hits.double(), ndcg, losses.sum().double(), counted.sum().double(),
+                        (~torch.isfinite(scores)).sum().double()])
 
 
 class Scorer:
@@ -104,12 +122,15 @@ class Evaluation:
             self.samples = n_users * self.items.shape[1]
 
     def __call__(self):
-        """HR@K, NDCG@K and the validation loss of the trained model over all ranks' users."""
+        """HR@K, NDCG@K and the validation loss of the trained model over all ranks' users;
+        NonFiniteScores (one line) if any score was NaN or infinite."""
         self.scorer.refresh()
         with torch.no_grad():
             sums = self._full() if self.full else self._sampled()
-        hits, ndcg, loss_sum, loss_count, users = all_reduce_sums(
+        hits, ndcg, loss_sum, loss_count, nonfinite, users = all_reduce_sums(
             [*sums, len(self.users)], self.plan)
+        if nonfinite:
+            raise NonFiniteScores(int(nonfinite), self.samples)
         return hits / users, ndcg / users, loss_sum / max(loss_count, 1)
 
     def warm_up(self):
@@ -133,7 +154,7 @@ class Evaluation:
 
     def _sampled(self):
         rows = max(1, self.plan.eval_chunk // self.items.shape[1])
-        sums = torch.zeros(4, dtype=torch.float64, device=self.plan.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.plan.device)
         for start in range(0, len(self.users), rows):
             chunk = slice(start, start + rows)
             sums += self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
@@ -143,7 +164,7 @@ class Evaluation:
     def _full(self):
         n_items = self.exclusion.n_items
         device = self.plan.device
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = torch.zeros(5, dtype=torch.float64, device=device)
         for first, last, first_key, last_key in self.chunks:
             users, positives = self.users[first:last], self.positives[first:last]
             scores = self.scorer.all_items(users)
@@ -154,14 +175,16 @@ class Evaluation:
             row = torch.arange(len(users), device=device)
             competitors = ~trained
             competitors[row, positives] = False
-            # As in sampled mode, an item scoring as high as the positive ranks ahead of it.
+            # As in sampled mode, an item scoring as high as the positive ranks ahead of it, and
+            # a row with a score that is not finite ranks its positive last.
             rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
-            hits, ndcg = rank_metrics(rank, self.topk)
+            hits, ndcg = rank_metrics(last_if_not_finite(rank, scores), self.topk)
             labels = torch.zeros_like(scores)
             labels[row, positives] = 1.0
             losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')
             sums += torch.stack([hits.double(), ndcg, losses.masked_fill(trained, 0.0).sum()
-                                 .double(), (~trained).sum().double()])
+                                 .double(), (~trained).sum().double(),
+                                 (~torch.isfinite(scores)).sum().double()])
         return sums.unbind()
 
 

@@ -11,15 +11,21 @@ summary). With a checkpoint, the table sizes and layers come from it.
 """
 import sys
 
-import numpy as np
-import torch
+import utils
 
-import checkpoints
-import runtime
-from evaluation import Scorer
-from logger import Logger
-from logger.autologging import log_args, log_hardware
-from utils import ArgumentParser, UsageError, check_log_file, run_main
+if __name__ == '__main__':
+    utils.handle_signals_early('inference.py')  # Ctrl-C while torch loads is one line too
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import checkpoints  # noqa: E402
+import runtime  # noqa: E402
+from evaluation import NonFiniteScores, Scorer  # noqa: E402
+from logger import Logger  # noqa: E402
+from logger.autologging import log_args, log_hardware  # noqa: E402
+from utils import (ArgumentParser, UsageError, check_log_file, first_line,  # noqa: E402
+                   out_of_memory, run_main, same_file)
 
 
 def parse_args(argv=None):
@@ -66,6 +72,9 @@ def benchmark(args):
     if not 0 <= args.dropout < 1:
         raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
     check_log_file(args.log_path, '--log_path')
+    if args.load_checkpoint_path and same_file(args.log_path, args.load_checkpoint_path):
+        raise UsageError(f'--log_path {args.log_path} is --load_checkpoint_path, which this run '
+                         'reads: it would be overwritten; write it elsewhere')
     state = None
     if args.load_checkpoint_path:
         state = checkpoints.read(args.load_checkpoint_path)
@@ -101,29 +110,18 @@ def benchmark(args):
     generator = plan.generator(args.seed)
     with torch.no_grad():
         for batch_size in batch_sizes:
-            users = torch.randint(0, args.n_users, (batch_size,), device=device,
-                                  generator=generator)
-            items = torch.randint(0, args.n_items, (batch_size,), device=device,
-                                  generator=generator)
-            latencies = []
-            for index in range(args.warmup + args.num_batches):
-                start = plan.time()
-                scorer.pairs(users, items, sigmoid=True)
-                latency = plan.time() - start
-                if index >= args.warmup:
-                    latencies.append(latency)
-            mean = float(np.mean(latencies))
-            result = {'batch_size': batch_size,
-                      'mean_inference_throughput': batch_size / mean,
-                      'best_inference_throughput': batch_size / min(latencies),
-                      'mean_inference_latency': mean,
-                      'p90_inference_latency': percentile_ms(latencies, 90) / 1000,
-                      'p95_inference_latency': percentile_ms(latencies, 95) / 1000,
-                      'p99_inference_latency': percentile_ms(latencies, 99) / 1000,
-                      'inference_latencies': latencies}
+            try:
+                result = time_batches(scorer, plan, generator, batch_size, args)
+            except Exception as error:  # running out of memory is one line; the rest, bugs
+                if not out_of_memory(error):
+                    raise
+                raise UsageError(f'out of memory at batch size {batch_size} on {device} '
+                                 f'({first_line(error)}): use smaller --batch_sizes') from None
             results.append(result)
             logger.log((batch_size,), result)
-            print(f'{batch_size:>11} {batch_size / mean:>15.4g} {mean * 1000:>12.3f} '
+            latencies = result['inference_latencies']
+            print(f'{batch_size:>11} {batch_size / result["mean_inference_latency"]:>15.4g} '
+                  f'{result["mean_inference_latency"] * 1000:>12.3f} '
                   f'{percentile_ms(latencies, 90):>9.3f} {percentile_ms(latencies, 95):>9.3f} '
                   f'{percentile_ms(latencies, 99):>9.3f}')
             sys.stdout.flush()
@@ -133,6 +131,33 @@ def benchmark(args):
                     'device': str(device)})
     logger.close()
     return results
+
+
+def time_batches(scorer, plan, generator, batch_size, args):
+    """--warmup then --num_batches synchronised forwards of random pairs at `batch_size`."""
+    users = torch.randint(0, args.n_users, (batch_size,), device=plan.device,
+                          generator=generator)
+    items = torch.randint(0, args.n_items, (batch_size,), device=plan.device,
+                          generator=generator)
+    latencies = []
+    for index in range(args.warmup + args.num_batches):
+        start = plan.time()
+        scores = scorer.pairs(users, items, sigmoid=True)
+        latency = plan.time() - start
+        if index >= args.warmup:
+            latencies.append(latency)
+    nonfinite = int((~torch.isfinite(scores)).sum())  # after the timed batches
+    if nonfinite:
+        raise NonFiniteScores(nonfinite, batch_size)
+    mean = float(np.mean(latencies))
+    return {'batch_size': batch_size,
+            'mean_inference_throughput': batch_size / mean,
+            'best_inference_throughput': batch_size / min(latencies),
+            'mean_inference_latency': mean,
+            'p90_inference_latency': percentile_ms(latencies, 90) / 1000,
+            'p95_inference_latency': percentile_ms(latencies, 95) / 1000,
+            'p99_inference_latency': percentile_ms(latencies, 99) / 1000,
+            'inference_latencies': latencies}
 
 
 def main(argv=None):

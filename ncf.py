@@ -12,19 +12,25 @@ import math
 import os
 import sys
 
-import torch
-import torch.distributed as dist
+import utils
 
-import checkpoints
-import dataloading
-import recommend
-import runtime
-from evaluation import Evaluation, all_reduce_sums
-from logger import Logger
-from logger.autologging import log_args, log_hardware
-from training import Trainer
-from utils import (ArgumentParser, UsageError, check_log_file, check_output_file,
-                   check_writable_directory, run_main)
+if __name__ == '__main__':
+    utils.handle_signals_early('ncf.py')  # Ctrl-C while torch loads is one line too
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import checkpoints  # noqa: E402
+import dataloading  # noqa: E402
+import recommend  # noqa: E402
+import runtime  # noqa: E402
+from cache_layout import CACHE_FILES  # noqa: E402
+from evaluation import Evaluation, NonFiniteScores, all_reduce_sums  # noqa: E402
+from logger import Logger  # noqa: E402
+from logger.autologging import log_args, log_hardware  # noqa: E402
+from training import Trainer  # noqa: E402
+from utils import (ArgumentParser, UsageError, check_log_file, check_output_file,  # noqa: E402
+                   check_writable_directory, first_line, out_of_memory, run_main, same_file)
 
 LOG_FILE = 'log.json'
 
@@ -86,6 +92,10 @@ def parse_args(argv=None):
                         help='--resume even where a setting that alters the run (batch, '
                              'learning rate, seed, layers, dropout, negatives...) differs from '
                              "the checkpoint's")
+    parser.add_argument('--overwrite_checkpoints', action='store_true',
+                        help='Start a new training run in a --checkpoint_dir that holds '
+                             "another run's model.pth, last.pth or log.json, replacing them "
+                             '(without it, that is an error: --resume continues that run)')
     parser.add_argument('--allow_other_data', action='store_true',
                         help='Use a checkpoint trained on other data than --data (its data '
                              'fingerprint differs)')
@@ -177,12 +187,51 @@ def check_outputs(args, plan):
         if holder:
             raise UsageError(f'--checkpoint_dir {args.checkpoint_dir} is in use by {holder}: '
                              'one training run per directory')
+        if not args.resume and not args.overwrite_checkpoints:
+            held = [name for name in run_files(args) if os.path.exists(name)]
+            if held:
+                raise UsageError(
+                    f'--checkpoint_dir {args.checkpoint_dir} holds another run\'s '
+                    f'{", ".join(os.path.basename(name) for name in held)}: --resume continues '
+                    'that run, --overwrite_checkpoints starts a new one in its place')
     if args.log_path:
         check_log_file(args.log_path, '--log_path')
     if args.tensorboard:
         check_writable_directory(args.tensorboard, '--tensorboard')
     if args.output:
         check_output_file(args.output, '--output')
+    check_no_output_is_an_input(args)
+
+
+def run_files(args):
+    """The files a training run writes in --checkpoint_dir: its checkpoints, and its log when
+    it goes there."""
+    names = [checkpoints.BEST_MODEL_FILE, checkpoints.LAST_CHECKPOINT_FILE]
+    if not args.log_path:
+        names.append(LOG_FILE)
+    return [os.path.join(args.checkpoint_dir, name) for name in names]
+
+
+def check_no_output_is_an_input(args):
+    """No file the run writes is one it reads: the cache's files, a checkpoint to load, the
+    users file (--resume's last.pth is its own to replace)."""
+    inputs = {os.path.join(args.data, name): f"the cache's {name}"
+              for name in CACHE_FILES}
+    for flag in ('load_checkpoint_path', 'users_file'):
+        if getattr(args, flag):
+            inputs[getattr(args, flag)] = f'--{flag}'
+    outputs = {}
+    if args.mode == 'train' and args.checkpoint_dir:
+        outputs.update({path: f'--checkpoint_dir\'s {os.path.basename(path)}'
+                        for path in run_files(args)})
+    for flag in ('log_path', 'output'):
+        if getattr(args, flag):
+            outputs[getattr(args, flag)] = f'--{flag} {getattr(args, flag)}'
+    for output, label in outputs.items():
+        for path, what in inputs.items():
+            if same_file(output, path):
+                raise UsageError(f'{label} is {what}, which this run reads: it would be '
+                                 'overwritten; write it elsewhere')
 
 
 def log_path_of(args):
@@ -327,7 +376,7 @@ def load(args, plan, say, resume_state, loaded_state, load_path):
     last_path = os.path.join(args.checkpoint_dir, checkpoints.LAST_CHECKPOINT_FILE)
     for state, path in ((loaded_state, load_path), (resume_state, last_path)):
         if state is not None:
-            checkpoints.check_data(state, path, dataset.fingerprint, args.allow_other_data, say)
+            checkpoints.check_data(state, path, dataset, args.allow_other_data, say)
             checkpoints.load_model_state(model, state, path)
     if resume_state is not None:
         checkpoints.check_settings(resume_state, last_path, args, args.allow_changed_settings,
@@ -360,7 +409,7 @@ def run(args, plan, kept):
         def warn(message):
             print(f'ncf.py: warning: {message}', file=sys.stderr)
         start = plan.time()
-        users, rows = recommend.recommend(plan, model, exclusion, args, warn)
+        users, rows = recommend.recommend(plan, model, exclusion, args, warn, dataset.metadata)
         seconds = plan.time() - start
         print(f'Recommended up to {args.topk} items for each of {users} users ({rows} rows)'
               + (f' to {args.output}' if args.output else '')
@@ -374,6 +423,11 @@ def run(args, plan, kept):
         lock = together(plan, lambda: checkpoints.DirectoryLock(args.checkpoint_dir)
                         if rank0 else None)
         kept['directory'] = args.checkpoint_dir
+        if args.overwrite_checkpoints and not args.resume and rank0:
+            # the directory then only ever holds this run's files
+            for path in run_files(args):
+                if os.path.exists(path):
+                    os.remove(path)
     log_path = log_path_of(args)
     if log_path is None and rank0:
         print(f'ncf.py: warning: {os.path.join(args.checkpoint_dir, LOG_FILE)} is not writable: '
@@ -456,15 +510,24 @@ def train(args, plan, model, batches, evaluation, report, resume_state, main_sta
         loss_sum, samples = trainer.epoch(generator, progress)
         train_time = plan.time() - begin
         train_loss_sum, train_samples = all_reduce_sums([loss_sum, samples], plan)
+        train_loss = train_loss_sum / train_samples
+        # A model that turned NaN or infinite is never evaluated, saved or taken as the best.
+        if not math.isfinite(train_loss) or not trainer.weights_are_finite():
+            what = (f'the training loss is {train_loss}' if not math.isfinite(train_loss)
+                    else 'weights are not finite (NaN or infinite)')
+            raise UsageError(f'training diverged in epoch {epoch} ({what}; a lower '
+                             f'--learning_rate may help); {kept_message(kept)}')
         begin = plan.time()
-        hr, ndcg, val_loss = evaluation()
+        try:
+            hr, ndcg, val_loss = evaluation()
+        except NonFiniteScores as error:
+            raise UsageError(f'epoch {epoch}: {error}; {kept_message(kept)}') from None
         val_time = plan.time() - begin
         # Samples actually trained (the last partial batch is dropped), over all ranks.
         train_throughput = batches.steps * batches.batch_size / train_time
         eval_throughput = evaluation.samples / val_time
         history['train_throughputs'].append(train_throughput)
         history['eval_throughputs'].append(eval_throughput)
-        train_loss = train_loss_sum / train_samples
         history['hrs'].append(hr)
         history['train_losses'].append(train_loss)
         history['epoch'] = epoch
@@ -533,10 +596,27 @@ def main(argv=None):
     kept = {}
     quiet = int(os.environ.get('RANK', 0)) != 0  # only rank 0 speaks
     try:
-        return run_main('ncf.py', lambda: run(args, plan_of(args), kept),
-                        kept=lambda: kept_message(kept), quiet=quiet)
+        return run_main('ncf.py', run_and_explain, args, kept, kept=lambda: kept_message(kept),
+                        quiet=quiet)
     finally:
         runtime.stop()
+
+
+def run_and_explain(args, kept):
+    """`run`, with the failures that are not bugs said in one line: running out of memory,
+    and another process of a distributed run that failed or was stopped."""
+    plan = plan_of(args)
+    try:
+        return run(args, plan, kept)
+    except Exception as error:  # sorted out below; anything else is a bug, with its traceback
+        if out_of_memory(error):
+            raise UsageError(f'out of memory with --batch_size {args.batch_size} and '
+                             f'--valid_batch_size {args.valid_batch_size} on {plan.device} '
+                             f'({first_line(error)}); {kept_message(kept)}') from None
+        if plan.distributed and runtime.peer_failure(error):
+            raise UsageError(f'another process of this run failed or was stopped '
+                             f'({runtime.peer_failure(error)}); {kept_message(kept)}') from None
+        raise
 
 
 if __name__ == '__main__':

@@ -92,7 +92,8 @@ sys.path.insert(0, sys.argv[1])
 from utils import (UsageError, atomic_write, check_output_file, check_writable_directory,
                    remember_sha256, remembered_sha256, run_main)
 PROGRAM = 'prepare_dataset.sh'
-CACHE_VERSION, MIN_RATINGS, VALID_NEGATIVE, SEED = 2, 20, 100, 1  # what convert.py writes here
+from cache_layout import CACHE_VERSION
+MIN_RATINGS, VALID_NEGATIVE, SEED = 20, 100, 1  # what convert.py writes here
 DEFAULT_BATCH, SAMPLES_PER_POSITIVE = 2 ** 20, 5  # ncf.py's -b, and 1 + its -n
 
 

@@ -17,24 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import torch
 
-from dataloading import ITEM_IDS_FILE, USER_IDS_FILE
-from evaluation import Scorer
+from dataloading import read_id_maps
+from evaluation import NonFiniteScores, Scorer
 from utils import UsageError, atomic_write
 
 HEADER = ('user_id', 'rank', 'item_id', 'score')
-
-
-def read_id_map(data_dir, name):
-    """Original ids in mapped order (line k after the header: mapped id k), as strings."""
-    path = os.path.join(data_dir, name)
-    if not os.path.isfile(path):
-        raise UsageError(f'{path} is missing: recommend mode needs the id maps convert.py '
-                         'writes (run it again to get them)')
-    with open(path, newline='') as file:
-        rows = list(csv.reader(file))
-    if not rows or len(rows[0]) != 1:
-        raise UsageError(f'{path} is not an id map: expected a one-column CSV with a header')
-    return [row[0] if row else '' for row in rows[1:]]
 
 
 def requested_users(args, user_ids, warn):
@@ -78,15 +65,19 @@ def top_items(scorer, exclusion, users, topk):
     bounds = [0] + torch.cumsum(exclusion.counts[users], 0).tolist()
     scorer.refresh()
     items, logits = [], []
+    nonfinite = torch.zeros((), dtype=torch.long, device=users.device)
     with torch.no_grad():
         for start in range(0, len(users), rows):
             stop = min(start + rows, len(users))
             scores = scorer.all_items(users[start:stop])
+            nonfinite += (~torch.isfinite(scores)).sum()
             trained = slice(bounds[start], bounds[stop])
             scores[pair_rows[trained] - start, pair_items[trained]] = float('-inf')
             best, best_items = torch.topk(scores, topk, dim=1)
             items.append(best_items)
             logits.append(best)
+    if nonfinite:  # read once, after the loop
+        raise NonFiniteScores(int(nonfinite), len(users) * exclusion.n_items)
     empty = torch.zeros(0, topk, device=users.device)
     return torch.cat(items or [empty.long()]), torch.cat(logits or [empty])
 
@@ -123,9 +114,8 @@ def csv_rows(user_ids, item_ids, users, items, logits):
     return sink.getvalue(), len(table)
 
 
-def recommend(plan, model, exclusion, args, warn):
-    user_ids = read_id_map(args.data, USER_IDS_FILE)
-    item_ids = read_id_map(args.data, ITEM_IDS_FILE)
+def recommend(plan, model, exclusion, args, warn, metadata):
+    user_ids, item_ids = read_id_maps(args.data, metadata)
     if len(user_ids) != exclusion.n_users or len(item_ids) != exclusion.n_items:
         raise UsageError(f'the id maps in {args.data} ({len(user_ids)} users, {len(item_ids)} '
                          f'items) do not match its tensors ({exclusion.n_users} users, '
@@ -146,7 +136,7 @@ def recommend(plan, model, exclusion, args, warn):
             with open(temporary, 'wb') as file:
                 file.write(header)
                 file.write(data)
-        atomic_write(args.output, write)
+        atomic_write(args.output, write, make_parents=True)  # as check_output_file allows
     else:
         sys.stdout.flush()
         sys.stdout.buffer.write(header)

@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from utils import UsageError, atomic_write, warn
+from utils import UsageError, atomic_write, first_line, warn
 
 IMPLEMENTATIONS = ('auto', 'eager', 'compile', 'cpu_fused', 'fused')
 # The implementation --impl auto picks on each device type (measured fastest there).
@@ -196,7 +196,7 @@ def _compile_failure(error, plan, fallen_back):
         raise error
     # the compiler's own error, which Dynamo wraps (BackendCompilerFailed)
     cause = getattr(error, 'inner_exception', None) or error
-    reason = f'{type(cause).__name__}: {_first_line(cause)}'
+    reason = f'{type(cause).__name__}: {first_line(cause, 300)}'
     if not plan.compile_fallback:
         raise CompileError(f'torch.compile failed ({reason}); --impl eager runs without '
                            'compiling') from None
@@ -206,13 +206,6 @@ def _compile_failure(error, plan, fallen_back):
              'this an error)')
     return True
 
-
-
-def _first_line(error):
-    """The first line of an error's message, without terminal colour codes."""
-    text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0][:300] if lines else ''
 
 
 class Compiled:
@@ -315,29 +308,35 @@ def resolve_precision(device, precision='auto', opt_level=None, amp=False, measu
 
 
 def measure_cpu_precisions(model_class, factors, layers, rounds=3):
-    """Seconds of one training micro-step (forward, loss and backward of CPU_MICRO_BATCH
+    """Seconds of one training micro-step (forward, loss and backward of CPU_MICRO_BATCH / 4
     samples, dropout 0.5) of `model_class` at these layer sizes, in fp32 and in bf16: {'fp32':
-    s, 'bf16': s}, the median of `rounds`, the precisions interleaved. The tables are small
+    s, 'bf16': s}, the median of up to `rounds`, the precisions interleaved, after a round that
+    sets up oneDNN's kernels. A first timed round that finds one 1.5 times the other decides
+    (an emulated bf16 is many times slower: no need to time it thrice). The tables are small
     (the step's cost is in its layers); the global random state is left as it was."""
     import torch.nn.functional as F
 
+    batch = CPU_MICRO_BATCH // 4
     random_state = torch.get_rng_state()  # the initialisation and dropout draw from it
     try:
         generator = torch.Generator().manual_seed(0)
         rows = 1024
         model = model_class(rows, rows, factors, layers, 0.5)
-        users, items = (torch.randint(0, rows, (CPU_MICRO_BATCH,), generator=generator)
+        users, items = (torch.randint(0, rows, (batch,), generator=generator)
                         for _ in range(2))
-        labels = (torch.rand(CPU_MICRO_BATCH, generator=generator) < 0.2).float()
+        labels = (torch.rand(batch, generator=generator) < 0.2).float()
         seconds = {'fp32': [], 'bf16': []}
-        for timed in [False] + [True] * rounds:  # the first round sets up oneDNN's kernels
+        for round_ in range(rounds + 1):
             for precision in seconds:
                 start = time.perf_counter()
                 with torch.autocast('cpu', dtype=torch.bfloat16, enabled=precision == 'bf16'):
                     logits = model(users, items)
                 F.binary_cross_entropy_with_logits(logits.float().view(-1), labels).backward()
-                if timed:
+                if round_:
                     seconds[precision].append(time.perf_counter() - start)
+            if round_ == 1 and max(seconds['fp32'][0], seconds['bf16'][0]) \
+                    > 1.5 * min(seconds['fp32'][0], seconds['bf16'][0]):
+                break
     finally:
         torch.set_rng_state(random_state)
     return {precision: statistics.median(times) for precision, times in seconds.items()}
@@ -375,8 +374,8 @@ def cpu_precision_by_measurement(impl, factors, layers):
     precision = min(seconds, key=seconds.get)
     other = 'bf16' if precision == 'fp32' else 'fp32'
     return precision, (f'precision auto: {precision}, the faster on this CPU (a training '
-                       f'micro-step {seconds[precision] * 1000:.1f} ms, '
-                       f'{seconds[other] * 1000:.1f} ms in {other}; {where})')
+                       f'step of {CPU_MICRO_BATCH // 4} samples {seconds[precision] * 1000:.1f} '
+                       f'ms, {seconds[other] * 1000:.1f} ms in {other}; {where})')
 
 
 def resolve_impl(device, impl='auto'):
@@ -527,6 +526,18 @@ def start(device='auto', **settings):
             return answer[0]
     return resolve(device_type, rank=rank, world_size=world_size, local_rank=local_rank,
                    measure=measure, **settings)
+
+
+def peer_failure(error):
+    """Where `error` is a collective's, failing because another process of the run failed or
+    was stopped (its connection closed; gloo's and NCCL's errors): what it says, shortened.
+    None for any other error."""
+    text = first_line(error)
+    if isinstance(error, dist.DistError) or (isinstance(error, RuntimeError)
+                                             and ('gloo' in text or 'NCCL' in text)):
+        # without the source location gloo starts with, and its closing advice
+        return re.sub(r'^\[[^\]]*\]\s*', '', text).split('. ')[0]
+    return None
 
 
 def stop():

@@ -57,6 +57,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
 
+    def weights_are_finite(self):
+        """Whether no weight is NaN or infinite (one synchronisation, once an epoch)."""
+        return bool(torch.stack([torch.isfinite(parameter).all()
+                                 for parameter in self.model.parameters()]).all())
+
     def epoch(self, generator, progress=lambda steps: steps):
         """One pass over a freshly drawn epoch; returns this rank's (loss sum, sample count)."""
         users, items, labels = self.batches.epoch(generator)

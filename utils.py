@@ -12,6 +12,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -27,6 +28,23 @@ ENDING_SIGNALS = ('SIGTERM', 'SIGHUP')
 
 class UsageError(Exception):
     """Bad input (a file, a flag, a checkpoint): reported in one line, exit status 1."""
+
+
+def first_line(error, limit=400):
+    """The first line of an error's message, for a one-line report: without terminal colour
+    codes (torch colours some of its messages), and whole up to `limit` characters."""
+    text = re.sub(r'\x1b\[[0-9;]*m', '', str(error))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines[0]) <= limit else lines[0][:limit - 3] + '...'
+
+
+def out_of_memory(error):
+    """Whether `error` is an allocation that failed: torch's OutOfMemoryError (CUDA), a CPU
+    allocator's failure (a RuntimeError of torch's), or Python's MemoryError."""
+    return isinstance(error, MemoryError) or type(error).__name__ == 'OutOfMemoryError' or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -99,10 +117,34 @@ def import_held(*names):
             importlib.import_module(name)
 
 
+def _on_early_signal(signum, frame):
+    """Ctrl-C or SIGTERM before run_main runs (while torch imports, say): nothing has been
+    written yet, so the line is all there is to do, at once (an import interrupted half-way
+    leaves nothing worth unwinding)."""
+    print(f'{_speaker["program"]}: interrupted: nothing was written', file=sys.stderr,
+          flush=True)
+    os._exit(128 + signum)
+
+
+def handle_signals_early(program):
+    """Ctrl-C, SIGTERM and SIGHUP end `program` with one line from here on, before its heavy
+    imports (the first lines of a command-line script); run_main takes over when it starts.
+    Signals the caller ignores (nohup, a background job) stay ignored."""
+    _speaker['program'] = program
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in ('SIGINT',) + ENDING_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None and signal.getsignal(number) in (signal.SIG_DFL,
+                                                               signal.default_int_handler):
+            signal.signal(number, _on_early_signal)
+
+
 @contextlib.contextmanager
 def _signal_handlers():
     """Route Ctrl-C, SIGTERM and SIGHUP through _on_signal where they have their default
-    handling (an ignored signal stays ignored: nohup, a background job)."""
+    handling or handle_signals_early's (an ignored signal stays ignored: nohup, a background
+    job)."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
         for name in ('SIGINT',) + ENDING_SIGNALS:
@@ -110,8 +152,12 @@ def _signal_handlers():
             if number is None:
                 continue
             current = signal.getsignal(number)
-            if current in (signal.SIG_DFL, signal.default_int_handler):
-                installed[number] = current
+            if current in (signal.SIG_DFL, signal.default_int_handler, _on_early_signal):
+                # once run_main is done, the default handling (the early line would say that
+                # nothing was written)
+                installed[number] = (current if current is not _on_early_signal
+                                     else signal.default_int_handler if number == signal.SIGINT
+                                     else signal.SIG_DFL)
                 signal.signal(number, _on_signal)
     try:
         yield
@@ -310,8 +356,28 @@ def _remove_empty(directories):
             pass
 
 
+def fsync_path(path):
+    """Flush a file's or a directory's data to the disk (a directory: the names in it), so
+    that what a rename publishes survives a power loss."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _publish(temporary, path):
+    """Rename the written `temporary` onto `path` durably: the file's data on the disk before
+    the rename, the directory's new entry after it (else a power loss may leave `path` renamed
+    but empty)."""
+    fsync_path(temporary)
+    os.replace(temporary, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))
+
+
 def atomic_write(path, write, make_parents=False):
-    """Call write(temporary_path), then rename it onto `path`: readers see all or nothing.
+    """Call write(temporary_path), then rename it onto `path`: readers see all or nothing, and
+    the rename publishes it durably (fsync of the file and of its directory).
 
     The temporary file sits beside `path` (see `temporary_path`) and is removed if `write` fails
     or the process is interrupted; one left by a writer killed outright (kill -9) is removed by
@@ -323,7 +389,7 @@ def atomic_write(path, write, make_parents=False):
     try:
         temporary = temporary_path(path)
         write(temporary)
-        os.replace(temporary, path)
+        _publish(temporary, path)
     except BaseException as error:
         if temporary is not None and os.path.exists(temporary):
             os.remove(temporary)
@@ -341,6 +407,26 @@ def atomic_torch_save(obj, path):
         with open(temporary, 'wb') as file:
             torch.save(obj, file)
     atomic_write(path, write)
+
+
+def torch_load(path, what, map_location):
+    """torch.load(path, weights_only=True), any failure one line naming `what` it should be."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, foreign pickle...: not a file of ours
+        if not written_by_torch_save(path):
+            raise UsageError(f'{path} is not a {what}: not a file torch.save writes') from None
+        raise UsageError(f'cannot read {what} {path}: {first_line(error)}') from None
+
+
+def written_by_torch_save(path):
+    """Whether `path` starts as torch.save's files do: a zip archive, or (before torch 1.6) a
+    pickle."""
+    with open(path, 'rb') as file:
+        head = file.read(4)
+    return head.startswith(b'PK\x03\x04') or head[:1] == b'\x80'
 
 
 class FileSet:
@@ -379,6 +465,12 @@ class FileSet:
         self.write(path, write)
 
     def commit(self, last=None):
+        """Rename every file into place, `last` at the end, durably: each file's data on the
+        disk before the first rename, the directories' entries before `last`'s rename and
+        after it."""
+        for temporary in self._staged.values():
+            fsync_path(temporary)
+        directories = {os.path.dirname(os.path.abspath(path)) for path in self._staged}
         with deferred_signals():
             if last is not None:
                 if last not in self._staged:
@@ -389,8 +481,11 @@ class FileSet:
                 if path != last:
                     os.replace(temporary, path)
                     del self._staged[path]
+            for directory in directories:  # the others in place before `last` says so
+                fsync_path(directory)
             if last is not None:
                 os.replace(self._staged.pop(last), last)
+                fsync_path(os.path.dirname(os.path.abspath(last)))
 
     def discard(self):
         for temporary in self._staged.values():
@@ -417,6 +512,14 @@ def _nearest_existing(path):
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
+
+
+def same_file(path, other):
+    """Whether two paths name one file (through links and relative paths too)."""
+    try:
+        return os.path.samefile(path, other)
+    except OSError:  # one of them does not exist (yet)
+        return os.path.realpath(path) == os.path.realpath(other)
 
 
 def check_writable_directory(directory, flag=None):

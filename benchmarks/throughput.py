@@ -8,8 +8,9 @@ The first row is the reference's configuration on this device (runtime.baseline:
 in fp16 AMP with fused Adam on CUDA, in fp32 with plain Adam on a CPU); each following row adds one
 knob of the default plan (its precision, fused Adam, micro-batches), then every implementation
 that runs here, each with the default's other settings, and last the default implementation in
-the other precision (the one auto did not choose: on a CPU, fp32 or bf16). Every row runs ncf.py's own code
-(runtime.Plan, training.Trainer, evaluation.Evaluation) and times, with device synchronisation:
+the other precision (the one auto did not choose: on a CPU, fp32 or bf16). Every row runs
+ncf.py's own code (runtime.Plan, training.Trainer, evaluation.Evaluation) and times, with device
+synchronisation:
 a training step (median of --steps after warm-up), a whole epoch (negative sampling and
 shuffling included), one full evaluation, the time from building the model to the end of the
 first step (compilation included), and, on CUDA, the peak memory. Without --data,

@@ -4,6 +4,7 @@ Each line is ``DLLL {json}`` with timestamp, datetime, elapsedtime, type and the
 step and data (type "LOG": step "PARAMETER" for settings, [epoch] per epoch, [] for the summary)
 or metric and metadata (type "METADATA": units and formats of a metric).
 """
+import contextlib
 import json
 import os
 import time
@@ -23,14 +24,26 @@ class Logger:
     def __init__(self, path=None, append=False):
         self.start = time.time()
         self.file = None
+        self.path = path
         if path:
-            directory = os.path.dirname(os.path.abspath(path))
-            os.makedirs(directory, exist_ok=True)
-            if not append:
-                open(path, 'w').close()
-            self.file = open(path, 'ab', buffering=0)
-            if self.file.tell() and not _ends_with_newline(path):
-                self.file.write(b'\n')  # a torn last line stays a line of its own
+            with self._naming_the_log():
+                directory = os.path.dirname(os.path.abspath(path))
+                os.makedirs(directory, exist_ok=True)
+                if not append:
+                    open(path, 'w').close()
+                self.file = open(path, 'ab', buffering=0)
+                if self.file.tell() and not _ends_with_newline(path):
+                    self.file.write(b'\n')  # a torn last line stays a line of its own
+
+    @contextlib.contextmanager
+    def _naming_the_log(self):
+        """An OSError while writing names the log (a device such as /dev/full names no file)."""
+        try:
+            yield
+        except OSError as error:
+            if error.filename is None:
+                error.filename = self.path
+            raise
 
     def _write(self, record):
         if self.file is None:
@@ -39,8 +52,9 @@ class Logger:
         line = {'timestamp': str(now), 'datetime': str(datetime.fromtimestamp(now)),
                 'elapsedtime': str(now - self.start), **record}
         data = (PREFIX + json.dumps(line, default=str) + '\n').encode()
-        while data:  # a regular file takes it in one write; anything else may need several
-            data = data[self.file.write(data):]
+        with self._naming_the_log():
+            while data:  # a regular file takes it in one write; anything else may need several
+                data = data[self.file.write(data):]
 
     def metadata(self, metric, metadata):
         self._write({'type': 'METADATA', 'metric': metric, 'metadata': metadata})

@@ -47,13 +47,19 @@ def epoch_series(path, warnings=None):
             by_epoch.setdefault(step[0], {}).update(record['data'])
     if not any(key.startswith('hr@') for data in by_epoch.values() for key in data):
         raise UsageError(f'{path} is not a training log: it has no per-epoch HR records')
-    series = {}
+    series, dropped = {}, {}
     for epoch in sorted(by_epoch):
         for key, value in by_epoch[epoch].items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 series.setdefault(key, ([], []))
                 series[key][0].append(epoch)
                 series[key][1].append(value)
+            else:
+                dropped.setdefault(key, []).append(epoch)
+    if dropped and warnings is not None:
+        warnings.append(f'skipped values that are not numbers in {path}: ' + ', '.join(
+            f'{key} of epoch {", ".join(map(str, epochs[:5]))}{", ..." if len(epochs) > 5 else ""}'
+            for key, epochs in sorted(dropped.items())))
     return series
 
 

@@ -18,11 +18,12 @@ if 'TRITON_INTERPRET' not in os.environ:
 @pytest.fixture(scope='session', autouse=True)
 def machine_caches(tmp_path_factory):
     """What the runs learn about the machine, for the whole session and the processes the tests
-    start, under pytest's temporary directory: torch.compile's cache (a graph compiled once is
-    reused; one exported by the caller, as benchmarks/gpu_check.sh does, is used instead) and
-    the CPU precision measured fastest (runtime.cache_home)."""
-    if 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
-        os.environ['TORCHINDUCTOR_CACHE_DIR'] = str(tmp_path_factory.mktemp('inductor'))
+    start, under pytest's temporary directory: torch.compile's and Triton's caches (compiled
+    once, reused; ones exported by the caller, as benchmarks/gpu_check.sh does, are used
+    instead) and the CPU precision measured fastest (runtime.cache_home)."""
+    for variable, name in (('TORCHINDUCTOR_CACHE_DIR', 'inductor'), ('TRITON_CACHE_DIR', 'triton')):
+        if variable not in os.environ:
+            os.environ[variable] = str(tmp_path_factory.mktemp(name))
     os.environ['XDG_CACHE_HOME'] = str(tmp_path_factory.mktemp('cache'))
 
 
@@ -93,6 +94,37 @@ def make_cache(directory, users, items, rows, groups, seed, valid_negative):
     convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
                   '--valid_negative', str(valid_negative)])
     return str(directory / 'cache')
+
+
+def replace_tensor(cache, name, tensor):
+    """Replace one tensor of a cache as convert.py would have written it (other data, not a
+    tampered cache): the file (never written through a link), its shape and sha256, the counts
+    and the fingerprint in metadata.json. A value that is not a tensor replaces the file only."""
+    import json
+
+    import torch
+
+    from cache_layout import TEST_NEGATIVES_FILE, TRAIN_FILE, fingerprint, split_sha256
+    from dataloading import tensor_sha256
+
+    path = os.path.join(cache, name)
+    if os.path.lexists(path):
+        os.remove(path)
+    torch.save(tensor, path)
+    if not isinstance(tensor, torch.Tensor):
+        return
+    metadata_path = os.path.join(cache, 'metadata.json')
+    with open(metadata_path) as file:
+        metadata = json.load(file)
+    metadata['tensors'][name] = {'shape': list(tensor.shape), 'sha256': tensor_sha256(tensor)}
+    count = {TRAIN_FILE: 'n_train', TEST_NEGATIVES_FILE: 'valid_negative'}.get(name)
+    if count:
+        metadata[count] = tensor.shape[0] if count == 'n_train' else tensor.shape[-1]
+    metadata['fingerprint'] = fingerprint(metadata['source_sha256'], metadata['id_maps_sha256'],
+                                          split_sha256(metadata['tensors']))
+    os.remove(metadata_path)
+    with open(metadata_path, 'w') as file:
+        json.dump(metadata, file)
 
 
 FP32 = TINY + ['--precision', 'fp32']

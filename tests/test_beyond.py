@@ -14,7 +14,7 @@ import dataloading
 import inference
 import ncf
 import runtime
-from conftest import FP32, ROOT, TINY, assert_one_line_error
+from conftest import FP32, ROOT, TINY, assert_one_line_error, replace_tensor
 from logger import plot
 from logger.logger import read_log
 
@@ -192,8 +192,7 @@ def test_exact_negatives_end_to_end_and_impossible_case(tiny_data, tmp_path, cap
         os.symlink(os.path.join(tiny_data, name), data / name)
     train = torch.load(os.path.join(tiny_data, 'train_ratings.pt'), weights_only=True)
     everything = torch.stack([torch.zeros(200, dtype=torch.long), torch.arange(200)], 1)
-    os.remove(data / 'train_ratings.pt')
-    torch.save(torch.cat([train, everything]), data / 'train_ratings.pt')
+    replace_tensor(data, 'train_ratings.pt', torch.cat([train, everything]))
     fails(['--data', str(data), '-e', '1', '--negative_sampling', 'exact'] + TINY,
           'user 0 (mapped id) has a training interaction with every item', capsys)
 
@@ -228,7 +227,7 @@ def test_inference_bad_inputs(tmp_path, capsys):
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes(b'junk')
     fails(['--load_checkpoint_path', str(corrupt), '--log_path', str(tmp_path / 'l.json')],
-          'cannot read checkpoint', capsys, main=inference.main)
+          'is not a checkpoint: not a file torch.save writes', capsys, main=inference.main)
     fails(['--batch_sizes', '1,x', '--log_path', str(tmp_path / 'l.json')],
           '--batch_sizes must be comma-separated integers', capsys, main=inference.main)
     torch.save({'a': torch.zeros(1)}, tmp_path / 'foreign.pth')

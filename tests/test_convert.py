@@ -234,13 +234,24 @@ def test_metadata_identifies_the_data(tmp_path):
     convert.main(['--path', source, '--output', str(tmp_path / 'a'), '--min_ratings', '3',
                   '--valid_negative', '2'])
     metadata = json.loads((tmp_path / 'a' / METADATA_FILE).read_text())
-    assert metadata['version'] == 2
+    assert metadata['version'] == 3
     id_maps = (tmp_path / 'a' / USER_IDS_FILE).read_bytes() + \
         (tmp_path / 'a' / ITEM_IDS_FILE).read_bytes()
     assert metadata['id_maps_sha256'] == hashlib.sha256(id_maps).hexdigest()
     assert metadata['source_sha256'] == hashlib.sha256(HAND_WRITTEN.encode()).hexdigest()
+    # every tensor's shape and the sha256 of its values
+    for name, (shape, values) in {TRAIN_FILE: ([6, 2], EXPECTED_TRAIN),
+                                  TEST_FILE: ([3, 2], EXPECTED_TEST)}.items():
+        assert metadata['tensors'][name] == {
+            'shape': shape, 'sha256': hashlib.sha256(torch.tensor(values).numpy().tobytes())
+            .hexdigest()}
+    assert metadata['tensors'][TEST_NEGATIVES_FILE]['shape'] == [3, 2]
+    # the fingerprint: the source, the id maps and the split (training and test tensors)
+    split = hashlib.sha256(f"{metadata['tensors'][TRAIN_FILE]['sha256']}:"
+                           f"{metadata['tensors'][TEST_FILE]['sha256']}".encode()).hexdigest()
     assert metadata['fingerprint'] == hashlib.sha256(
-        f"{metadata['source_sha256']}:{metadata['id_maps_sha256']}".encode()).hexdigest()[:16]
+        f"{metadata['source_sha256']}:{metadata['id_maps_sha256']}:{split}".encode()
+    ).hexdigest()[:16]
     # Another seed draws other test negatives from the same data: the same fingerprint.
     convert.main(['--path', source, '--output', str(tmp_path / 'b'), '--min_ratings', '3',
                   '--valid_negative', '2', '--seed', '5'])
@@ -269,3 +280,86 @@ def test_a_byte_order_mark_is_accepted(tmp_path, name, text):
                        if name != METADATA_FILE})
         assert read_ids(output / USER_IDS_FILE) == ['user_id', '1', '2']
     assert caches[0] == caches[1]
+
+
+def test_a_header_with_blanks_after_the_commas(tmp_path):
+    spaced = HAND_WRITTEN.replace(',', ', ')
+    caches = []
+    for name, text in (('plain.csv', HAND_WRITTEN), ('spaced.csv', spaced)):
+        output = tmp_path / name.replace('.csv', '')
+        convert.main(['--path', write(tmp_path / name, text), '--output', str(output),
+                      '--min_ratings', '3', '--valid_negative', '2'])
+        caches.append({name: data for name, data in snapshot(output).items()
+                       if name != METADATA_FILE})
+    assert caches[0] == caches[1]
+
+
+def test_a_run_that_finds_another_writing_leaves_its_directory_alone(tmp_path, monkeypatch,
+                                                                       capsys):
+    """Two conversions into one new --output at once: this one made the directory, the other
+    locked it first and is writing there. This one fails in one line, and must not remove the
+    directory the other writes in."""
+    output = tmp_path / 'new'
+    other = []
+    real_lock = convert.lock_directory
+
+    def the_other_locks_first(directory):
+        other.append(real_lock(directory))  # and has written nothing yet
+        return real_lock(directory)
+    monkeypatch.setattr(convert, 'lock_directory', the_other_locks_first)
+    try:
+        with pytest.raises(SystemExit):
+            convert.main(['--path', write(tmp_path / 'r.csv', HAND_WRITTEN), '--output',
+                          str(output), '--min_ratings', '3', '--valid_negative', '2'])
+    finally:
+        for descriptor in other:
+            os.close(descriptor)
+    assert_one_line_error(capsys.readouterr().err, 'another process is writing')
+    assert output.is_dir()  # the other one goes on writing there
+
+
+def test_the_input_is_never_one_of_the_outputs(tmp_path, capsys):
+    cache = tmp_path / 'cache'
+    cache.mkdir()
+    source = write(cache / TRAIN_FILE, HAND_WRITTEN)
+    with pytest.raises(SystemExit):
+        convert.main(['--path', source, '--output', str(cache), '--format', 'csv'])
+    assert_one_line_error(capsys.readouterr().err, f'--path {source} is the {TRAIN_FILE} '
+                          'convert.py writes in --output')
+    assert (cache / TRAIN_FILE).read_text() == HAND_WRITTEN
+
+
+def test_publishing_renames_are_durable(tmp_path, monkeypatch):
+    """Each file's data reaches the disk before the rename that publishes it, and the
+    directory's entry after it (a power loss leaves the old file or the whole new one)."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        events.append(('fsync', os.readlink(f'/proc/self/fd/{descriptor}')))
+        return real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(('rename', str(target)))
+        return real_replace(source, target)
+    monkeypatch.setattr(os, 'fsync', fsync)
+    monkeypatch.setattr(os, 'replace', replace)
+    target = tmp_path / 'model.pth'
+    utils.atomic_write(str(target), lambda temporary: open(temporary, 'w').write('x'))
+    assert [kind for kind, _ in events] == ['fsync', 'rename', 'fsync']
+    assert events[0][1].startswith(str(tmp_path / '.model.pth.'))
+    assert events[2] == ('fsync', str(tmp_path))
+
+    events.clear()
+    convert.main(['--path', write(tmp_path / 'r.csv', HAND_WRITTEN), '--output',
+                  str(tmp_path / 'cache'), '--min_ratings', '3', '--valid_negative', '2'])
+    renames = [target for kind, target in events if kind == 'rename']
+    assert renames[-1] == str(tmp_path / 'cache' / METADATA_FILE)  # metadata.json last
+    synced = [path for kind, path in events if kind == 'fsync']
+    for name in (TRAIN_FILE, TEST_FILE, TEST_NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE):
+        staged = [path for path in synced if os.path.basename(path).startswith(f'.{name}.')]
+        assert staged, name  # its data synced before the renames
+        assert events.index(('fsync', staged[0])) < events.index(('rename', renames[0]))
+    last = events.index(('rename', renames[-1]))
+    assert ('fsync', str(tmp_path / 'cache')) in events[:last]  # the others' entries first
+    assert events[last + 1] == ('fsync', str(tmp_path / 'cache'))

@@ -466,26 +466,50 @@ def test_prepare_help():
     assert completed.returncode == 0 and 'DATASET: ml-20m | ml-1m | ml-100k' in completed.stdout
 
 
+# A Python for prepare_dataset.sh (its PYTHON) that runs scripts and `-c` code as python does,
+# but holds convert.py once its first file is staged: a signal then lands mid-conversion,
+# however fast the machine converts.
+HOLDING_PYTHON = '''
+import os, runpy, sys, time
+if sys.argv[1].endswith('convert.py'):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+    import utils
+    write = utils.FileSet.write
+    def held_write(self, path, function):
+        write(self, path, function)
+        print('[test] staged ' + path, file=sys.stderr, flush=True)
+        time.sleep(60)
+    utils.FileSet.write = held_write
+if sys.argv[1] == '-c':
+    code, sys.argv = sys.argv[2], ['-c'] + sys.argv[3:]
+    exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})
+else:
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_prepare_interrupted_keeps_the_previous_cache(signum, small, tmp_path):
-    """SIGTERM to the script while convert.py runs; Ctrl-C (SIGINT to the whole process group,
-    as a terminal sends it) at once."""
+    """SIGTERM to the script while convert.py writes; Ctrl-C (SIGINT to the whole process
+    group, as a terminal sends it) likewise."""
     raw = tmp_path / 'raw'
     (raw / 'synthetic').mkdir(parents=True)
     shutil.copy(small['a'], raw / 'synthetic' / 'ratings.csv')
     (raw / 'synthetic' / 'options').write_text('\n')
     shutil.copytree(small['cache'], raw / 'cache' / 'synthetic')  # a cache of other data
     before = snapshot(raw / 'cache')
+    (tmp_path / 'holding.py').write_text(HOLDING_PYTHON)
+    python = tmp_path / 'python'
+    python.write_text(f'#!/bin/sh\nexec {PYTHON} {tmp_path / "holding.py"} "$@"\n')
+    python.chmod(0o755)
     process = subprocess.Popen(command('prepare_dataset.sh', 'synthetic', str(raw)),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, 'PYTHON': PYTHON})
-    for line in process.stdout:
-        if line.startswith('Preprocessing'):
+                               start_new_session=True, env={**os.environ, 'PYTHON': str(python)})
+    for line in process.stderr:
+        if line.startswith('[test] staged'):
             break
     if signum == signal.SIGTERM:
-        for line in process.stderr:
-            if line.startswith('[convert] read'):
-                break
         process.send_signal(signum)
     else:
         os.killpg(process.pid, signum)
@@ -706,3 +730,17 @@ def test_plot_a_torn_log_from_anywhere(tmp_path):
                                env={**os.environ, 'PYTHONPATH': ROOT})
     assert as_module.returncode == 0, as_module.stderr
     assert (elsewhere / 'c.png').exists()
+
+
+def test_plot_says_which_values_it_skipped(tmp_path):
+    """A record whose value is not a number (a hand-edited log, say) is left out of the curve,
+    with a warning that names it."""
+    log = tmp_path / 'log.json'
+    write_log(log, epochs=3)
+    logger = Logger(str(log), append=True)
+    logger.log((2,), {'hr@10': 'high'})
+    logger.close()
+    warnings = []
+    series = plot.epoch_series(str(log), warnings)
+    assert series['hr@10'] == ([1, 3], [0.51, 0.53])
+    assert warnings == [f'skipped values that are not numbers in {log}: hr@10 of epoch 2']

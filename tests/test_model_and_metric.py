@@ -141,3 +141,15 @@ def test_the_scoring_copy_keeps_fp32_logits():
     distinct = len(torch.unique(pairs))
     assert distinct > 0.95 * len(torch.unique(reference))
     assert len(torch.unique(pairs.bfloat16())) < 0.01 * distinct
+
+
+def test_a_score_that_is_not_finite_ranks_the_positive_last():
+    """NaN compares false: without care a NaN positive would rank first (HR 1.0)."""
+    items = torch.tensor([[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 42]])
+    nan, inf = float('nan'), float('inf')
+    scores = torch.tensor([[nan, 0.1, 0.2],     # the positive NaN
+                           [0.9, nan, 0.2],     # a negative NaN
+                           [inf, 0.1, 0.2],     # the positive infinite
+                           [0.9, 0.1, 0.2]])    # a finite row: the positive first
+    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k=2)
+    assert hits.item() == 1 and ndcg.item() == pytest.approx(1.0)

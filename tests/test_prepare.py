@@ -161,7 +161,7 @@ def test_prepare_prints_a_training_command_that_fits(tmp_path, n_train, flags):
     cache = tmp_path / 'cache'
     cache.mkdir()
     (cache / 'metadata.json').write_text(json.dumps({
-        'version': 2, 'source_sha256': sha256(ratings), 'min_ratings': 20,
+        'version': 3, 'source_sha256': sha256(ratings), 'min_ratings': 20,
         'valid_negative': 100, 'seed': 1, 'n_train': n_train}))
     completed = prepare('ml-20m', str(tmp_path / 'raw'), str(cache), cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr

@@ -54,9 +54,9 @@ def test_cpu_precision_is_the_faster_one_measured_once_and_remembered(seconds, e
     precision, note = runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
     assert precision == expected and measured == [('CpuFusedNeuMF', 8, [32, 16, 8])]
     other = 'bf16' if expected == 'fp32' else 'fp32'
-    assert note == (f'precision auto: {expected}, the faster on this CPU (a training micro-step '
-                    f'{seconds[expected] * 1000:.1f} ms, {seconds[other] * 1000:.1f} ms in '
-                    f'{other}; measured now)')
+    assert note == (f'precision auto: {expected}, the faster on this CPU (a training step of '
+                    f'4096 samples {seconds[expected] * 1000:.1f} ms, '
+                    f'{seconds[other] * 1000:.1f} ms in {other}; measured now)')
     remembered = tmp_path / 'ncf' / runtime.CPU_PRECISION_FILE
     again = runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
     assert again[0] == expected and len(measured) == 1  # not measured again

@@ -14,7 +14,7 @@ import evaluation
 import ncf
 import runtime
 import training
-from conftest import ROOT, TINY, assert_one_line_error, make_cache
+from conftest import ROOT, TINY, assert_one_line_error, make_cache, replace_tensor
 from logger.logger import read_log
 
 
@@ -151,7 +151,10 @@ def test_valid_negative_other_than_the_cache_draws_new_negatives(tiny_data, tmp_
 
 
 def free_port_env():
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT}
+    """The environment of a launch: one thread a process, and gloo on the loopback device
+    (rather than whatever interface the host name resolves to)."""
+    loopback = {'GLOO_SOCKET_IFNAME': 'lo'} if os.path.exists('/sys/class/net/lo') else {}
+    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT, **loopback}
 
 
 def free_port():
@@ -165,7 +168,8 @@ def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
     single = ncf.main(arguments)
     completed = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         os.path.join(ROOT, 'ncf.py')] + arguments + ['--checkpoint_dir', str(tmp_path)],
+         os.path.join(ROOT, 'ncf.py')] + arguments
+        + ['--checkpoint_dir', str(tmp_path / 'ck')],
         capture_output=True, text=True, env=free_port_env(), timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     epoch_lines = [line for line in completed.stdout.splitlines() if line.startswith('Epoch ')]
@@ -176,7 +180,8 @@ def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
         # Same batches, gradients averaged in another order: the same up to rounding.
         assert distributed_hr == pytest.approx(hr, abs=2 / 300)
     # The DDP run's checkpoint loads in one process.
-    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path),
+    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir',
+                       str(tmp_path / 'ck'),
                        '--precision', 'fp32'] + TINY)
     best = max(float(line.split('HR@10 = ')[1].split(',')[0]) for line in epoch_lines)
     assert tested['hr'] == pytest.approx(best, abs=1e-4)
@@ -252,28 +257,37 @@ def test_gpu_mixed_precision_and_fused_adam(tiny_data):
 def damaged(train):
     out_of_range = train.clone()
     out_of_range[5, 0] = 300
-    return {  # case: (file, its new content: None removes it, bytes replace it), error fragment
-        'missing file': ('test_negatives.pt', None, 'test_negatives.pt is missing'),
-        'wrong shape': ('train_ratings.pt', torch.zeros(10, 3, dtype=torch.long), 'shape [n, 2]'),
-        'wrong dtype': ('train_ratings.pt', train.int(), 'not int32'),
-        'id out of range': ('train_ratings.pt', out_of_range, 'outside [0, 300)'),
-        'not a tensor file': ('test_ratings.pt', b'garbage', 'cannot read'),
-        'not a tensor': ('test_ratings.pt', {'a': 1}, 'holds a dict'),
+    changed_pair = train.clone()
+    changed_pair[7, 1] = (changed_pair[7, 1] + 1) % 200
+    return {  # case: (file, new content: None removes it, bytes replace it; rewritten: as
+        # convert.py would have written it, metadata.json included), error fragment
+        'missing file': ('test_negatives.pt', None, False, 'test_negatives.pt is missing'),
+        'wrong shape': ('train_ratings.pt', torch.zeros(10, 3, dtype=torch.long), True,
+                        'shape [n, 2]'),
+        'wrong dtype': ('train_ratings.pt', train.int(), True, 'not int32'),
+        'id out of range': ('train_ratings.pt', out_of_range, True, 'outside [0, 300)'),
+        'not a tensor file': ('test_ratings.pt', b'garbage', False, 'is not a tensor file'),
+        'not a tensor': ('test_ratings.pt', {'a': 1}, True, 'holds a dict'),
         'test rows out of order': ('test_ratings.pt', torch.zeros(300, 2, dtype=torch.long),
-                                   'row u must hold user u'),
+                                   True, 'row u must hold user u'),
+        'a training pair changed behind metadata.json': (
+            'train_ratings.pt', changed_pair, False,
+            'train_ratings.pt has changed since convert.py wrote it'),
     }
 
 
-@pytest.mark.parametrize('case', sorted(damaged(torch.zeros(6, 2, dtype=torch.long))))
+@pytest.mark.parametrize('case', sorted(damaged(torch.zeros(8, 2, dtype=torch.long))))
 def test_bad_data(case, tiny_data, tmp_path, capsys):
     train = torch.load(os.path.join(tiny_data, 'train_ratings.pt'), weights_only=True)
-    name, content, fragment = damaged(train)[case]
+    name, content, rewritten, fragment = damaged(train)[case]
     data_dir = tmp_path / 'data'
     shutil.copytree(tiny_data, data_dir)
     if content is None:
         os.remove(data_dir / name)
     elif isinstance(content, bytes):
         (data_dir / name).write_bytes(content)
+    elif rewritten:
+        replace_tensor(data_dir, name, content)
     else:
         torch.save(content, data_dir / name)
     with pytest.raises(SystemExit) as exit_info:
