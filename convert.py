@@ -20,7 +20,6 @@ cache or one without metadata.json, which nothing trusts.
 Vectorised throughout: an ML-20m-sized file takes seconds (see README, "Preprocessing speed").
 """
 import csv
-import fcntl
 import hashlib
 import io
 import json
@@ -29,18 +28,17 @@ import sys
 import threading
 import time
 
-from cache_layout import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, TEST_FILE,
-                          TEST_NEGATIVES_FILE, TRAIN_FILE, USER_IDS_FILE, fingerprint,
-                          split_sha256, tensor_sha256)
-from utils import (DISK_FULL, ArgumentParser, FileSet, UsageError, check_writable_directory,
-                   deferred_signals, disk_full_error, import_held, run_main, same_file)
+from ncflib.cache import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, MIN_RATINGS,
+                          SEED, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE, USER_IDS_FILE,
+                          VALID_NEGATIVE, fingerprint, split_sha256, tensor_sha256)
+from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, check_writable_directory,
+                        deferred_signals, disk_full_error, import_held, run_main, same_file)
+from ncflib.files import DirectoryLock, FileSet
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
 # a bad input or output is reported at once, and Ctrl-C or SIGTERM find run_main's handlers in
 # place almost from the start.
 
-MIN_RATINGS = 20
-VALID_NEGATIVE = 100
 BOM = '\ufeff'  # a UTF-8 byte order mark, as some editors write at the start of a CSV
 NEGATIVE_CHUNK_USERS = 16384
 
@@ -63,7 +61,7 @@ def stage(message, since):
     return now
 
 
-def first_line(path):
+def header_line(path):
     """The first line of `path`, decoded, without a byte order mark or surrounding blanks."""
     try:
         with open(path, 'rb') as file:
@@ -75,7 +73,7 @@ def first_line(path):
 
 def detect_format(path):
     """Name the format of `path` from its first line (see FORMATS)."""
-    first = first_line(path)
+    first = header_line(path)
     if not first:
         raise UsageError(f'{path} has an empty first line: expected a header or a first rating')
     names = header_names(first, ',')
@@ -106,7 +104,7 @@ def read_interactions(path, fmt):
     else:
         # The header as read here (no byte order mark, blanks and quotes around names removed:
         # 'user_id, item_id' names user_id and item_id), not as Arrow would read it.
-        header = first_line(path)
+        header = header_line(path)
         names = header_names(header, spec['delimiter'])
         missing = [column for column in spec['columns'] if column not in names]
         if missing:
@@ -160,7 +158,7 @@ def _csv_column_index(path, spec, name):
     """Index of column `name` in the file, as Arrow's error messages count columns."""
     if not spec['header']:
         return spec['names'].index(name)
-    return header_names(first_line(path), spec['delimiter']).index(name)
+    return header_names(header_line(path), spec['delimiter']).index(name)
 
 
 def header_names(header, delimiter):
@@ -249,15 +247,18 @@ def split(columns, min_ratings):
                 dropped_users=int((~kept_users).sum()))
 
 
-def sample_test_negatives(train_users, train_items, n_users, n_items, count, seed, user_values):
-    """`count` items per user, uniform with replacement over items without a training pair
-    (the test positive included, as in the reference: evaluation counts a repeat once)."""
+def sample_test_negatives(result, count, seed):
+    """`count` items per user of the split `result`, uniform with replacement over items
+    without a training pair (the test positive included, as in the reference: evaluation counts
+    a repeat once)."""
     import torch
 
     from dataloading import ItemExclusion
 
-    exclusion = ItemExclusion(torch.from_numpy(train_users), torch.from_numpy(train_items),
-                              n_users, n_items)
+    n_users, user_values = result['n_users'], result['user_values']
+    exclusion = ItemExclusion(torch.from_numpy(result['train_users']),
+                              torch.from_numpy(result['train_items']), n_users,
+                              result['n_items'])
     # The test positive is never a training item, so it is always free to draw (as in the
     # reference); a user left with nothing else has interacted with every item.
     full = torch.nonzero(exclusion.free_counts <= 1).flatten()
@@ -282,24 +283,12 @@ def id_map_bytes(header, values):
     return text.getvalue().encode('utf-8')
 
 
-def lock_directory(directory):
-    """An exclusive lock on `directory` (an open descriptor: closing it unlocks), so that two
-    conversions into one cache never interleave their files; UsageError if one is running."""
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
-        raise UsageError(f'another process is writing {directory}; wait for it to finish') from None
-    return descriptor
-
-
 def write_cache(output, result, test_negatives, metadata, progress=None):
     """Write the cache, replacing any previous one in `output` as a whole.
 
     Every file goes to a temporary name beside its place first; only when all are written are
     they renamed into place, metadata.json removed before the first rename and renamed last
-    (utils.FileSet). So until then the previous cache stays whole and loadable (an interrupted
+    (files.FileSet). So until then the previous cache stays whole and loadable (an interrupted
     or failed run leaves it as it was), and a process killed outright during the renames leaves
     no metadata.json: a cache is trusted only with a metadata.json written after all its files.
     Adds each tensor's shape and sha256, id_maps_sha256 and the fingerprint to `metadata`.
@@ -316,7 +305,8 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
         created = False
     lock = None
     try:
-        lock = lock_directory(output)
+        # two conversions into one cache never interleave their files
+        lock = DirectoryLock(output, 'one conversion at a time into a cache')
         with FileSet() as files:
             tensors = {}
 
@@ -359,7 +349,7 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
         raise
     finally:
         if lock is not None:
-            os.close(lock)
+            lock.release()
 
 
 class FileHash:
@@ -392,7 +382,7 @@ def parse_args(argv=None):
                         help='number of test negatives per user')
     parser.add_argument('--min_ratings', type=int, default=MIN_RATINGS,
                         help='drop users with fewer interactions than this')
-    parser.add_argument('-s', '--seed', type=int, default=1, help='seed for the test negatives')
+    parser.add_argument('-s', '--seed', type=int, default=SEED, help='seed for the test negatives')
     return parser.parse_args(argv)
 
 
@@ -437,9 +427,7 @@ def convert(args, progress=None):
     if args.valid_negative > result['n_items']:
         raise UsageError(f'--valid_negative {args.valid_negative} is more than the '
                          f'{result["n_items"]:,} items of {args.path}')
-    test_negatives = sample_test_negatives(result['train_users'], result['train_items'],
-                                           result['n_users'], result['n_items'],
-                                           args.valid_negative, args.seed, result['user_values'])
+    test_negatives = sample_test_negatives(result, args.valid_negative, args.seed)
     now = stage(f'drew {args.valid_negative} test negatives per user', now)
     metadata = {
         'version': CACHE_VERSION,

@@ -1,15 +1,13 @@
 """The cached dataset on the device: loading, negative sampling, batching and test candidates."""
-import hashlib
-import json
+import dataclasses
 import os
 
 import torch
 
-from utils import UsageError, torch_load
-
-from cache_layout import (CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, TENSOR_FILES, TEST_FILE,
-                          TEST_NEGATIVES_FILE, TRAIN_FILE, USER_IDS_FILE, fingerprint,
-                          tensor_sha256)
+from ncflib.cache import (METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE, check_counts,
+                          fingerprint, read_metadata, tensor_sha256)
+from ncflib.cli import UsageError
+from ncflib.files import torch_load
 
 
 class ItemExclusion:
@@ -89,21 +87,29 @@ class ItemExclusion:
         return self.keys[position] == query
 
 
+@dataclasses.dataclass
 class Dataset:
     """The cached split, on one device: training pairs, test positives and test negatives."""
+    train_users: torch.Tensor     # [n_train]
+    train_items: torch.Tensor     # [n_train]
+    test_items: torch.Tensor      # [n_users]: user u's test positive
+    test_negatives: torch.Tensor  # [n_users, valid_negative]
+    n_users: int
+    n_items: int
+    metadata: dict                # metadata.json's
 
-    def __init__(self, train_users, train_items, test_items, test_negatives, n_users, n_items,
-                 metadata):
-        self.train_users, self.train_items = train_users, train_items
-        self.test_items, self.test_negatives = test_items, test_negatives
-        self.n_users, self.n_items, self.metadata = n_users, n_items, metadata
-        # the data's identity, recorded in checkpoints (convert.py's, from cache version 2)
-        self.fingerprint = metadata.get('fingerprint')
-        # what a cache of version 2 of the same ratings and ids had as its fingerprint
-        self.fingerprint_without_split = (
-            fingerprint(metadata['source_sha256'], metadata['id_maps_sha256'])
-            if isinstance(metadata.get('source_sha256'), str)
-            and isinstance(metadata.get('id_maps_sha256'), str) else None)
+    @property
+    def fingerprint(self):
+        """The data's identity, recorded in checkpoints (convert.py's, from cache version 2)."""
+        return self.metadata.get('fingerprint')
+
+    @property
+    def fingerprint_without_split(self):
+        """What a cache of version 2 of the same ratings and ids had as its fingerprint."""
+        source, id_maps = (self.metadata.get(key) for key in ('source_sha256', 'id_maps_sha256'))
+        if isinstance(source, str) and isinstance(id_maps, str):
+            return fingerprint(source, id_maps)
+        return None
 
 
 def _load_tensor(path, device, recorded):
@@ -122,75 +128,6 @@ def _load_tensor(path, device, recorded):
                          f'not what {METADATA_FILE} records): run prepare_dataset.sh or '
                          'convert.py again')
     return tensor.to(device)
-
-
-def read_metadata(data_dir, log=print):
-    """metadata.json of the cache in `data_dir`, checked for what loading needs. A cache older
-    than version 3 (no tensor digests) is read with a one-line notice."""
-    if not data_dir or not os.path.isdir(data_dir):
-        raise UsageError(f'--data {data_dir!r} is not a directory: run prepare_dataset.sh first')
-    path = os.path.join(data_dir, METADATA_FILE)
-    if not os.path.isfile(path):
-        raise UsageError(f'{data_dir} has no {METADATA_FILE}: the cache is missing or incomplete; '
-                         'run prepare_dataset.sh or convert.py again')
-    try:
-        with open(path) as file:
-            metadata = json.load(file)
-        int(metadata['n_users']), int(metadata['n_items'])
-        version = metadata.get('version', 1)
-        tensors = metadata.get('tensors')
-        if version >= CACHE_VERSION and not (isinstance(tensors, dict) and all(
-                isinstance(tensors.get(name), dict) for name in TENSOR_FILES)):
-            raise ValueError(f'no tensor digests in a cache of version {version}')
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UsageError(f'{path} is not convert.py metadata: {error}') from None
-    if version > CACHE_VERSION:
-        raise UsageError(f'{path} is of cache version {version}, newer than this ncf reads '
-                         f'({CACHE_VERSION}): update ncf')
-    if version < CACHE_VERSION:
-        log(f'Notice: the cache in {data_dir} records no tensor digests (cache version '
-            f'{version}): its tensors are not checked against {METADATA_FILE}; '
-            'prepare_dataset.sh or convert.py converts it again')
-    return metadata
-
-
-def check_counts(metadata, path, counts):
-    """metadata.json's counts (n_train, n_test, valid_negative, where it has them) are the
-    tensors' `counts`."""
-    for name, count in counts.items():
-        if name in metadata and metadata[name] != count:
-            raise UsageError(f'{path} says {name} {metadata[name]}, but the tensors hold '
-                             f'{count}: the cache is inconsistent; run convert.py again')
-
-
-def read_id_maps(data_dir, metadata):
-    """(user ids, item ids): the original ids in mapped order (line k after the header: mapped
-    id k), as strings, checked against metadata.json's id_maps_sha256 where it has one."""
-    import csv
-    import io
-
-    data, digest = [], hashlib.sha256()
-    for name in (USER_IDS_FILE, ITEM_IDS_FILE):
-        path = os.path.join(data_dir, name)
-        if not os.path.isfile(path):
-            raise UsageError(f'{path} is missing: recommend mode needs the id maps convert.py '
-                             'writes (run it again to get them)')
-        with open(path, 'rb') as file:
-            data.append(file.read())
-        digest.update(data[-1])
-    recorded = metadata.get('id_maps_sha256')
-    if recorded is not None and digest.hexdigest() != recorded:
-        raise UsageError(f'{USER_IDS_FILE} or {ITEM_IDS_FILE} in {data_dir} has changed since '
-                         f'convert.py wrote it (their sha256 is not what {METADATA_FILE} '
-                         'records): run prepare_dataset.sh or convert.py again')
-    maps = []
-    for name, raw in zip((USER_IDS_FILE, ITEM_IDS_FILE), data):
-        rows = list(csv.reader(io.StringIO(raw.decode('utf-8', errors='replace'), newline='')))
-        if not rows or len(rows[0]) != 1:
-            raise UsageError(f'{os.path.join(data_dir, name)} is not an id map: expected a '
-                             'one-column CSV with a header')
-        maps.append([row[0] if row else '' for row in rows[1:]])
-    return maps
 
 
 def _check(tensor, path, shape, high):
@@ -262,27 +199,28 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
 class TrainBatches:
     """One epoch of training samples at a time, generated on the device.
 
-    Each epoch pairs every training positive with `negative_samples` items drawn uniformly from
-    the whole catalogue (approximate, as the reference: one may be a positive) or, given an
-    ItemExclusion of the training pairs, from the items the user has no training pair with
-    (exact), and shuffles the whole epoch once. Every rank draws the same epoch from the same
-    generator and takes its own slice of each global batch, so that N processes train on exactly
-    the batches one process would (the reference shards before shuffling, so its ranks see
-    different label mixes). Each rank's slice is cut into `micro_slices`: `grads_accumulated`
-    equal parts (the reference's accumulation), each further split into parts of at most
-    `max_micro_batch` samples (sizes differing by at most one) when that is set.
+    Each epoch pairs every training positive of `dataset` with `negative_samples` items drawn
+    uniformly from the whole catalogue (approximate, as the reference: one may be a positive)
+    or, given an ItemExclusion of the training pairs, from the items the user has no training
+    pair with (exact), and shuffles the whole epoch once. Every rank draws the same epoch from
+    the same generator and takes its own slice of each global batch, so that N processes train
+    on exactly the batches one process would (the reference shards before shuffling, so its
+    ranks see different label mixes). Each rank's slice is cut into `micro_slices`:
+    `grads_accumulated` equal parts (the reference's accumulation), each further split into
+    parts of at most the plan's micro-batch (sizes differing by at most one) where it has one.
     """
 
-    def __init__(self, users, items, n_items, negative_samples, batch_size, rank=0,
-                 world_size=1, grads_accumulated=1, max_micro_batch=None, exclusion=None):
-        self.users, self.items, self.n_items = users, items, n_items
+    def __init__(self, dataset, plan, batch_size, negative_samples, grads_accumulated=1,
+                 exclusion=None):
+        self.users, self.items = dataset.train_users, dataset.train_items
+        self.n_items = dataset.n_items
         self.exclusion = exclusion  # given: exact negatives, never one of the user's positives
         self.negative_samples = negative_samples
-        self.samples = len(users) * (1 + negative_samples)
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.rank_batch = batch_size // world_size
+        self.samples = len(self.users) * (1 + negative_samples)
+        self.batch_size, self.rank, self.world_size = batch_size, plan.rank, plan.world_size
+        self.rank_batch = batch_size // plan.world_size
         accumulated = self.rank_batch // grads_accumulated
-        splits = -(-accumulated // max_micro_batch) if max_micro_batch else 1
+        splits = -(-accumulated // plan.micro_batch) if plan.micro_batch else 1
         sizes = [size for _ in range(grads_accumulated) for size in even_split(accumulated, splits)]
         starts = [sum(sizes[:index]) for index in range(len(sizes))]
         self.micro_slices = [slice(start, start + size) for start, size in zip(starts, sizes)]

@@ -11,37 +11,37 @@ summary). With a checkpoint, the table sizes and layers come from it.
 """
 import sys
 
-import utils
+from ncflib import cli
 
 if __name__ == '__main__':
-    utils.handle_signals_early('inference.py')  # Ctrl-C while torch loads is one line too
+    cli.handle_signals_early('inference.py')  # Ctrl-C while torch loads is one line too
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import checkpoints  # noqa: E402
-import runtime  # noqa: E402
-from evaluation import NonFiniteScores, Scorer  # noqa: E402
 from logger import Logger  # noqa: E402
 from logger.autologging import log_args, log_hardware  # noqa: E402
-from utils import (ArgumentParser, UsageError, check_log_file, first_line,  # noqa: E402
-                   out_of_memory, run_main, same_file)
+from ncflib import checkpoints, models, runtime  # noqa: E402
+from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
+from ncflib.cli import (ArgumentParser, UsageError, check_log_file, first_line,  # noqa: E402
+                        out_of_memory, run_main, same_file, warn)
+from ncflib.evaluation import NonFiniteScores, Scorer  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = ArgumentParser(description='Benchmark inference performance of the NCF model')
     parser.add_argument('--load_checkpoint_path', default=None, type=str,
                         help='Checkpoint to load (model.pth or last.pth); None: random weights')
-    parser.add_argument('--n_users', default=138493, type=int,
+    parser.add_argument('--n_users', default=ML_20M_USERS, type=int,
                         help='Number of users (ML-20m after preprocessing); from the checkpoint '
                              'when one is given')
-    parser.add_argument('--n_items', default=26744, type=int,
+    parser.add_argument('--n_items', default=ML_20M_ITEMS, type=int,
                         help='Number of items (ML-20m after preprocessing); likewise')
-    parser.add_argument('-f', '--factors', type=int, default=64,
+    parser.add_argument('-f', '--factors', type=int, default=models.DEFAULT_FACTORS,
                         help='Number of predictive factors')
-    parser.add_argument('--dropout', type=float, default=0.5,
+    parser.add_argument('--dropout', type=float, default=models.DEFAULT_DROPOUT,
                         help='Dropout probability (inactive in inference)')
-    parser.add_argument('--layers', nargs='+', type=int, default=[256, 256, 128, 64],
+    parser.add_argument('--layers', nargs='+', type=int, default=list(models.DEFAULT_LAYERS),
                         help='Sizes of hidden layers for MLP')
     parser.add_argument('--batch_sizes', default='1,64,1024,4096,16384,65536,262144,1048576',
                         help='Comma-separated batch sizes')
@@ -52,7 +52,12 @@ def parse_args(argv=None):
     parser.add_argument('--log_path', default='log.json', type=str,
                         help='Path for the JSON log')
     parser.add_argument('-s', '--seed', type=int, default=1)
-    return runtime.parsed(parser, parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        args.plan_options = runtime.PlanOptions.from_flags(vars(args))
+    except UsageError as error:  # contradicting flags: argparse's kind of error
+        parser.error(str(error))
+    return args
 
 
 def percentile_ms(latencies, q):
@@ -67,10 +72,8 @@ def benchmark(args):
                          f'{args.batch_sizes!r}') from None
     if not batch_sizes or min(batch_sizes) < 1 or args.num_batches < 1 or args.warmup < 0:
         raise UsageError('batch sizes and --num_batches must be positive, --warmup not negative')
-    if min(args.n_users, args.n_items, args.factors, *args.layers) < 1:
-        raise UsageError('--n_users, --n_items, --factors and --layers must be positive')
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f'--dropout must be in [0, 1), not {args.dropout}')
+    if min(args.n_users, args.n_items) < 1:
+        raise UsageError('--n_users and --n_items must be positive')
     check_log_file(args.log_path, '--log_path')
     if args.load_checkpoint_path and same_file(args.log_path, args.load_checkpoint_path):
         raise UsageError(f'--log_path {args.log_path} is --load_checkpoint_path, which this run '
@@ -80,14 +83,10 @@ def benchmark(args):
         state = checkpoints.read(args.load_checkpoint_path)
         args.n_users, args.n_items, args.factors, args.layers = checkpoints.shapes_of(
             state, args.load_checkpoint_path)
-    if args.layers[0] % 2:
-        raise UsageError(f'--layers: the first size ({args.layers[0]}) must be even')
-    plan = runtime.resolve(args.device, precision=args.precision, impl=args.impl,
-                           opt_level=args.opt_level, amp=args.amp,
-                           compile_cache=args.compile_cache,
-                           model_shape=(args.factors, args.layers))
+    models.check_shape(args.factors, args.layers, args.dropout)
+    plan = runtime.resolve(args.plan_options, (args.factors, args.layers))
     for warning in plan.warnings:
-        print(f'inference.py: warning: {warning}', file=sys.stderr)
+        warn(warning)
 
     torch.manual_seed(args.seed)
     model = plan.build_model(args.n_users, args.n_items, args.factors, args.layers, args.dropout)
@@ -99,7 +98,8 @@ def benchmark(args):
 
     logger = Logger(args.log_path)
     log_hardware(logger)
-    log_args(logger, args)
+    log_args(logger, {name: value for name, value in vars(args).items()
+                      if name != 'plan_options'})
     print(f'NeuMF {args.n_users} users x {args.n_items} items, factors {args.factors}, layers '
           f'{args.layers}, {"random" if state is None else "checkpoint"} weights; '
           f'{plan.describe()}')

@@ -84,120 +84,9 @@ interrupted() {
 trap 'interrupted 130' INT
 trap 'interrupted 143' TERM
 
-# The Python side: checks, extraction, digests and the cache decision, each ending in one line
-# on failure (utils.run_main). Called as: python -c HELPER SCRIPT_DIR COMMAND ARGS...
-HELPER=$(cat <<'EOF'
-import json, os, shlex, sys, zipfile, hashlib
-sys.path.insert(0, sys.argv[1])
-from utils import (UsageError, atomic_write, check_output_file, check_writable_directory,
-                   remember_sha256, remembered_sha256, run_main)
-PROGRAM = 'prepare_dataset.sh'
-from cache_layout import CACHE_VERSION
-MIN_RATINGS, VALID_NEGATIVE, SEED = 20, 100, 1  # what convert.py writes here
-DEFAULT_BATCH, SAMPLES_PER_POSITIVE = 2 ** 20, 5  # ncf.py's -b, and 1 + its -n
-
-
-def check(raw, cache, ratings):
-    """Before any work: the directories that will be written can be."""
-    if not os.path.isfile(ratings):
-        check_writable_directory(raw, 'RAW_DIR')
-    if not os.path.isfile(os.path.join(cache, 'metadata.json')):
-        check_writable_directory(cache, 'CACHE_DIR')
-
-
-def extract(archive, member, target):
-    """Extract `member` unless the file there came from this very zip (by sha256)."""
-    stamp = target + '.zip-sha256'
-    try:  # a bad zip is reported before anything is written, a digest included
-        with zipfile.ZipFile(archive) as zipped:
-            zipped.getinfo(member)
-    except (zipfile.BadZipFile, KeyError, EOFError) as error:
-        raise UsageError(f'cannot extract {member} from {archive}: {error}') from None
-    digest, _ = remembered_sha256(archive, log=print)
-    try:
-        with open(stamp) as file:
-            extracted_from = file.read().strip()
-    except OSError:
-        extracted_from = None
-    if os.path.isfile(target) and extracted_from == digest:
-        print(f'Using {target}')
-        return
-    print(f'Extracting {member} from {archive}'
-          + (' (the zip has changed since it was last extracted)' if extracted_from else ''))
-    check_output_file(target, 'RAW_DIR')
-    if os.path.exists(stamp):  # no stamp until the new file is whole
-        os.remove(stamp)
-    extracted = hashlib.sha256()
-
-    def write(temporary):
-        with zipfile.ZipFile(archive) as zipped, zipped.open(member) as source, \
-                open(temporary, 'wb') as sink:
-            while chunk := source.read(1 << 22):
-                extracted.update(chunk)
-                sink.write(chunk)
-    try:
-        atomic_write(target, write, make_parents=True)
-    except (zipfile.BadZipFile, KeyError, EOFError) as error:
-        raise UsageError(f'cannot extract {member} from {archive}: {error}') from None
-    remember_sha256(target, extracted.hexdigest())
-
-    def write_stamp(temporary):
-        with open(temporary, 'w') as file:
-            file.write(digest + '\n')
-    atomic_write(stamp, write_stamp)
-
-
-def decide(ratings, cache):
-    """0: the cache was converted from this very ratings file, with these options; 3: convert."""
-    digest, _ = remembered_sha256(ratings, log=print)
-    try:
-        with open(os.path.join(cache, 'metadata.json')) as file:
-            metadata = json.load(file)
-    except OSError:
-        metadata, reason = None, 'no cache yet'
-    except ValueError:
-        metadata, reason = None, 'its metadata.json does not parse'
-    if metadata is not None:
-        if not isinstance(metadata, dict) or metadata.get('version') != CACHE_VERSION:
-            reason = 'the cache is from another version of convert.py'
-        elif metadata.get('source_sha256') != digest:
-            reason = 'the ratings file has changed since it was converted'
-        elif (metadata.get('min_ratings'), metadata.get('valid_negative'),
-              metadata.get('seed')) != (MIN_RATINGS, VALID_NEGATIVE, SEED):
-            reason = 'the cache was converted with other options'
-        else:
-            print(f'Using cached preprocessed data in {cache} (converted from {ratings}, '
-                  f'sha256 {digest[:16]}...)')
-            return 0
-    check_writable_directory(cache, 'CACHE_DIR')
-    print(f'Preprocessing {ratings} into {cache} ({reason})')
-    return 3
-
-
-def command(cache):
-    """The training command for this cache: the reference's batch of 2^20 needs an epoch of
-    many such batches (ML-20m has 94); smaller data gets the Quick start's small-batch
-    settings, with a batch well under an epoch."""
-    with open(os.path.join(cache, 'metadata.json')) as file:
-        samples = json.load(file)['n_train'] * SAMPLES_PER_POSITIVE
-    flags = ''
-    if samples < 16 * DEFAULT_BATCH:
-        batch = 4096
-        while batch > 64 and 16 * batch > samples:
-            batch //= 2
-        flags = f' -b {batch} -l 0.002 -b1 0.9 -b2 0.999'
-    data = shlex.quote(cache)
-    print(f'You can now run the training with: python ncf.py --data {data}{flags}')
-    print(f'or, on several GPUs: torchrun --nproc_per_node=<number_of_GPUs> ncf.py '
-          f'--data {data}{flags}')
-
-
-name, arguments = sys.argv[2], sys.argv[3:]
-kept = os.environ.get('PREPARE_KEPT')
-sys.exit(run_main(PROGRAM, globals()[name], *arguments, kept=kept) or 0)
-EOF
-)
-helper() { PREPARE_KEPT=${KEPT} run "${PYTHON}" -c "${HELPER}" "${SCRIPT_DIR}" "$@"; }
+# The Python side (prepare.py): checks, extraction, digests and the cache decision, each ending
+# in one line on failure.
+helper() { run "${PYTHON}" "${SCRIPT_DIR}/prepare.py" --kept "${KEPT}" "$@"; }
 
 helper check "${RAW_DATADIR}" "${CACHED_DATADIR}" "${RATINGS_PATH}"
 
@@ -227,7 +116,7 @@ fi
 
 status=0
 helper decide "${RATINGS_PATH}" "${CACHED_DATADIR}" || status=$?
-if [ "${status}" -eq 3 ]; then
+if [ "${status}" -eq 3 ]; then  # prepare.py decide: convert
     t0=$(date +%s)
     run "${PYTHON}" "${SCRIPT_DIR}/convert.py" --path "${RATINGS_PATH}" --output "${CACHED_DATADIR}"
     echo "Finished preprocessing in $(( $(date +%s) - t0 )) seconds"

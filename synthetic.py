@@ -15,8 +15,8 @@ Deterministic for a seed; vectorised, so ML-20m's shape (20M rows) takes seconds
 import os
 import sys
 
-from utils import (ArgumentParser, UsageError, atomic_write, check_output_file, import_held,
-                   run_main)
+from ncflib.cli import ArgumentParser, UsageError, check_output_file, import_held, run_main
+from ncflib.files import atomic_write
 
 # Defaults: small enough that the Quick start trains on it in about a minute on a CPU.
 DEFAULT_USERS = 3000

@@ -21,9 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from logger.autologging import hardware_info  # noqa: E402
+from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
+from ncflib.runtime import cpu_name  # noqa: E402
 
-ML20M_SHAPE = dict(users=138_493, items=26_744, rows=20_000_000)
+ML20M_SHAPE = dict(users=ML_20M_USERS, items=ML_20M_ITEMS, rows=20_000_000)
 
 
 def main():
@@ -74,7 +75,7 @@ def main():
         'wall_s_min': round(walls[0], 2),
         'peak_rss_gb': round(max(peaks), 2),
         'cpu_count': os.cpu_count(),
-        'cpu': hardware_info()['cpu'],
+        'cpu': cpu_name(),
         'python': platform.python_version(),
     }
     print(json.dumps(result))

@@ -155,7 +155,7 @@ def main():
     import torch
     from triton.backends.compiler import GPUTarget
 
-    import fused
+    from ncflib import fused
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin',
                              'cuobjdump')

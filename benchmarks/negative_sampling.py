@@ -16,7 +16,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataloading  # noqa: E402
-import runtime  # noqa: E402
+from ncflib import runtime  # noqa: E402
+from ncflib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVE_SAMPLES  # noqa: E402
 
 
 def main():
@@ -24,11 +25,11 @@ def main():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data', required=True, help='a cache written by convert.py')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
-    parser.add_argument('-b', '--batch_size', type=int, default=2 ** 20)
-    parser.add_argument('-n', '--negative_samples', type=int, default=4)
+    parser.add_argument('-b', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument('-n', '--negative_samples', type=int, default=DEFAULT_NEGATIVE_SAMPLES)
     parser.add_argument('--repeat', type=int, default=3)
     args = parser.parse_args()
-    plan = runtime.resolve(args.device)
+    plan = runtime.resolve(runtime.PlanOptions(device=args.device, precision='fp32'))
     device = plan.device
     dataset = dataloading.load_dataset(args.data, device)
 
@@ -40,9 +41,8 @@ def main():
               'n_train': len(dataset.train_users), 'n_items': dataset.n_items,
               'negative_samples': args.negative_samples, 'exclusion_build_s': round(build, 3)}
     for name, excluded in (('approximate', None), ('exact', exclusion)):
-        batches = dataloading.TrainBatches(dataset.train_users, dataset.train_items,
-                                           dataset.n_items, args.negative_samples,
-                                           args.batch_size, exclusion=excluded)
+        batches = dataloading.TrainBatches(dataset, plan, args.batch_size,
+                                           args.negative_samples, exclusion=excluded)
         generator = plan.generator(1)
         times = []
         for _ in range(args.repeat):

@@ -33,17 +33,20 @@ sys.path.insert(0, ROOT)
 
 import convert  # noqa: E402
 import dataloading  # noqa: E402
-import runtime  # noqa: E402
 import synthetic  # noqa: E402
-from evaluation import Evaluation  # noqa: E402
-from training import Trainer  # noqa: E402
+from ncflib import models, runtime  # noqa: E402
+from ncflib.cache import METADATA_FILE, ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
+from ncflib.evaluation import Evaluation  # noqa: E402
+from ncflib.recipe import (DEFAULT_BETAS, DEFAULT_LEARNING_RATE,  # noqa: E402
+                           DEFAULT_NEGATIVE_SAMPLES)
+from ncflib.training import Trainer  # noqa: E402
 
 # Per device type: the precision the last row times the default implementation in, beside the
 # default's own.
 OTHER_PRECISION = {'cpu': {'fp32': 'bf16', 'bf16': 'fp32'},
                    'cuda': {'bf16': 'fp16', 'fp16': 'bf16', 'fp32': 'bf16', 'tf32': 'bf16'}}
 SHAPES = {  # (users, items, rows) of the generated data
-    'ml-20m': (138_493, 26_744, 20_000_000),
+    'ml-20m': (ML_20M_USERS, ML_20M_ITEMS, 20_000_000),
     'ml-1m': (6_040, 3_706, 1_000_000),
 }
 
@@ -54,7 +57,7 @@ def prepare_data(args, shape):
     users, items, rows = SHAPES[shape]
     directory = os.path.join(args.workdir, f'synthetic-{shape}')
     cache = os.path.join(directory, 'cache')
-    if not os.path.exists(os.path.join(cache, dataloading.METADATA_FILE)):
+    if not os.path.exists(os.path.join(cache, METADATA_FILE)):
         print(f'Generating {shape}-shaped synthetic data in {directory} ...', file=sys.stderr)
         ratings = os.path.join(directory, 'ratings.csv')
         synthetic.write_csv(ratings, synthetic.generate(users, items, rows, seed=args.seed),
@@ -93,10 +96,8 @@ def time_row(name, plan, dataset, args):
     start = plan.time()
     model = plan.build_model(dataset.n_users, dataset.n_items, args.factors, args.layers,
                              args.dropout).to(plan.device)
-    batches = dataloading.TrainBatches(dataset.train_users, dataset.train_items,
-                                       dataset.n_items, args.negative_samples, args.batch_size,
-                                       max_micro_batch=plan.micro_batch)
-    trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2), 1e-8)
+    batches = dataloading.TrainBatches(dataset, plan, args.batch_size, args.negative_samples)
+    trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2))
     generator = plan.generator(args.seed)
     users, items, labels = batches.epoch(generator)
 
@@ -161,13 +162,13 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, default=10, help='timed training steps')
     parser.add_argument('--impl', action='append', choices=runtime.IMPLEMENTATIONS[1:],
                         help='time only these implementations after the knob rows (repeatable)')
-    parser.add_argument('-f', '--factors', type=int, default=64)
-    parser.add_argument('--layers', nargs='+', type=int, default=[256, 256, 128, 64])
-    parser.add_argument('--dropout', type=float, default=0.5)
-    parser.add_argument('-n', '--negative_samples', type=int, default=4)
-    parser.add_argument('-l', '--learning_rate', type=float, default=0.0045)
-    parser.add_argument('-b1', '--beta1', type=float, default=0.25)
-    parser.add_argument('-b2', '--beta2', type=float, default=0.5)
+    parser.add_argument('-f', '--factors', type=int, default=models.DEFAULT_FACTORS)
+    parser.add_argument('--layers', nargs='+', type=int, default=list(models.DEFAULT_LAYERS))
+    parser.add_argument('--dropout', type=float, default=models.DEFAULT_DROPOUT)
+    parser.add_argument('-n', '--negative_samples', type=int, default=DEFAULT_NEGATIVE_SAMPLES)
+    parser.add_argument('-l', '--learning_rate', type=float, default=DEFAULT_LEARNING_RATE)
+    parser.add_argument('-b1', '--beta1', type=float, default=DEFAULT_BETAS[0])
+    parser.add_argument('-b2', '--beta2', type=float, default=DEFAULT_BETAS[1])
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
     return parser.parse_args(argv)
@@ -176,7 +177,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    default = runtime.resolve(args.device, model_shape=(args.factors, args.layers))
+    default = runtime.resolve(runtime.PlanOptions(device=args.device),
+                              (args.factors, args.layers))
     on_cuda = default.device.type == 'cuda'
     args.batch_size = args.batch_size or (2 ** 20 if on_cuda else 2 ** 16)
     data = prepare_data(args, args.shape or ('ml-20m' if on_cuda else 'ml-1m'))

@@ -4,16 +4,7 @@ import platform
 
 import torch
 
-
-def _cpu_name():
-    try:
-        with open('/proc/cpuinfo') as file:
-            for line in file:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from ncflib.runtime import cpu_name
 
 
 def _memory_gb():
@@ -25,7 +16,7 @@ def _memory_gb():
 
 def hardware_info():
     info = {
-        'cpu': _cpu_name(),
+        'cpu': cpu_name(),
         'cpu_count': os.cpu_count(),
         'memory_gb': _memory_gb(),
         'hostname': platform.node(),
@@ -47,5 +38,6 @@ def log_hardware(logger):
     logger.log(step='PARAMETER', data=hardware_info())
 
 
-def log_args(logger, args):
-    logger.log(step='PARAMETER', data=vars(args))
+def log_args(logger, flags):
+    """The run's flags, a dict."""
+    logger.log(step='PARAMETER', data=dict(flags))

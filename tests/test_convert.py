@@ -1,18 +1,25 @@
-"""convert.py: the reference's split, the test negatives, the formats and every bad input."""
+"""convert.py: the reference's split, the test negatives, the formats, the cache it writes (as a
+whole, locked, durable), and every bad input and fault: one line, nothing half-written."""
 import csv
 import hashlib
 import json
 import os
+import random
+import shutil
 import signal
+import subprocess
 
 import pytest
 import torch
 
 import convert
-import utils
-from conftest import assert_one_line_error, run_script, snapshot
-from dataloading import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE,
-                         USER_IDS_FILE)
+import dataloading
+import synthetic
+from conftest import (PYTHON, ROOT, assert_one_line_error, fails, private_mounts, read_only,
+                      run_script, snapshot, wait_for_handlers)
+from ncflib import files
+from ncflib.cache import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE,
+                          TRAIN_FILE, USER_IDS_FILE)
 
 # Known answers. With --min_ratings 3, u3 (one row) goes; first appearance maps u2 -> 0, u1 -> 1,
 # u4 -> 2 and b -> 0, a -> 1, c -> 2, d -> 3, f -> 4, e -> 5. u1 in time order: c@3, a@5, b@5 (a
@@ -210,13 +217,13 @@ def test_an_interrupted_rewrite_keeps_the_previous_cache(tmp_path, monkeypatch, 
     assert snapshot(output) == before  # whole, loadable, and no temporary file left
 
     # Ctrl-C during the renames is held until they are done: the new cache is complete.
-    commit = utils.FileSet.commit
+    commit = files.FileSet.commit
 
     def commit_with_a_signal(self, last=None):
         os.kill(os.getpid(), signal.SIGINT)
         return commit(self, last)
     with monkeypatch.context() as patch:
-        patch.setattr(utils.FileSet, 'commit', commit_with_a_signal)
+        patch.setattr(files.FileSet, 'commit', commit_with_a_signal)
         with pytest.raises(SystemExit) as exit_info:
             convert.main(arguments + ['--seed', '2'])
     assert exit_info.value.code == 130
@@ -301,20 +308,21 @@ def test_a_run_that_finds_another_writing_leaves_its_directory_alone(tmp_path, m
     directory the other writes in."""
     output = tmp_path / 'new'
     other = []
-    real_lock = convert.lock_directory
+    real_lock = convert.DirectoryLock
 
-    def the_other_locks_first(directory):
-        other.append(real_lock(directory))  # and has written nothing yet
-        return real_lock(directory)
-    monkeypatch.setattr(convert, 'lock_directory', the_other_locks_first)
+    def the_other_locks_first(directory, rule):
+        other.append(real_lock(directory, rule))  # and has written nothing yet
+        return real_lock(directory, rule)
+    monkeypatch.setattr(convert, 'DirectoryLock', the_other_locks_first)
     try:
         with pytest.raises(SystemExit):
             convert.main(['--path', write(tmp_path / 'r.csv', HAND_WRITTEN), '--output',
                           str(output), '--min_ratings', '3', '--valid_negative', '2'])
     finally:
-        for descriptor in other:
-            os.close(descriptor)
-    assert_one_line_error(capsys.readouterr().err, 'another process is writing')
+        for lock in other:
+            lock.release()
+    assert_one_line_error(capsys.readouterr().err, f'{output} is in use by pid',
+                          'one conversion at a time into a cache')
     assert output.is_dir()  # the other one goes on writing there
 
 
@@ -329,37 +337,283 @@ def test_the_input_is_never_one_of_the_outputs(tmp_path, capsys):
     assert (cache / TRAIN_FILE).read_text() == HAND_WRITTEN
 
 
-def test_publishing_renames_are_durable(tmp_path, monkeypatch):
-    """Each file's data reaches the disk before the rename that publishes it, and the
-    directory's entry after it (a power loss leaves the old file or the whole new one)."""
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
+# ------------------------------------------------------------------------------------------------
+# Bad input and faults: one line, a non-zero exit, every file as it was
 
-    def fsync(descriptor):
-        events.append(('fsync', os.readlink(f'/proc/self/fd/{descriptor}')))
-        return real_fsync(descriptor)
+@pytest.fixture(scope='module')
+def small(tmp_path_factory):
+    """Two small ratings files (A and B: other users, items and rows) and a cache of A."""
+    directory = tmp_path_factory.mktemp('small')
+    paths = {}
+    for name, (users, items, rows, seed) in {'a': (300, 200, 9000, 1),
+                                             'b': (320, 210, 9600, 2)}.items():
+        paths[name] = str(directory / f'{name}.csv')
+        synthetic.write_csv(paths[name], synthetic.generate(users=users, items=items, rows=rows,
+                                                            groups=4, seed=seed))
+    paths['cache'] = str(directory / 'cache')
+    convert.main(['--path', paths['a'], '--output', paths['cache'], '--valid_negative', '50'])
+    return paths
 
-    def replace(source, target):
-        events.append(('rename', str(target)))
-        return real_replace(source, target)
-    monkeypatch.setattr(os, 'fsync', fsync)
-    monkeypatch.setattr(os, 'replace', replace)
-    target = tmp_path / 'model.pth'
-    utils.atomic_write(str(target), lambda temporary: open(temporary, 'w').write('x'))
-    assert [kind for kind, _ in events] == ['fsync', 'rename', 'fsync']
-    assert events[0][1].startswith(str(tmp_path / '.model.pth.'))
-    assert events[2] == ('fsync', str(tmp_path))
 
-    events.clear()
-    convert.main(['--path', write(tmp_path / 'r.csv', HAND_WRITTEN), '--output',
-                  str(tmp_path / 'cache'), '--min_ratings', '3', '--valid_negative', '2'])
-    renames = [target for kind, target in events if kind == 'rename']
-    assert renames[-1] == str(tmp_path / 'cache' / METADATA_FILE)  # metadata.json last
-    synced = [path for kind, path in events if kind == 'fsync']
-    for name in (TRAIN_FILE, TEST_FILE, TEST_NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE):
-        staged = [path for path in synced if os.path.basename(path).startswith(f'.{name}.')]
-        assert staged, name  # its data synced before the renames
-        assert events.index(('fsync', staged[0])) < events.index(('rename', renames[0]))
-    last = events.index(('rename', renames[-1]))
-    assert ('fsync', str(tmp_path / 'cache')) in events[:last]  # the others' entries first
-    assert events[last + 1] == ('fsync', str(tmp_path / 'cache'))
+@pytest.fixture
+def old_cache(small, tmp_path):
+    """A copy of the cache of A at tmp_path/cache: the previous cache a run must not harm."""
+    shutil.copytree(small['cache'], tmp_path / 'cache')
+    return str(tmp_path / 'cache')
+
+
+HEADER = 'user_id,item_id,timestamp\n'
+CASES = {
+    # name: (ratings file contents or None for none, extra arguments, exit status, fragment)
+    'missing file': (None, [], 1, 'does not exist'),
+    'zero-byte file': ('', [], 1, 'is empty'),
+    'empty first line': ('\n\n1,2,3\n', [], 1, 'empty first line'),
+    'binary garbage': (bytes(range(256)) * 8, [], 1, 'cannot tell the format'),
+    'unknown format': ('a;b;c\n1;2;3\n', [], 1, 'cannot tell the format'),
+    'header only': (HEADER, [], 1, 'holds no interactions'),
+    'malformed row': (HEADER + '1,2,3\n1,2\n', [], 1, 'cannot read'),
+    'missing value': (HEADER + '1,,5\n1,2,6\n', [], 1, 'without a item'),
+    'truncated last line': ('userId,movieId,rating,timestamp\n1,2,4.0,5\n1,3,4.0,6\n1,4', [],
+                            1, 'cannot read'),
+    'missing column behind a BOM': ('\ufeffuserId,rating,timestamp\n1,2,3\n',
+                                    ['--format', 'ml-20m'], 1, 'lacks the column(s) movieId'),
+    'missing columns': ('user_id,timestamp\n1,2\n', ['--format', 'csv'], 1, 'item_id'),
+    'non-numeric timestamp': (HEADER + '1,2,3\n1,3,soon\n', [], 1, 'non-numeric timestamp'),
+    'no user left': ('A', ['--min_ratings', '500'], 1, 'no user has at least 500'),
+    'every item': ('user_id,item_id,timestamp\nu1,x,1\nu1,y,2\nu2,x,1\nu2,y,2\n',
+                   ['--min_ratings', '2', '--valid_negative', '1'], 1,
+                   'user u1 has interacted with every item'),
+    '--valid_negative beyond the catalogue': ('A', ['--valid_negative', '201'], 1,
+                                              '--valid_negative 201 is more than the 200 items'),
+    '--valid_negative 0': ('A', ['--valid_negative', '0'], 1, 'at least 1'),
+    '--min_ratings 1': ('A', ['--min_ratings', '1'], 1, 'at least 2'),
+    '--seed out of range': ('A', ['--seed', str(2 ** 64)], 1, 'out of range'),
+    'a directory as --path': ('DIR', [], 1, 'is a directory'),
+    'output is a file': ('A', ['--output', 'FILE'], 1, 'is not a directory'),
+    'output under a file': ('A', ['--output', 'FILE/cache'], 1, 'is not a directory'),
+    'unknown format name': ('A', ['--format', 'ml-5m'], 2, 'invalid choice'),
+}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_bad_input_is_one_line_and_changes_nothing(case, small, old_cache, tmp_path, capsys):
+    contents, extra, code, fragment = CASES[case]
+    path = str(tmp_path / 'ratings.csv')
+    if contents == 'A':
+        shutil.copy(small['a'], path)
+    elif contents == 'DIR':
+        os.mkdir(path)
+    elif isinstance(contents, bytes):
+        (tmp_path / 'ratings.csv').write_bytes(contents)
+    elif contents is not None:
+        (tmp_path / 'ratings.csv').write_text(contents, encoding='utf-8')
+    (tmp_path / 'FILE').write_text('not a directory')
+    extra = [str(tmp_path / a) if a.startswith('FILE') else a for a in extra]
+    output = [] if '--output' in extra else ['--output', old_cache]
+    before = snapshot(tmp_path)
+    fails(convert.main, ['--path', path, *output, *extra], capsys, fragment, code=code)
+    assert snapshot(tmp_path) == before
+
+
+def run(argv, prefix=(), timeout=120):
+    return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def test_read_only_output(small, old_cache, tmp_path):
+    before = snapshot(tmp_path)
+    script = [PYTHON, os.path.join(ROOT, 'convert.py'), '--path', small['b']]
+    with read_only(old_cache) as prefix:
+        completed = run(script + ['--output', old_cache], prefix)
+    assert_one_line_error(completed, 'is read-only')
+    assert snapshot(tmp_path) == before
+    with read_only(tmp_path) as prefix:
+        completed = run(script + ['--output', str(tmp_path / 'new' / 'cache')], prefix)
+    assert_one_line_error(completed, 'cannot be created')
+    assert snapshot(tmp_path) == before
+
+
+FULL_DISK_DRIVER = '''
+import json, os, shutil, subprocess, sys
+mount, old, source, python, script = sys.argv[1:]
+cache = os.path.join(mount, 'cache')
+shutil.copytree(old, cache)
+def snapshot():  # the lock file names the run that holds the cache: not the user's
+    return {n: open(os.path.join(cache, n), 'rb').read() for n in sorted(os.listdir(cache))
+            if n != '.lock'}
+before = snapshot()
+space = os.statvfs(mount)
+with open(os.path.join(mount, 'filler'), 'wb') as filler:  # leave 64 KiB free
+    filler.write(b'x' * (space.f_bavail * space.f_frsize - 65536))
+completed = subprocess.run([python, script, '--path', source, '--output', cache,
+                            '--valid_negative', '50'], capture_output=True, text=True)
+print(json.dumps({'returncode': completed.returncode, 'stderr': completed.stderr,
+                  'unchanged': snapshot() == before, 'files': sorted(os.listdir(cache))}))
+'''
+
+
+INJECTED_FULL_DISK = '''
+import builtins, errno, os, runpy, sys
+space = [65536]
+real_open = builtins.open
+class Filling:
+    def __init__(self, file):
+        self._file = file
+    def write(self, data):
+        size = memoryview(data).nbytes
+        if size > space[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        space[0] -= size
+        return self._file.write(data)
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exception):
+        return self._file.__exit__(*exception)
+def filling_open(file, mode='r', *args, **kwargs):
+    opened = real_open(file, mode, *args, **kwargs)
+    return Filling(opened) if any(m in mode for m in 'wax+') else opened
+builtins.open = filling_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+def test_convert_full_disk_keeps_the_previous_cache(small, old_cache, tmp_path):
+    if private_mounts():
+        mount = tmp_path / 'tmpfs'
+        mount.mkdir()
+        driver = tmp_path / 'driver.py'
+        driver.write_text(FULL_DISK_DRIVER)
+        completed = run(['unshare', '-m', 'sh', '-c', 'mount -t tmpfs -o size=2m tmpfs "$0" && '
+                         'exec "$@"', str(mount), PYTHON, str(driver), str(mount), old_cache,
+                         small['b'], PYTHON, os.path.join(ROOT, 'convert.py')])
+        assert completed.returncode == 0, completed.stderr
+        result = json.loads(completed.stdout)
+        assert result['unchanged'] and result['files'] == sorted(os.listdir(old_cache))
+        completed = subprocess.CompletedProcess([], result['returncode'], '', result['stderr'])
+        cache = os.path.join(str(mount), 'cache')
+    else:
+        before = snapshot(tmp_path)
+        completed = run([PYTHON, '-c', INJECTED_FULL_DISK, os.path.join(ROOT, 'convert.py'),
+                         '--path', small['b'], '--output', old_cache, '--valid_negative', '50'])
+        assert snapshot(tmp_path) == before
+        cache = old_cache
+    assert_one_line_error(completed, 'No space left on device',
+                          f'the previous cache in {cache} is unchanged')
+    assert completed.returncode == 1
+    assert completed.stderr.splitlines()[-1].startswith(
+        f'convert.py: error: cannot write {cache}/')
+
+
+HOLD_WHILE_STAGING = '''
+import runpy, sys, time
+sys.path.insert(0, sys.argv[1])
+from ncflib import files
+write = files.FileSet.write
+def held_write(self, path, function):
+    write(self, path, function)
+    print('[test] staged ' + path, file=sys.stderr, flush=True)
+    time.sleep(60)
+files.FileSet.write = held_write
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+@pytest.mark.parametrize('signum, when', [(signal.SIGINT, 'reading'),
+                                          (signal.SIGTERM, 'staging')])
+def test_convert_interrupted_keeps_the_previous_cache(signum, when, small, old_cache, tmp_path):
+    before = snapshot(tmp_path)
+    arguments = [os.path.join(ROOT, 'convert.py'), '--path', small['b'], '--output', old_cache,
+                 '--valid_negative', '50']
+    if when == 'staging':
+        arguments = ['-c', HOLD_WHILE_STAGING, ROOT] + arguments
+    process = subprocess.Popen([PYTHON, *arguments], stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    if when == 'staging':
+        for line in process.stderr:
+            if line.startswith('[test] staged'):
+                break
+    else:
+        wait_for_handlers(process)
+    process.send_signal(signum)
+    stderr = process.stderr.read()
+    assert process.wait(60) == 128 + signum
+    assert 'Traceback' not in stderr
+    assert stderr.splitlines()[-1] == \
+        f'convert.py: interrupted: the previous cache in {old_cache} is unchanged'
+    assert snapshot(tmp_path) == before  # no temporary file left either
+
+
+KILL_DRIVER = '''
+import os, random, shutil, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import convert, torch  # noqa: F401 (loaded before forking)
+sources, output, copies = sys.argv[2:4], sys.argv[4], sys.argv[5]
+runs, seed = int(sys.argv[6]), int(sys.argv[7])
+rng = random.Random(seed)
+def start(source):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.dup2(write, 2)
+        try:
+            convert.main(['--path', source, '--output', output, '--valid_negative', '50'])
+        finally:
+            os._exit(0)
+    os.close(write)
+    stream = os.fdopen(read)
+    for line in stream:  # from the split on, the work is the cache's
+        if line.startswith('[convert] split'):
+            break
+    return pid, stream, time.perf_counter()
+pid, stream, began = start(sources[1])  # a whole run, to time the work after the split
+os.waitpid(pid, 0)
+span = time.perf_counter() - began
+stream.read()
+for run in range(runs):
+    pid, stream, began = start(sources[run % 2])
+    delay = rng.uniform(0, 1.2 * span)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    stream.read()
+    shutil.copytree(output, os.path.join(copies, str(run)))
+    print(f'run {run}: killed after {delay * 1000:.1f} ms of {span * 1000:.1f}')
+'''
+
+
+def test_kill_9_at_random_points_never_leaves_a_mixed_cache(small, old_cache, tmp_path):
+    driver = tmp_path / 'driver.py'
+    driver.write_text(KILL_DRIVER)
+    copies = tmp_path / 'copies'
+    copies.mkdir()
+    runs = 6
+    completed = run([PYTHON, str(driver), ROOT, small['a'], small['b'], old_cache, str(copies),
+                     str(runs), str(random.randrange(1 << 30))])
+    assert completed.returncode == 0, completed.stderr
+    fresh = {}  # source sha256: the cache a whole conversion of it writes
+    for name in ('a', 'b'):
+        output = tmp_path / f'fresh_{name}'
+        convert.main(['--path', small[name], '--output', str(output), '--valid_negative', '50'])
+        metadata = json.loads((output / 'metadata.json').read_text())
+        fresh[metadata['source_sha256']] = fresh[name] = snapshot(output)
+    outcomes = []  # per run: which cache it left
+    for run_index in range(runs):
+        cache = copies / str(run_index)
+        files = {name: data for name, data in snapshot(cache).items() if not name.endswith('.tmp')}
+        if 'metadata.json' not in files:
+            outcomes.append('untrusted')  # killed during the renames: nothing trusts it
+            continue
+        metadata = json.loads(files['metadata.json'])
+        outcomes.append('new' if files == fresh['ab'[run_index % 2]] else 'old')
+        dataset = dataloading.load_dataset(str(cache), torch.device('cpu'))
+        assert (dataset.n_users, dataset.n_items) == (metadata['n_users'], metadata['n_items'])
+        assert len(dataset.train_users) == metadata['n_train']
+        assert files == fresh[metadata['source_sha256']], (run_index, completed.stdout)
+    print(completed.stdout, outcomes)
+    # The temporary files the killed runs left are removed by the next write of their paths.
+    convert.main(['--path', small['a'], '--output', old_cache, '--valid_negative', '50'])
+    assert snapshot(old_cache) == fresh['a']

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpu_fused import CpuFusedNeuMF, _ReluDropout
-from neumf import NeuMF
+from ncflib.cpu_fused import CpuFusedNeuMF, _ReluDropout
+from ncflib.models import NeuMF
 
 
 def twin_models(dropout=0.0):

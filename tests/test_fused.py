@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import fused
+from ncflib import fused
 
 pytestmark = pytest.mark.gpu  # runs on the GPU where there is one
 
@@ -271,7 +271,7 @@ def test_available_reasons(monkeypatch):
 
 
 def test_imports_without_triton():
-    code = ('import sys; sys.modules["triton"] = None; import fused; '
+    code = ('import sys; sys.modules["triton"] = None; from ncflib import fused; '
             'print(fused.available()[1])')
     done = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)

@@ -34,7 +34,7 @@ def test_no_kernel_spills_or_exceeds_128_registers(kernels):
 
 
 def test_every_kernel_on_both_targets(kernels):
-    import fused
+    from ncflib import fused
 
     names = {kernel.__name__ for kernel in fused._kernels()}
     assert names == {kernel['name'] for kernel in kernels}

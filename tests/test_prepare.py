@@ -1,50 +1,23 @@
-"""synthetic.py, prepare_dataset.sh and download_dataset.sh."""
+"""prepare_dataset.sh (with prepare.py, its Python side) and download_dataset.sh: work done once,
+by content; every bad input and fault in one line, nothing half-written."""
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
 import zipfile
 
-import numpy as np
 import pytest
 
+import convert
 import synthetic
-from conftest import assert_one_line_error, run_script
-
-
-def test_synthetic_is_movielens_shaped_and_deterministic():
-    user, item, rating, timestamp = synthetic.generate(users=300, items=200, rows=12000, seed=5)
-    again = synthetic.generate(users=300, items=200, rows=12000, seed=5)
-    assert all(np.array_equal(a, b) for a, b in zip((user, item, rating, timestamp), again))
-    other = synthetic.generate(users=300, items=200, rows=12000, seed=6)
-    assert not np.array_equal(item, other[1])
-    assert len(user) == 12000
-    assert np.bincount(user)[1:].min() >= synthetic.MIN_ROWS_PER_USER
-    assert set(np.unique(user)) == set(range(1, 301))
-    assert set(np.unique(item)) == set(range(1, 201))
-    assert len(np.unique(user * 1000 + item)) == 12000  # no repeated pair
-    assert np.all(np.diff(user) >= 0)  # grouped by user, as MovieLens files are
-
-
-def test_synthetic_has_planted_structure():
-    # Users of one group share more items with their closest neighbour than popularity alone
-    # makes them share: compare with the same generator without groups (affinity 0).
-    def neighbour_overlap(affinity):
-        user, item, _, _ = synthetic.generate(users=400, items=300, rows=16000, groups=4,
-                                              affinity=affinity, seed=1)
-        matrix = np.zeros((400, 300))
-        matrix[user - 1, item - 1] = 1
-        overlap = matrix @ matrix.T
-        np.fill_diagonal(overlap, 0)
-        return np.median(overlap.max(1) / overlap.mean(1))
-    assert neighbour_overlap(0.9) > 1.3 * neighbour_overlap(0.0)
-
-
-def test_synthetic_cli_rejects_impossible_shapes(tmp_path):
-    completed = run_script('synthetic.py', '--output', str(tmp_path / 'r.csv'), '--users', '10',
-                           '--items', '30', '--rows', '5000')
-    assert_one_line_error(completed, 'distinct interactions')
-    assert not (tmp_path / 'r.csv').exists()
+from conftest import PYTHON, ROOT, assert_one_line_error, read_only, run_script, snapshot
 
 
 def prepare(*arguments, cwd):
@@ -214,3 +187,226 @@ def test_corrupt_zip_and_wrong_checksum(tmp_path):
 def test_prepare_rejects_bad_arguments(tmp_path, arguments):
     completed = run_script('prepare_dataset.sh', *arguments, cwd=str(tmp_path))
     assert_one_line_error(completed)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input and faults: one line, a non-zero exit, every file as it was
+
+def command(script, *args):
+    return [os.path.join(ROOT, script), *args]
+
+
+def run(argv, prefix=(), cwd=None, timeout=120):
+    return subprocess.run([*prefix, *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or ROOT, env={**os.environ, 'PYTHON': PYTHON})
+
+
+def check_case(completed, before, after, fragment):
+    assert_one_line_error(completed, fragment)
+    assert completed.returncode == 1 or completed.returncode == 2, completed.stderr
+    assert after == before, sorted(set(after) ^ set(before)) or 'a file changed'
+
+
+def zip_of(path, member, contents):
+    import zipfile
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr(member, contents)
+
+
+PREPARE_CASES = {
+    # name: (arguments, setup of tmp_path, fragment)
+    'unknown dataset': (['ml-5m', 'raw'], None, 'unsupported dataset ml-5m'),
+    'options for a MovieLens dataset': (['ml-1m', 'raw', 'cache', '--users', '3'], None,
+                                        'options after CACHE_DIR'),
+    'RAW_DIR is a file': (['ml-100k', 'FILE'], None, 'RAW_DIR'),
+    'CACHE_DIR is a file': (['synthetic', 'raw', 'FILE'], None, 'CACHE_DIR'),
+    'CACHE_DIR under a file': (['synthetic', 'raw', 'FILE/cache'], None, 'CACHE_DIR'),
+    'corrupt zip': (['ml-1m', 'raw'], lambda raw: (raw / 'ml-1m.zip').write_bytes(b'not a zip'),
+                    'cannot extract ml-1m/ratings.dat'),
+    'zip without the ratings': (['ml-100k', 'raw'],
+                                lambda raw: zip_of(raw / 'ml-100k.zip', 'ml-100k/README', 'hi'),
+                                'cannot extract ml-100k/u.data'),
+    'garbage ratings': (['ml-100k', 'raw'],
+                        lambda raw: zip_of(raw / 'ml-100k.zip', 'ml-100k/u.data', 'a;b\n'),
+                        'cannot tell the format'),
+    'bad synthetic options': (['synthetic', 'raw', 'cache', '--users', '0'], None,
+                              'must be positive'),
+}
+
+
+@pytest.mark.parametrize('case', list(PREPARE_CASES))
+def test_prepare_bad_input(case, tmp_path):
+    arguments, setup, fragment = PREPARE_CASES[case]
+    (tmp_path / 'raw').mkdir()
+    (tmp_path / 'FILE').write_text('not a directory')
+    if setup:
+        setup(tmp_path / 'raw')
+    if case == 'garbage ratings':  # extracted already: only the conversion fails
+        assert run(command('prepare_dataset.sh', *arguments), cwd=tmp_path).returncode == 1
+    before = snapshot(tmp_path)
+    completed = run(command('prepare_dataset.sh', *arguments), cwd=tmp_path)
+    check_case(completed, before, snapshot(tmp_path), fragment)
+
+
+def test_prepare_read_only_raw_dir(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    zip_of(raw / 'ml-100k.zip', 'ml-100k/u.data', '1\t2\t3\t4\n')
+    before = snapshot(tmp_path)
+    with read_only(raw) as prefix:
+        completed = run(command('prepare_dataset.sh', 'ml-100k', str(raw),
+                                str(tmp_path / 'cache')), prefix)
+    check_case(completed, before, snapshot(tmp_path), 'read-only')
+
+
+def test_prepare_help():
+    for flag in ('-h', '--help'):
+        completed = run(command('prepare_dataset.sh', flag))
+        assert completed.returncode == 0 and completed.stderr == ''
+        assert completed.stdout.startswith('Prepare a dataset for ncf.py')
+        assert './prepare_dataset.sh [DATASET] [RAW_DIR] [CACHE_DIR]' in completed.stdout
+    completed = run(command('download_dataset.sh', '--help'))
+    assert completed.returncode == 0 and 'DATASET: ml-20m | ml-1m | ml-100k' in completed.stdout
+
+
+@pytest.fixture(scope='module')
+def small(tmp_path_factory):
+    """A small ratings file and a cache of other data."""
+    directory = tmp_path_factory.mktemp('small')
+    paths = {'a': str(directory / 'a.csv'), 'b': str(directory / 'b.csv'),
+             'cache': str(directory / 'cache')}
+    for name, seed in (('a', 1), ('b', 2)):
+        synthetic.write_csv(paths[name], synthetic.generate(users=300, items=200, rows=9000,
+                                                            groups=4, seed=seed))
+    convert.main(['--path', paths['b'], '--output', paths['cache'], '--valid_negative', '50'])
+    return paths
+
+
+HOLDING_PYTHON = '''
+import os, runpy, sys, time
+if sys.argv[1].endswith('convert.py'):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+    from ncflib import files
+    write = files.FileSet.write
+    def held_write(self, path, function):
+        write(self, path, function)
+        print('[test] staged ' + path, file=sys.stderr, flush=True)
+        time.sleep(60)
+    files.FileSet.write = held_write
+if sys.argv[1] == '-c':
+    code, sys.argv = sys.argv[2], ['-c'] + sys.argv[3:]
+    exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})
+else:
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as python does
+    runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+def test_prepare_interrupted_keeps_the_previous_cache(signum, small, tmp_path):
+    """SIGTERM to the script while convert.py writes; Ctrl-C (SIGINT to the whole process
+    group, as a terminal sends it) likewise."""
+    raw = tmp_path / 'raw'
+    (raw / 'synthetic').mkdir(parents=True)
+    shutil.copy(small['a'], raw / 'synthetic' / 'ratings.csv')
+    (raw / 'synthetic' / 'options').write_text('\n')
+    shutil.copytree(small['cache'], raw / 'cache' / 'synthetic')  # a cache of other data
+    before = snapshot(raw / 'cache')
+    (tmp_path / 'holding.py').write_text(HOLDING_PYTHON)
+    python = tmp_path / 'python'
+    python.write_text(f'#!/bin/sh\nexec {PYTHON} {tmp_path / "holding.py"} "$@"\n')
+    python.chmod(0o755)
+    process = subprocess.Popen(command('prepare_dataset.sh', 'synthetic', str(raw)),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, 'PYTHON': str(python)})
+    for line in process.stderr:
+        if line.startswith('[test] staged'):
+            break
+    if signum == signal.SIGTERM:
+        process.send_signal(signum)
+    else:
+        os.killpg(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signum
+    lines = stderr.strip().splitlines()
+    assert 'Traceback' not in stderr
+    assert lines[-1].endswith(f'interrupted: the previous cache in {raw}/cache/synthetic is '
+                              'unchanged'), stderr
+    assert sum('interrupted' in line for line in lines) == 1
+    assert snapshot(raw / 'cache') == before
+
+
+DOWNLOAD_CASES = {
+    'no arguments': ([], 'expected DATASET and RAW_DIR'),
+    'unsupported dataset': (['ml-5m', 'dl'], 'unsupported dataset ml-5m'),
+    'RAW_DIR is a file': (['ml-100k', 'FILE'], 'not a directory'),
+    'RAW_DIR under a file': (['ml-100k', 'FILE/dl'], 'not a directory'),
+    'wrong MD5': (['ml-100k', 'dl'], 'MD5'),
+    'unreachable': (['ml-1m', 'dl'], 'could not download'),
+}
+
+
+@pytest.mark.parametrize('case', list(DOWNLOAD_CASES))
+def test_download_bad_input(case, tmp_path):
+    arguments, fragment = DOWNLOAD_CASES[case]
+    (tmp_path / 'FILE').write_text('not a directory')
+    (tmp_path / 'mirror').mkdir()
+    (tmp_path / 'mirror' / 'ml-100k.zip').write_bytes(b'tampered')
+    before = snapshot(tmp_path)
+    env = {**os.environ, 'NCF_DOWNLOAD_URL': f'file://{tmp_path}/mirror'}
+    completed = subprocess.run(command('download_dataset.sh', *arguments), capture_output=True,
+                               text=True, cwd=tmp_path, env=env, timeout=60)
+    after = snapshot(tmp_path)
+    after.pop('dl/', None)  # RAW_DIR is created, and stays empty
+    check_case(completed, before, after, fragment)
+
+
+def test_download_read_only_raw_dir(tmp_path):
+    before = snapshot(tmp_path)
+    with read_only(tmp_path) as prefix:
+        completed = run(command('download_dataset.sh', 'ml-100k', str(tmp_path)), prefix)
+    check_case(completed, before, snapshot(tmp_path), 'not writable')
+
+
+@contextlib.contextmanager
+def stalling_server():
+    """An HTTP server that accepts and then sends nothing: a download that hangs."""
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(4)
+    connections = []
+
+    def accept():
+        with contextlib.suppress(OSError):
+            while True:
+                connections.append(server.accept()[0])
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield f'http://127.0.0.1:{server.getsockname()[1]}'
+    finally:
+        server.close()
+        for connection in connections:
+            connection.close()
+
+
+def test_download_interrupted_and_stale_partials(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    dead = subprocess.run([PYTHON, '-c', 'import os; print(os.getpid())'], capture_output=True,
+                          text=True).stdout.strip()
+    stale = raw / f'.ml-100k.zip.{dead}.AbC123.part'  # left by a download killed outright
+    live = raw / f'.ml-100k.zip.{os.getpid()}.AbC123.part'  # a running download's
+    stale.write_bytes(b'partial')
+    live.write_bytes(b'partial')
+    with stalling_server() as url:
+        process = subprocess.Popen(command('download_dataset.sh', 'ml-100k', str(raw)),
+                                   stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, 'NCF_DOWNLOAD_URL': url})
+        assert process.stderr.readline().startswith('Downloading')
+        time.sleep(0.2)
+        process.terminate()
+        stderr = process.stderr.read()
+        assert process.wait(30) == 143
+    assert stderr.strip() == f'download_dataset.sh: interrupted: no {raw}/ml-100k.zip was written'
+    assert sorted(os.listdir(raw)) == [live.name]

@@ -1,21 +1,19 @@
-"""ncf.py end to end on tiny data: learning, sampling, accumulation, torchrun, resume, test mode."""
-import json
+"""Training (ncflib/training.py) through ncf.py on tiny data: learning, micro-batches that give
+the batch's update, every implementation training as the eager model does, resume equal to an
+uninterrupted run, a run that diverges stopping, and one pinned golden-number run."""
+import dataclasses
 import os
-import shutil
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import dataloading
-import evaluation
 import ncf
-import runtime
-import training
-from conftest import ROOT, TINY, assert_one_line_error, make_cache, replace_tensor
+from conftest import SMALL, assert_one_line_error, fails, flags
 from logger.logger import read_log
+from ncflib import checkpoints, evaluation, runtime, training
+from ncflib.models import NeuMF
+from ncflib.training import History, Trainer
 
 
 def popularity_hr(data_dir, k=10):
@@ -30,7 +28,7 @@ def popularity_hr(data_dir, k=10):
 
 
 def test_training_beats_popularity_and_logs(tiny_data, tmp_path, capsys):
-    result = ncf.main(['--data', tiny_data, '-e', '6', '--checkpoint_dir', str(tmp_path)] + TINY)
+    result = ncf.main(flags(tiny_data, epochs=6, checkpoint_dir=tmp_path))
     baseline = popularity_hr(tiny_data)
     assert result['best_hr'] > baseline + 0.05, (result['hrs'], baseline)
     assert result['hrs'][-1] > result['hrs'][0]
@@ -39,9 +37,6 @@ def test_training_beats_popularity_and_logs(tiny_data, tmp_path, capsys):
     assert (tmp_path / 'model.pth').exists() and (tmp_path / 'last.pth').exists()
 
     records = read_log(tmp_path / 'log.json')
-    parameters = [r for r in records if r['step'] == 'PARAMETER']
-    assert any('torch_version' in r['data'] and 'cpu' in r['data'] for r in parameters)
-    assert any(r['data'].get('batch_size') == 2048 for r in parameters)
     epochs = [r for r in records if isinstance(r['step'], list) and r['step']]
     assert [r['step'] for r in epochs] == [[e] for e in range(6)]
     for key in ('train_throughput', 'eval_throughput', 'hr@10', 'ndcg@10', 'train_loss',
@@ -55,51 +50,54 @@ def test_training_beats_popularity_and_logs(tiny_data, tmp_path, capsys):
         assert summary[key] > 0
 
 
-def test_test_mode_reproduces_the_saved_model(tiny_data, tmp_path, capsys):
-    result = ncf.main(['--data', tiny_data, '-e', '3', '--checkpoint_dir', str(tmp_path)] + TINY)
-    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path)]
-                      + TINY)
-    assert tested['hr'] == result['best_hr']
-    assert f"HR@10 = {result['best_hr']:.4f}" in capsys.readouterr().out
-    # A state dict saved from DDP (keys prefixed with 'module.') loads in one process.
-    state = torch.load(tmp_path / 'model.pth', weights_only=True)
-    torch.save({f'module.{key}': value for key, value in state.items()}, tmp_path / 'ddp.pth')
-    again = ncf.main(['--data', tiny_data, '--mode', 'test', '--load_checkpoint_path',
-                      str(tmp_path / 'ddp.pth')] + TINY)
-    assert again['hr'] == result['best_hr']
+def test_the_history_of_a_run():
+    history = History()
+    assert history.record(0, 0.4, 0.6, (1e5, 1e6), 2.0)      # a first best
+    assert not history.record(1, 0.3, 0.5, (2e5, 3e6), 3.0)  # no better
+    assert history.record(2, 0.5, 0.4, (3e5, 2e6), 5.0)
+    assert (history.epoch, history.best_hr, history.best_epoch) == (2, 0.5, 2)
+    summary = history.summary(time_to_target=6.0, compile_time=0.0)
+    assert summary['best_train_throughput'] == 3e5 and summary['best_eval_throughput'] == 3e6
+    assert summary['mean_train_throughput'] == pytest.approx(2e5)
+    assert (summary['time_to_target'], summary['time_to_best_model']) == (6.0, 5.0)
+    assert History(**history.state_dict()) == history  # as last.pth keeps it
 
 
-def test_sampler_draws_every_positive_once_and_ranks_split_the_global_batch():
-    users = torch.arange(10).repeat_interleave(3)
-    items = torch.arange(30) % 7
-    single = dataloading.TrainBatches(users, items, n_items=7, negative_samples=3, batch_size=40)
-    assert single.samples == 120 and single.steps == 3 and single.rank_batch == 40
-    assert single.micro_slices == [slice(0, 40)]
-    u, i, labels = single.epoch(torch.Generator().manual_seed(0))
-    assert u.shape == (3, 40)
-    assert labels.sum().item() == 30  # every positive exactly once (the batch divides the epoch)
-    positive_pairs = sorted(zip(u[labels == 1].tolist(), i[labels == 1].tolist()))
-    assert positive_pairs == sorted(zip(users.tolist(), items.tolist()))
-    # Each positive's user comes back with 3 negatives.
-    assert torch.bincount(u[labels == 0], minlength=10).tolist() == [9] * 10
-    assert i.min() >= 0 and i.max() < 7
+def test_micro_batches_of_any_size_give_the_same_update():
+    positives = dataloading.Dataset(train_users=torch.arange(40).repeat_interleave(5),
+                                    train_items=torch.arange(200) % 31, test_items=None,
+                                    test_negatives=None, n_users=40, n_items=31, metadata={})
+    plan = dataclasses.replace(
+        runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='eager')),
+        fused_adam=False)
 
-    # Two ranks with two micro-batches each: together, exactly the single process's batches.
-    slices = []
-    for rank in range(2):
-        batches = dataloading.TrainBatches(users, items, 7, 3, 40, rank=rank, world_size=2,
-                                           grads_accumulated=2)
-        assert batches.micro_slices == [slice(0, 10), slice(10, 20)] and batches.steps == 3
-        slices.append(batches.epoch(torch.Generator().manual_seed(0)))
-    for single_part, part0, part1 in zip((u, i, labels), *slices):
-        assert torch.equal(torch.cat((part0, part1), dim=1), single_part)
+    def one_epoch(grads_accumulated, micro_batch):
+        torch.manual_seed(0)
+        model = NeuMF(40, 31, 8, [16, 8], dropout=0.0)
+        batches = dataloading.TrainBatches(positives, dataclasses.replace(
+            plan, micro_batch=micro_batch), 400, 1, grads_accumulated)
+        trainer = Trainer(plan, model, batches, 0.01, (0.9, 0.999), 1e-8)
+        loss_sum, count = trainer.epoch(torch.Generator().manual_seed(1))
+        return batches, model.state_dict(), loss_sum.item() / count
+
+    _, whole, whole_loss = one_epoch(1, None)
+    for grads_accumulated, micro_batch, sizes in ((2, None, [200, 200]),
+                                                  (4, None, [100] * 4),
+                                                  (1, 100, [100] * 4),
+                                                  (1, 150, [134, 133, 133]),  # uneven
+                                                  (2, 90, [67, 67, 66] * 2)):
+        batches, split, split_loss = one_epoch(grads_accumulated, micro_batch)
+        assert [part.stop - part.start for part in batches.micro_slices] == sizes
+        assert split_loss == pytest.approx(whole_loss, rel=1e-6)
+        for key in whole:
+            assert torch.allclose(whole[key], split[key], atol=1e-6), key
 
 
 @pytest.mark.parametrize('impl', ['auto', 'compile'])
 def test_resume_after_a_crash_matches_an_uninterrupted_run(impl, tiny_data, tmp_path,
                                                            monkeypatch, capsys):
-    arguments = ['--data', tiny_data, '-e', '4', '--dropout', '0.3', '--impl', impl] + TINY
-    uninterrupted = ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'a')])
+    run = dict(data=tiny_data, epochs=4, dropout=0.3, impl=impl)
+    uninterrupted = ncf.main(flags(**run, checkpoint_dir=tmp_path / 'a'))
 
     real_epoch = training.Trainer.epoch
     calls = []
@@ -111,7 +109,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(impl, tiny_data, tmp_
         return real_epoch(*args, **kwargs)
     monkeypatch.setattr(training.Trainer, 'epoch', crash_in_epoch_2)
     with pytest.raises(SystemExit) as exit_info:
-        ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'b')])
+        ncf.main(flags(**run, checkpoint_dir=tmp_path / 'b'))
     assert exit_info.value.code == 130  # Ctrl-C: one line saying what was kept
     assert capsys.readouterr().err.strip() == (
         f'ncf.py: interrupted: {tmp_path / "b" / "last.pth"} from epoch 1 kept '
@@ -120,7 +118,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(impl, tiny_data, tmp_
     state = torch.load(tmp_path / 'b' / 'last.pth', weights_only=True)
     assert state['history']['epoch'] == 1
 
-    resumed = ncf.main(arguments + ['--checkpoint_dir', str(tmp_path / 'b'), '--resume'])
+    resumed = ncf.main(flags(**run, checkpoint_dir=tmp_path / 'b', resume=True))
     if impl == 'compile':
         # inductor's embedding backward adds with atomics: equal up to rounding, not bitwise
         assert resumed['hrs'] == pytest.approx(uninterrupted['hrs'], abs=2.5 / 300)
@@ -134,260 +132,22 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(impl, tiny_data, tmp_
     assert epochs == [[0], [1], [2], [3]]  # the resumed run appends to the log
 
 
-def test_valid_negative_other_than_the_cache_draws_new_negatives(tiny_data, tmp_path, capsys):
-    result = ncf.main(['--data', tiny_data, '-e', '1', '--log_path', str(tmp_path / 'log.json')]
-                      + TINY + ['--valid_negative', '20'])
-    out = capsys.readouterr().out
-    assert 'Drawing 20 test negatives per user with seed 1 (the cache has 50)' in out
-    logged = [r['data']['dataset'] for r in read_log(tmp_path / 'log.json')
-              if 'dataset' in r['data']]
-    assert 'drawn at load time with seed 1 (the cache has 50)' in logged[0]['test_negatives']
-    assert 0 < result['best_hr'] <= 1
-    dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'), valid_negative=20)
-    assert dataset.test_negatives.shape == (300, 20)
-    exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items, 300, 200)
-    users = torch.arange(300)[:, None].expand(-1, 20)
-    assert not exclusion.contains(users, dataset.test_negatives).any()
-
-
-def free_port_env():
-    """The environment of a launch: one thread a process, and gloo on the loopback device
-    (rather than whatever interface the host name resolves to)."""
-    loopback = {'GLOO_SOCKET_IFNAME': 'lo'} if os.path.exists('/sys/class/net/lo') else {}
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT, **loopback}
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return probe.getsockname()[1]
-
-
-def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
-    arguments = ['--data', tiny_data, '-e', '2', '--dropout', '0', '--precision', 'fp32'] + TINY
-    single = ncf.main(arguments)
-    completed = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         os.path.join(ROOT, 'ncf.py')] + arguments
-        + ['--checkpoint_dir', str(tmp_path / 'ck')],
-        capture_output=True, text=True, env=free_port_env(), timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    epoch_lines = [line for line in completed.stdout.splitlines() if line.startswith('Epoch ')]
-    assert len(epoch_lines) == 2  # only rank 0 prints
-    assert 'processes: 2' in completed.stdout
-    for line, hr in zip(epoch_lines, single['hrs']):
-        distributed_hr = float(line.split('HR@10 = ')[1].split(',')[0])
-        # Same batches, gradients averaged in another order: the same up to rounding.
-        assert distributed_hr == pytest.approx(hr, abs=2 / 300)
-    # The DDP run's checkpoint loads in one process.
-    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir',
-                       str(tmp_path / 'ck'),
-                       '--precision', 'fp32'] + TINY)
-    best = max(float(line.split('HR@10 = ')[1].split(',')[0]) for line in epoch_lines)
-    assert tested['hr'] == pytest.approx(best, abs=1e-4)
-
-
-def probe_launch(tmp_path, arguments, env=()):
-    """tests/torchrun_probe.py under a 2-process torchrun: the completed launch, and what each
-    process's Dynamo counted."""
-    completed = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-         os.path.join(ROOT, 'tests', 'torchrun_probe.py'), str(tmp_path / 'counts')]
-        + arguments, capture_output=True, text=True, env={**free_port_env(), **dict(env)},
-        timeout=300)
-    counts = [json.loads((tmp_path / f'counts.{rank}').read_text()) for rank in range(2)
-              if (tmp_path / f'counts.{rank}').exists()]
-    return completed, counts
-
-
-def test_the_compiled_step_is_one_graph_under_torchrun_and_matches_one_process(tiny_data,
-                                                                              tmp_path):
-    """DDP wraps the compiled step (model and loss), so that Dynamo never traces DDP's own
-    forward: one graph per shape, no graph break; and 2 processes train as 1 does."""
-    arguments = ['--data', tiny_data, '-e', '2', '--dropout', '0', '--impl', 'compile',
-                 '--precision', 'fp32'] + TINY + ['--valid_batch_size', str(150 * 51)]
-    # One process in two micro-batches computes in the shapes of each of two processes (half a
-    # batch, evaluation chunks of 150 users), so that they find its graphs in the cache.
-    single = ncf.main(arguments + ['--grads_accumulated', '2'])
-    completed, counts = probe_launch(tmp_path, arguments)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert 'implementation: compile, device: cpu, processes: 2' in completed.stdout
-    # per process: the training step (one micro-batch shape) and the evaluation (one chunk shape)
-    assert counts == [{'unique_graphs': 2, 'graph_breaks': 0}] * 2
-    hrs = [float(line.split('HR@10 = ')[1].split(',')[0])
-           for line in completed.stdout.splitlines() if line.startswith('Epoch ')]
-    assert hrs == pytest.approx(single['hrs'], abs=2 / 300)
-
-
-def test_a_process_failing_stops_every_process_with_one_line(tiny_data, tmp_path):
-    """Not bad input but an error on one process (as running out of memory would be): the
-    others do not wait for it in their next collective; rank 0 names it in one line."""
-    completed, _ = probe_launch(tmp_path, ['--data', tiny_data, '-e', '1'] + TINY,
-                                env={'NCF_PROBE_FAIL_RANK': '1'})
-    assert completed.returncode != 0
-    assert ('ncf.py: error: process 1 failed: RuntimeError: injected failure while loading\n'
-            in completed.stderr), completed.stderr[-3000:]
-
-
-def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tiny_data,
-                                                                           tmp_path):
-    ncf.main(['--data', tiny_data, '-e', '1', '--checkpoint_dir', str(tmp_path)] + TINY)
-    test = ['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path),
-            '--precision', 'fp32'] + TINY
-    single = ncf.main(test)
-    completed = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.launch', '--nproc_per_node=2',
-         f'--master_port={free_port()}', os.path.join(ROOT, 'ncf.py')] + test,
-        capture_output=True, text=True, env=free_port_env(), timeout=300)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count('HR@10 = ') == 1
-    assert f"HR@10 = {single['hr']:.4f}" in completed.stdout
-
-
-@pytest.mark.cuda
-def test_gpu_mixed_precision_and_fused_adam(tiny_data):
-    result = ncf.main(['--data', tiny_data, '-e', '3', '--amp'] +
-                      [a for a in TINY if a not in ('--device', 'cpu')] + ['--device', 'cuda'])
-    assert result['best_hr'] > popularity_hr(tiny_data)
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input: one line, exit status 1, no traceback.
-
-def damaged(train):
-    out_of_range = train.clone()
-    out_of_range[5, 0] = 300
-    changed_pair = train.clone()
-    changed_pair[7, 1] = (changed_pair[7, 1] + 1) % 200
-    return {  # case: (file, new content: None removes it, bytes replace it; rewritten: as
-        # convert.py would have written it, metadata.json included), error fragment
-        'missing file': ('test_negatives.pt', None, False, 'test_negatives.pt is missing'),
-        'wrong shape': ('train_ratings.pt', torch.zeros(10, 3, dtype=torch.long), True,
-                        'shape [n, 2]'),
-        'wrong dtype': ('train_ratings.pt', train.int(), True, 'not int32'),
-        'id out of range': ('train_ratings.pt', out_of_range, True, 'outside [0, 300)'),
-        'not a tensor file': ('test_ratings.pt', b'garbage', False, 'is not a tensor file'),
-        'not a tensor': ('test_ratings.pt', {'a': 1}, True, 'holds a dict'),
-        'test rows out of order': ('test_ratings.pt', torch.zeros(300, 2, dtype=torch.long),
-                                   True, 'row u must hold user u'),
-        'a training pair changed behind metadata.json': (
-            'train_ratings.pt', changed_pair, False,
-            'train_ratings.pt has changed since convert.py wrote it'),
-    }
-
-
-@pytest.mark.parametrize('case', sorted(damaged(torch.zeros(8, 2, dtype=torch.long))))
-def test_bad_data(case, tiny_data, tmp_path, capsys):
-    train = torch.load(os.path.join(tiny_data, 'train_ratings.pt'), weights_only=True)
-    name, content, rewritten, fragment = damaged(train)[case]
-    data_dir = tmp_path / 'data'
-    shutil.copytree(tiny_data, data_dir)
-    if content is None:
-        os.remove(data_dir / name)
-    elif isinstance(content, bytes):
-        (data_dir / name).write_bytes(content)
-    elif rewritten:
-        replace_tensor(data_dir, name, content)
-    else:
-        torch.save(content, data_dir / name)
-    with pytest.raises(SystemExit) as exit_info:
-        ncf.main(['--data', str(data_dir), '-e', '1', '--checkpoint_dir', str(tmp_path / 'ck')]
-                 + TINY)
-    assert exit_info.value.code == 1
-    assert_one_line_error(capsys.readouterr().err, fragment)
-    assert not (tmp_path / 'ck').exists()  # nothing written
-
-
-@pytest.mark.parametrize('arguments, fragment', [
-    (['--layers', '33', '16'], 'must be even'),
-    (['-b', '1001', '--grads_accumulated', '2'], 'not divisible by world size 1 x'),
-    (['-k', '52'], 'larger than the 51 candidates'),
-    (['-b', '10000000'], 'larger than an epoch'),
-    (['--amp', '--opt_level', 'O0'], 'contradict'),
-    (['--precision', 'fp16'], 'fp16 needs CUDA'),
-    (['--opt_level', 'O2', '--precision', 'fp32'], 'contradicts'),
-    (['--resume'], '--resume needs --checkpoint_dir'),
-    (['--dropout', '1.5'], '--dropout'),
-])
-def test_bad_flags(arguments, fragment, tiny_data, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        ncf.main(['--data', tiny_data, '-e', '1'] + TINY + arguments)
-    assert exit_info.value.code == 1
-    assert_one_line_error(capsys.readouterr().err, fragment)
-    assert os.listdir(tmp_path) == []  # not even a log
-
-
-def test_bad_paths_and_checkpoints(tiny_data, tmp_path, capsys):
-    def fails(arguments, fragment, code=1):
-        with pytest.raises(SystemExit) as exit_info:
-            ncf.main(arguments)
-        assert exit_info.value.code == code
-        assert_one_line_error(capsys.readouterr().err, fragment)
-
-    fails(['-e', '1'] + TINY, 'the following arguments are required: --data', code=2)
-    fails(['--data', str(tmp_path / 'nowhere')] + TINY, 'is not a directory')
-    empty = tmp_path / 'empty'
-    empty.mkdir()
-    fails(['--data', str(empty)] + TINY, 'has no metadata.json')
-    fails(['--data', tiny_data, '--resume', '--checkpoint_dir', str(tmp_path / 'none')] + TINY,
-          'last.pth does not exist')
-    fails(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(tmp_path / 'none')]
-          + TINY, 'model.pth does not exist')
-    corrupt = tmp_path / 'corrupt.pth'
-    corrupt.write_bytes(b'PK\x03\x04 not really a zip')
-    fails(['--data', tiny_data, '--mode', 'test', '--load_checkpoint_path', str(corrupt)] + TINY,
-          'cannot read checkpoint')
-    other = tmp_path / 'other'
-    ncf.main(['--data', tiny_data, '-e', '1', '--checkpoint_dir', str(other)] + TINY)
-    capsys.readouterr()
-    wider = [a if a != '8' else '16' for a in TINY]  # -f 16 instead of 8
-    fails(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(other)] + wider,
-          'mf_user_embed.weight is [300, 8] there, [300, 16] here')
-    fails(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', str(other), '--layers',
-           '64', '8'] + TINY[:2] + TINY[6:], 'not a NeuMF of these --layers')
-    if not torch.cuda.is_available():
-        fails(['--data', tiny_data] + TINY[:-2] + ['--device', 'cuda'], 'CUDA is not available')
-
-
-def test_cli_error_has_no_traceback(tmp_path):
-    completed = subprocess.run([sys.executable, os.path.join(ROOT, 'ncf.py'), '--data',
-                                str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 1
-    assert_one_line_error(completed, 'has no metadata.json')
-
-
-# ----------------------------------------------------------------------------------------------
-# Every implementation trains as the eager model does; one pinned run.
-
-@pytest.fixture(scope='module')
-def small_data(tmp_path_factory):
-    """60 users, 50 items: few table rows, for Triton's interpreter (it runs one kernel
-    program after another)."""
-    return make_cache(tmp_path_factory.mktemp('small'), 60, 50, 1400, 3, 4, 20)
-
-
-# fp32 and no dropout: the implementations draw dropout masks differently
-SMALL = ['-f', '8', '--layers', '16', '8', '-b', '1024', '-l', '0.01', '-b1', '0.9', '-b2', '0.999',
-         '--valid_negative', '20', '--dropout', '0', '--precision', 'fp32', '-e', '3']
-
-
-def run_small(small_data, *flags):
-    return ncf.main(['--data', small_data] + SMALL + list(flags))
+def run_small(small_data, **overrides):
+    return ncf.main(flags(small_data, base=SMALL, **overrides))
 
 
 @pytest.mark.parametrize('device, impl', [
-    ('cpu', 'cpu_fused'), ('cpu', 'compile'), ('cpu', 'fused'),
+    ('cpu', 'cpu_fused'), ('cpu', 'fused'),  # compile on a CPU: test_distributed.py
     pytest.param('cuda', 'compile', marks=pytest.mark.cuda),
     pytest.param('cuda', 'fused', marks=pytest.mark.cuda)])
 def test_every_implementation_trains_as_eager_does(device, impl, small_data, capsys):
-    import fused
+    from ncflib import fused
     if impl == 'fused' and not fused.available()[0]:
         pytest.skip(fused.available()[1])
     if impl == 'fused' and device == 'cpu' and os.environ.get('TRITON_INTERPRET') != '1':
         pytest.skip("fused runs on a CPU only in Triton's interpreter")
-    eager = run_small(small_data, '--impl', 'eager', '--device', device)
-    other = run_small(small_data, '--impl', impl, '--device', device)
+    eager = run_small(small_data, impl='eager', device=device)
+    other = run_small(small_data, impl=impl, device=device)
     assert f'implementation: {impl}, device: {device}' in capsys.readouterr().out
     assert other['train_losses'] == pytest.approx(eager['train_losses'],
                                                   rel=1e-4 if device == 'cpu' else 1e-3)
@@ -395,41 +155,17 @@ def test_every_implementation_trains_as_eager_does(device, impl, small_data, cap
     assert eager['hrs'][-1] > eager['hrs'][0]
 
 
-def test_a_failing_compiler_runs_eager_where_auto_chose_to_compile(small_data, monkeypatch,
-                                                                   capsys):
-    """As on a GPU whose Triton is missing or too old: auto's compile goes on eager, saying so
-    once; --impl compile, asked for, is an error."""
-    import torch._inductor.compile_fx
-
-    def broken(*args, **kwargs):
-        raise RuntimeError('no compiler for this GPU')
-    eager = run_small(small_data, '--impl', 'eager')
-    capsys.readouterr()
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._inductor.compile_fx, 'compile_fx', broken)
-    monkeypatch.setitem(runtime.AUTO_IMPLEMENTATION, 'cpu', 'compile')
-    fallen_back = run_small(small_data)
-    captured = capsys.readouterr()
-    assert 'implementation: compile, device: cpu' in captured.out
-    assert captured.err == ('ncf.py: warning: torch.compile failed (RuntimeError: no compiler '
-                            'for this GPU): running eager instead (--impl compile makes this an '
-                            'error)\n')
-    assert fallen_back['train_losses'] == eager['train_losses']
-    assert fallen_back['hrs'] == eager['hrs']
-    torch._dynamo.reset()
-    with pytest.raises(SystemExit) as exit_info:
-        run_small(small_data, '--impl', 'compile')
-    assert exit_info.value.code == 1
-    assert_one_line_error(capsys.readouterr().err, 'torch.compile failed (RuntimeError: no '
-                          'compiler for this GPU); --impl eager runs without compiling')
-    torch._dynamo.reset()
+@pytest.mark.cuda
+def test_gpu_mixed_precision_and_fused_adam(tiny_data):
+    result = ncf.main(flags(tiny_data, epochs=3, amp=True, device='cuda'))
+    assert result['best_hr'] > popularity_hr(tiny_data)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize('precision', ['bf16', 'fp16', 'tf32'])
 def test_cuda_default_in_reduced_precision_tracks_fp32(precision, small_data):
-    reference = run_small(small_data, '--impl', 'eager', '--device', 'cuda')
-    mixed = run_small(small_data, '--device', 'cuda', '--precision', precision)
+    reference = run_small(small_data, impl='eager', device='cuda')
+    mixed = run_small(small_data, device='cuda', precision=precision)
     assert mixed['train_losses'] == pytest.approx(reference['train_losses'], rel=0.02)
     assert mixed['hrs'] == pytest.approx(reference['hrs'], abs=0.05)
 
@@ -439,8 +175,44 @@ def test_golden_numbers(tiny_data):
     the model, its initialisation, the sampler or the optimizer shows here. The eager model in
     fp32, whose figures differ between CPUs only at rounding level (measured on 2 vCPU AMD EPYC,
     torch 2.13.0)."""
-    result = ncf.main(['--data', tiny_data, '-e', '4', '--impl', 'eager', '--precision', 'fp32']
-                      + TINY)
+    result = ncf.main(flags(tiny_data, epochs=4, impl='eager', precision='fp32'))
     assert result['train_losses'] == pytest.approx([0.54904, 0.50370, 0.47865, 0.44789],
                                                    rel=1e-3)
     assert result['hrs'] == pytest.approx([0.38333, 0.47, 0.63, 0.71], abs=0.01)
+
+
+def test_training_that_diverges_stops_in_one_line_and_keeps_the_best(tiny_data, tmp_path,
+                                                                     capsys, monkeypatch):
+    """Weights turned NaN in epoch 2: the run stops before evaluating or saving them;
+    model.pth keeps the best of epochs 0 and 1, last.pth epoch 1."""
+    real_epoch = training.Trainer.epoch
+    calls = []
+
+    def epoch_that_breaks(self, *args, **kwargs):
+        result = real_epoch(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                self.model.final.weight.fill_(float('nan'))
+        return result
+    monkeypatch.setattr(training.Trainer, 'epoch', epoch_that_breaks)
+    directory = tmp_path / 'ck'
+    with pytest.raises(SystemExit) as exit_info:
+        ncf.main(flags(tiny_data, epochs=5, checkpoint_dir=directory, precision='fp32'))
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, 'training diverged in epoch 2 (weights are not finite',
+                          f'{directory / "last.pth"} from epoch 1 kept')
+    hrs = [float(line.split('HR@10 = ')[1].split(',')[0])
+           for line in captured.out.splitlines() if line.startswith('Epoch ')]
+    assert len(hrs) == 2
+    assert checkpoints.read(str(directory / 'last.pth'))['history']['epoch'] == 1
+    monkeypatch.setattr(training.Trainer, 'epoch', real_epoch)
+    tested = ncf.main(flags(tiny_data, mode='test', checkpoint_dir=directory,
+                            log_path=os.devnull, precision='fp32'))
+    assert tested['hr'] == pytest.approx(max(hrs), abs=1e-4)
+    # a learning rate that blows the weights up in the first steps: the loss is not finite
+    fails(ncf.main, flags(tiny_data, epochs=2, checkpoint_dir=tmp_path / 'huge',
+                          precision='fp32', learning_rate=1e30), capsys,
+          'training diverged in epoch 0 (the training loss is nan')
+    assert not (tmp_path / 'huge' / 'model.pth').exists()

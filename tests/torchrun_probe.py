@@ -18,13 +18,14 @@ import torch._dynamo.utils  # noqa: E402
 
 import dataloading  # noqa: E402
 import ncf  # noqa: E402
+from ncflib import runtime  # noqa: E402
 
 RANK = int(os.environ.get('RANK', 0))
 if os.environ.get('NCF_PROBE_FAIL_RANK') == str(RANK):
     def failing_load(*args, **kwargs):
         raise RuntimeError('injected failure while loading')
     dataloading.load_dataset = failing_load
-    together = ncf.together
+    together = runtime.together
 
     def together_then_wait(*args):
         try:
@@ -32,7 +33,7 @@ if os.environ.get('NCF_PROBE_FAIL_RANK') == str(RANK):
         except RuntimeError:
             time.sleep(1.0)
             raise
-    ncf.together = together_then_wait
+    runtime.together = together_then_wait
 
 try:
     ncf.main(sys.argv[2:])

@@ -37,7 +37,7 @@ import os
 
 import torch
 
-from neumf import NeuMF
+from ncflib.models import NeuMF
 
 class FusedNeuMF(NeuMF):
     """`--impl fused`: NeuMF whose input layer is `gather_inputs` (the rest runs under

@@ -11,7 +11,7 @@ the plain model is faster, and these Functions would block its fusion).
 """
 import torch
 
-from neumf import NeuMF
+from ncflib.models import NeuMF
 
 
 class CpuFusedNeuMF(NeuMF):

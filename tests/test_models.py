@@ -1,11 +1,14 @@
-"""neumf.py and the evaluation metric, against hand-computed cases."""
+"""The model (ncflib/models.py): the reference's parameters, initialisation and forward, the
+checks of its sizes, and the copy that scores."""
 import math
+import re
 
 import pytest
 import torch
 
-from evaluation import duplicate_mask, hits_and_ndcg
-from neumf import NeuMF
+from ncflib.cli import UsageError
+from ncflib.models import NeuMF, check_shape
+
 
 REFERENCE_PARAMETER_NAMES = [
     'mf_user_embed.weight', 'mf_item_embed.weight', 'mlp_user_embed.weight',
@@ -46,9 +49,17 @@ def test_initialisation_follows_the_reference():
     assert model.final.weight.abs().max().item() > 0.8 * limit
 
 
-def test_odd_first_layer_is_an_error():
-    with pytest.raises(ValueError, match='must be even'):
+def test_sizes_are_checked_in_the_flags_names():
+    with pytest.raises(UsageError, match='must be even'):
         NeuMF(10, 10, 8, [33, 16])
+    for factors, layers, dropout, fragment in ((0, [16, 8], 0.5, '--factors must be positive'),
+                                               (8, [], 0.5, '--layers must be positive'),
+                                               (8, [16, 0], 0.5, '--layers must be positive'),
+                                               (8, [16, 8], 1.0, '--dropout must be in [0, 1)'),
+                                               (8, [16, 8], float('nan'), '--dropout')):
+        with pytest.raises(UsageError, match=re.escape(fragment)):
+            check_shape(factors, layers, dropout)
+    check_shape(8, [16, 8], 0.0)
 
 
 def test_dropout_only_in_training():
@@ -61,60 +72,6 @@ def test_dropout_only_in_training():
     first = model(users, items)
     torch.manual_seed(1)
     assert not torch.equal(first, model(users, items))
-
-
-def test_duplicate_mask_counts_each_item_once_and_never_masks_the_positive():
-    candidates = torch.tensor([[5, 3, 5, 3, 7],
-                               [4, 4, 2, 4, 2],
-                               [1, 2, 3, 4, 5]])
-    assert duplicate_mask(candidates).tolist() == [
-        [False, False, True, True, False],
-        [False, True, False, True, True],
-        [False] * 5]
-
-
-def hand_scored():
-    # Column 0 is the test positive.
-    items = torch.tensor([[10, 11, 12, 13],    # plain: two negatives ahead
-                          [20, 21, 21, 21],    # one negative, three times: counts once
-                          [30, 30, 31, 32],    # a negative that is the positive item: ignored
-                          [40, 41, 42, 43],    # a tie with another item counts against
-                          [50, 51, 52, 53]])   # positive first
-    scores = torch.tensor([[0.5, 0.9, 0.1, 0.7],
-                           [0.5, 0.9, 0.9, 0.9],
-                           [0.3, 0.3, 0.1, 0.2],
-                           [0.4, 0.4, 0.1, 0.9],
-                           [0.9, 0.1, 0.2, 0.3]])
-    ranks = [2, 1, 0, 2, 0]
-    return items, scores, ranks
-
-
-@pytest.mark.parametrize('k', [1, 2, 3])
-def test_hits_and_ndcg_hand_computed(k):
-    items, scores, ranks = hand_scored()
-    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k)
-    assert hits.item() == sum(rank < k for rank in ranks)
-    expected = sum(1 / math.log2(rank + 2) for rank in ranks if rank < k)
-    assert ndcg.item() == pytest.approx(expected)
-
-
-def test_metric_matches_brute_force_on_random_lists():
-    generator = torch.Generator().manual_seed(0)
-    items = torch.randint(0, 15, (200, 21), generator=generator)
-    # Scores depend on the item only, as a model's would, with a few exact ties.
-    item_score = torch.randint(0, 40, (15,), generator=generator).float()
-    scores = item_score[items]
-    for k in (1, 5, 10):
-        hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k)
-        expected_hits = expected_ndcg = 0.0
-        for row in items.tolist():
-            positive, others = row[0], set(row[1:]) - {row[0]}
-            rank = sum(item_score[o] >= item_score[positive] for o in others)
-            if rank < k:
-                expected_hits += 1
-                expected_ndcg += 1 / math.log2(rank + 2)
-        assert hits.item() == expected_hits
-        assert ndcg.item() == pytest.approx(expected_ndcg)
 
 
 def test_the_scoring_copy_keeps_fp32_logits():
@@ -141,15 +98,3 @@ def test_the_scoring_copy_keeps_fp32_logits():
     distinct = len(torch.unique(pairs))
     assert distinct > 0.95 * len(torch.unique(reference))
     assert len(torch.unique(pairs.bfloat16())) < 0.01 * distinct
-
-
-def test_a_score_that_is_not_finite_ranks_the_positive_last():
-    """NaN compares false: without care a NaN positive would rank first (HR 1.0)."""
-    items = torch.tensor([[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 42]])
-    nan, inf = float('nan'), float('inf')
-    scores = torch.tensor([[nan, 0.1, 0.2],     # the positive NaN
-                           [0.9, nan, 0.2],     # a negative NaN
-                           [inf, 0.1, 0.2],     # the positive infinite
-                           [0.9, 0.1, 0.2]])    # a finite row: the positive first
-    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k=2)
-    assert hits.item() == 1 and ndcg.item() == pytest.approx(1.0)

@@ -5,6 +5,11 @@
 
 Writes CSV `user_id,rank,item_id,score` (score: the model's probability), to --output
 (atomically) or stdout. Every item a user has a training interaction with is left out.
+
+    wanted = read_users(users, users_file)            # their own ids, or None: every user
+    users = requested_users(user_ids, wanted)         # mapped ids
+    items, logits = recommend(plan, model, exclusion, users, topk)
+    write(output, (user_ids, item_ids), users, items, logits)
 """
 import csv
 import io
@@ -17,30 +22,36 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import torch
 
-from dataloading import read_id_maps
-from evaluation import NonFiniteScores, Scorer
-from utils import UsageError, atomic_write
+from ncflib.cli import UsageError, warn
+from ncflib.evaluation import NonFiniteScores, Scorer
+from ncflib.files import atomic_write
 
 HEADER = ('user_id', 'rank', 'item_id', 'score')
 
 
-def requested_users(args, user_ids, warn):
-    """Mapped ids of the users asked for (all by default); unknown ones are reported, skipped."""
-    if args.users is None and args.users_file is None:
-        return list(range(len(user_ids)))
-    if args.users is not None and args.users_file is not None:
+def read_users(users, users_file):
+    """The user ids asked for, in the dataset's own ids: `users` comma-separated, or
+    `users_file` one per line (a `user_id` header allowed); None for all users."""
+    if users is None and users_file is None:
+        return None
+    if users is not None and users_file is not None:
         raise UsageError('give --users or --users_file, not both')
-    if args.users is not None:
-        wanted = [user.strip() for user in args.users.split(',') if user.strip()]
-    else:
-        if not os.path.isfile(args.users_file):
-            raise UsageError(f'--users_file {args.users_file} does not exist')
-        with open(args.users_file, newline='') as file:
-            wanted = [row[0].strip() for row in csv.reader(file) if row and row[0].strip()]
+    if users is not None:
+        return [user.strip() for user in users.split(',') if user.strip()]
+    if not os.path.isfile(users_file):
+        raise UsageError(f'--users_file {users_file} does not exist')
+    with open(users_file, newline='') as file:
+        wanted = [row[0].strip() for row in csv.reader(file) if row and row[0].strip()]
+    return wanted[1:] if wanted and wanted[0] == 'user_id' else wanted
+
+
+def requested_users(user_ids, wanted):
+    """Mapped ids of the users `wanted` (their own ids; None: every user), each once, in the
+    order asked for; unknown and repeated ones are said in one warning line each and skipped."""
+    if wanted is None:
+        return list(range(len(user_ids)))
     index = {user: mapped for mapped, user in enumerate(user_ids)}
-    if wanted and wanted[0] == 'user_id' and 'user_id' not in index:
-        wanted = wanted[1:]  # a header line
-    known = {}  # in the order asked for, each user once
+    known = {}
     for user in wanted:
         if user in known:
             warn(f'user id {user} is listed more than once: recommended once')
@@ -114,32 +125,33 @@ def csv_rows(user_ids, item_ids, users, items, logits):
     return sink.getvalue(), len(table)
 
 
-def recommend(plan, model, exclusion, args, warn, metadata):
-    user_ids, item_ids = read_id_maps(args.data, metadata)
-    if len(user_ids) != exclusion.n_users or len(item_ids) != exclusion.n_items:
-        raise UsageError(f'the id maps in {args.data} ({len(user_ids)} users, {len(item_ids)} '
-                         f'items) do not match its tensors ({exclusion.n_users} users, '
-                         f'{exclusion.n_items} items)')
-    users = torch.tensor(requested_users(args, user_ids, warn), device=plan.device,
-                         dtype=torch.long)
-    user_fields = pa.array([csv_field(user) for user in user_ids], pa.string())
-    item_fields = pa.array([csv_field(item) for item in item_ids], pa.string())
-    scorer = Scorer(plan, model)
+def recommend(plan, model, exclusion, users, topk):
+    """(items, logits) of each of `users` (mapped ids, a list): its `topk` items that are not
+    among its training items, best first, scored by a copy of `model` cast once to the plan's
+    precision; on the device."""
+    users = torch.tensor(users, device=plan.device, dtype=torch.long)
+    return top_items(Scorer(plan, model), exclusion, users, topk)
 
-    items, logits = top_items(scorer, exclusion, users, args.topk)
+
+def write(output, id_maps, users, items, logits):
+    """CSV `user_id,rank,item_id,score` of the recommendations, in the dataset's own ids
+    (`id_maps`: user and item ids in mapped order), to `output` (atomically, its directory
+    made if missing) or stdout (None). Returns the number of rows."""
+    user_ids, item_ids = id_maps
     # the one transfer of the results
-    data, rows = csv_rows(user_fields, item_fields, users.cpu().numpy(), items.cpu().numpy(),
-                          logits.float().cpu().numpy())
+    data, rows = csv_rows(pa.array([csv_field(user) for user in user_ids], pa.string()),
+                          pa.array([csv_field(item) for item in item_ids], pa.string()),
+                          np.asarray(users), items.cpu().numpy(), logits.float().cpu().numpy())
     header = (','.join(HEADER) + '\n').encode()
-    if args.output:
-        def write(temporary):
+    if output:
+        def write_file(temporary):
             with open(temporary, 'wb') as file:
                 file.write(header)
                 file.write(data)
-        atomic_write(args.output, write, make_parents=True)  # as check_output_file allows
+        atomic_write(output, write_file, make_parents=True)  # as check_output_file allows
     else:
         sys.stdout.flush()
         sys.stdout.buffer.write(header)
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    return len(users), rows
+    return rows

@@ -15,6 +15,7 @@ hubconf.py, the benchmarks) takes the resulting frozen `Plan` and asks it, never
 import dataclasses
 import json
 import os
+import platform
 import re
 import statistics
 import time
@@ -22,7 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from utils import UsageError, atomic_write, first_line, warn
+from ncflib.cli import UsageError, first_line, warn
+from ncflib.files import atomic_write
+from ncflib.models import DEFAULT_FACTORS, DEFAULT_LAYERS
 
 IMPLEMENTATIONS = ('auto', 'eager', 'compile', 'cpu_fused', 'fused')
 # The implementation --impl auto picks on each device type (measured fastest there).
@@ -175,12 +178,12 @@ class Plan:
 
 def model_class(impl):
     if impl == 'cpu_fused':
-        from cpu_fused import CpuFusedNeuMF
+        from ncflib.cpu_fused import CpuFusedNeuMF
         return CpuFusedNeuMF
     if impl == 'fused':
-        from fused import FusedNeuMF
+        from ncflib.fused import FusedNeuMF
         return FusedNeuMF
-    from neumf import NeuMF
+    from ncflib.models import NeuMF
     return NeuMF
 
 
@@ -241,6 +244,18 @@ class CompiledModule(torch.nn.Module):
             except Exception as error:  # sorted out by _compile_failure
                 self.eager = _compile_failure(error, self.plan, self.eager)
         return self.module(*args, **kwargs)
+
+
+def cpu_name():
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open('/proc/cpuinfo') as file:
+            for line in file:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def cpu_has_native_bf16():
@@ -347,9 +362,7 @@ def cpu_precision_by_measurement(impl, factors, layers):
     (well under a second) and remembered in cache_home()/cpu_precision.json per CPU, thread
     count, torch version, implementation and layer sizes. CPUs differ: one with AVX512-BF16
     trains faster in fp32, another in bf16."""
-    from logger.autologging import hardware_info
-
-    key = (f'{hardware_info()["cpu"]}; {torch.get_num_threads()} threads; torch '
+    key = (f'{cpu_name()}; {torch.get_num_threads()} threads; torch '
            f'{torch.__version__}; {impl}; factors {factors}; layers {list(layers)}')
     path = os.path.join(cache_home(), CPU_PRECISION_FILE)
     remembered, seconds, where = {}, None, f'remembered in {path}'
@@ -386,7 +399,7 @@ def resolve_impl(device, impl='auto'):
     if impl == 'cpu_fused' and device.type != 'cpu':
         raise UsageError('--impl cpu_fused is for CPUs; on CUDA use compile, fused or eager')
     if impl == 'fused':
-        import fused
+        from ncflib import fused
         ok, reason = fused.available()
         if not ok:
             raise UsageError(f'--impl fused {reason}')
@@ -396,39 +409,67 @@ def resolve_impl(device, impl='auto'):
     return impl, None
 
 
-# The layer sizes a plan measures the CPU precision on when it is not told the model's.
-DEFAULT_MODEL_SHAPE = (64, (256, 256, 128, 64))
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked of the plan: the flags `add_arguments` defines (--plain is --impl
+    eager)."""
+    device: str = 'auto'
+    precision: str = 'auto'
+    impl: str = 'auto'
+    opt_level: str = None
+    amp: bool = False
+    compile_cache: str = None
+
+    @classmethod
+    def from_flags(cls, flags):
+        """The options among `flags`, a dict of flag values (more may be there)."""
+        impl = flags['impl']
+        if flags.get('plain'):
+            if impl not in ('auto', 'eager'):
+                raise UsageError(f'--plain means --impl eager, not --impl {impl}')
+            impl = 'eager'
+        return cls(device=flags['device'], precision=flags['precision'], impl=impl,
+                   opt_level=flags['opt_level'], amp=flags['amp'],
+                   compile_cache=flags['compile_cache'])
 
 
-def resolve(device='auto', precision='auto', impl='auto', opt_level=None, amp=False,
-            valid_batch_size=2 ** 20, rank=0, world_size=1, local_rank=0, compile_cache=None,
-            model_shape=DEFAULT_MODEL_SHAPE, measure=cpu_precision_by_measurement):
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """This process among those of a run (torchrun's RANK, WORLD_SIZE and LOCAL_RANK)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+def resolve(options=PlanOptions(), model_shape=None, valid_batch_size=2 ** 20,
+            processes=Processes(), measure=cpu_precision_by_measurement):
     """The plan for one process. Joins no process group (see `start`).
 
-    model_shape: (factors, layers) of the model, on which a CPU's precision is measured by
-    measure(impl, factors, layers) -> (precision, note)."""
-    device = resolve_device(device, local_rank)
-    requested_impl = impl
-    impl, impl_note = resolve_impl(device, impl)
+    model_shape: (factors, layers) of the model (default: the reference's), on which a CPU's
+    precision is measured by measure(impl, factors, layers) -> (precision, note)."""
+    model_shape = model_shape or (DEFAULT_FACTORS, DEFAULT_LAYERS)
+    device = resolve_device(options.device, processes.local_rank)
+    impl, impl_note = resolve_impl(device, options.impl)
     precision, precision_note, warning = resolve_precision(
-        device, precision, opt_level, amp, lambda: measure(impl, *model_shape))
+        device, options.precision, options.opt_level, options.amp,
+        lambda: measure(impl, *model_shape))
     cpu = device.type == 'cpu'
     compiled = impl in ('compile', 'fused')
     if compiled and 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
         # torch.compile reads this when it first compiles: a persistent cache makes a second
         # run start in seconds instead of compiling again
-        os.environ['TORCHINDUCTOR_CACHE_DIR'] = compile_cache or default_compile_cache()
+        os.environ['TORCHINDUCTOR_CACHE_DIR'] = options.compile_cache or default_compile_cache()
     if not cpu:
         # TF32 matrix products only where asked for: fp32 stays strict
         torch.set_float32_matmul_precision('high' if precision == 'tf32' else 'highest')
     return Plan(device=device, precision=precision, impl=impl,
                 micro_batch=CPU_MICRO_BATCH if cpu else None, valid_batch_size=valid_batch_size,
-                fused_adam=True, rank=rank, world_size=world_size,
+                fused_adam=True, rank=processes.rank, world_size=processes.world_size,
                 notes=tuple(note for note in (precision_note, impl_note) if note),
                 warnings=(warning,) if warning else (),
                 device_memory=None if cpu else torch.cuda.get_device_properties(device)
                 .total_memory,
-                compile_fallback=compiled and requested_impl == 'auto')
+                compile_fallback=compiled and options.impl == 'auto')
 
 
 def baseline(plan):
@@ -444,7 +485,7 @@ def implementations(device):
     """The implementations that run on `device` (not counting Triton's CPU interpreter)."""
     names = ['eager', 'compile', 'cpu_fused' if device.type == 'cpu' else 'fused']
     if device.type == 'cuda':
-        import fused
+        from ncflib import fused
         if not fused.available()[0]:
             names.remove('fused')
     return names
@@ -466,8 +507,7 @@ def reset_peak_memory(device):
 def device_name(device):
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    from logger.autologging import hardware_info
-    return f'{hardware_info()["cpu"]} ({torch.get_num_threads()} threads)'
+    return f'{cpu_name()} ({torch.get_num_threads()} threads)'
 
 
 def add_arguments(parser):
@@ -478,8 +518,10 @@ def add_arguments(parser):
                              'None: --precision decides')
     parser.add_argument('--amp', action='store_true', help='Mixed precision: --opt_level O2')
     parser.add_argument('--precision', choices=PRECISIONS, default='auto',
-                        help='Compute precision; auto: bf16 on CUDA (fp16 before Ampere), bf16 '
-                             'on a CPU with native bf16 (AVX512-BF16, AMX), fp32 on other CPUs')
+                        help='Compute precision; auto: bf16 on a GPU that computes it (Ampere '
+                             'on), else fp16; on a CPU the faster of fp32 and bf16, timed once '
+                             'and remembered. tf32: fp32 with TF32 matrix products (CUDA, Ampere '
+                             'on); fp32 is strict')
     parser.add_argument('--impl', choices=IMPLEMENTATIONS, default='auto',
                         help='Implementation; auto: compile on CUDA, cpu_fused on a CPU. eager: '
                              "the reference's forward; compile: it under torch.compile; "
@@ -494,38 +536,77 @@ def add_arguments(parser):
                         help='auto: CUDA when available')
 
 
-def parsed(parser, args):
-    """`args` with --plain read as --impl eager (a contradiction is the parser's error)."""
-    if args.plain:
-        if args.impl not in ('auto', 'eager'):
-            parser.error(f'--plain means --impl eager, not --impl {args.impl}')
-        args.impl = 'eager'
-    return args
-
-
-def start(device='auto', **settings):
+def start(options=PlanOptions(), model_shape=None, valid_batch_size=2 ** 20, local_rank=0):
     """The plan of this process under torchrun / torch.distributed.launch (or alone), with the
-    process group joined: NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    rank = int(os.environ.get('RANK', 0))
-    local_rank = int(os.environ.get('LOCAL_RANK', settings.pop('local_rank', 0)))
-    device_type = resolve_device(device, local_rank).type
-    if device_type == 'cuda':
-        # before NCCL starts, so that each rank owns its GPU
-        torch.cuda.set_device(resolve_device(device, local_rank))
+    process group joined: NCCL on CUDA, gloo on CPU. local_rank: the launcher's --local_rank
+    flag, where it sets no LOCAL_RANK."""
+    processes = Processes(rank=int(os.environ.get('RANK', 0)),
+                          world_size=int(os.environ.get('WORLD_SIZE', 1)),
+                          local_rank=int(os.environ.get('LOCAL_RANK', local_rank)))
+    device = resolve_device(options.device, processes.local_rank)
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)  # before NCCL starts, so that each rank owns its GPU
     measure = cpu_precision_by_measurement
-    if world_size > 1:
+    if processes.world_size > 1:
         if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if device_type == 'cuda' else 'gloo')
+            dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
 
         def measure(*shape):
             # rank 0 measures and every rank takes its answer: processes timing at once would
             # slow each other down, and could disagree
-            answer = [cpu_precision_by_measurement(*shape) if rank == 0 else None]
+            answer = [cpu_precision_by_measurement(*shape) if processes.rank == 0 else None]
             dist.broadcast_object_list(answer, src=0)
             return answer[0]
-    return resolve(device_type, rank=rank, world_size=world_size, local_rank=local_rank,
-                   measure=measure, **settings)
+    return resolve(options, model_shape, valid_batch_size, processes, measure)
+
+
+# Collectives: what the processes of a run do together.
+
+def together(plan, function, *args):
+    """`function(*args)` on every process; a failure on any of them (bad input, or an error
+    such as running out of memory) stops all of them, else the others would wait for it in the
+    next collective until its timeout. The failing process raises its own error; the others
+    raise a UsageError naming it, which rank 0 prints (when rank 0 failed, its own line)."""
+    error = None
+    try:
+        result = function(*args)
+    except Exception as raised:  # every failure is shared first, then raised
+        error = raised
+    if plan.distributed:
+        shared = [None] * plan.world_size
+        dist.all_gather_object(shared, None if error is None
+                               else describe_failure(error, plan.rank))
+        failed = next((rank for rank, message in enumerate(shared) if message is not None),
+                      None)
+        if failed is not None and error is None:
+            error = UsageError(shared[failed])
+    if error is not None:
+        raise error
+    return result
+
+
+def describe_failure(error, rank):
+    """One line for a failure that process `rank` reports to the others: a UsageError's own
+    message (every process finds the same bad input), else the process, the exception's type
+    and its first line."""
+    if isinstance(error, UsageError):
+        return str(error)
+    return f'process {rank} failed: {type(error).__name__}: {first_line(error, 300)}'
+
+
+def all_reduce_sums(values, plan):
+    """Sum float64 figures over all ranks in one collective, then read them once on the host."""
+    totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=plan.device)
+                          for value in values])
+    if plan.distributed:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def barrier(plan):
+    """Wait for every process (to start a clock together, say)."""
+    if plan.distributed:
+        dist.barrier()
 
 
 def peer_failure(error):

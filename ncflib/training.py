@@ -1,9 +1,90 @@
-"""The training step: Adam on the binary cross-entropy of positives and sampled negatives."""
+"""Training: the settings that define a run, the step (Adam on the binary cross-entropy of
+positives and sampled negatives), and the history of a run's epochs."""
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ncflib.recipe import DEFAULT_BETAS, DEFAULT_EPS, DEFAULT_LEARNING_RATE
+
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """What a training run computes, by ncf.py's flag names: a resumed run must have the same
+    (others, such as the number of epochs, the implementation or the precision, may change)."""
+    batch_size: int
+    learning_rate: float
+    beta1: float
+    beta2: float
+    eps: float
+    seed: int
+    factors: int
+    layers: tuple
+    dropout: float
+    negative_samples: int
+    negative_sampling: str
+    valid_negative: int
+    topk: int
+    eval_mode: str
+
+    @classmethod
+    def of(cls, flags):
+        """The settings among `flags` (a dict of flag values: more may be there)."""
+        return cls(**{field.name: flags[field.name] for field in dataclasses.fields(cls)})
+
+    def state_dict(self):
+        """As last.pth keeps them (lists, as the flags give them)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
+class History:
+    """A training run's epochs so far: what last.pth keeps and a resumed run continues."""
+    epoch: int = -1                 # the last epoch finished
+    best_hr: float = 0.0
+    best_epoch: int = -1
+    hrs: list = dataclasses.field(default_factory=list)
+    train_losses: list = dataclasses.field(default_factory=list)
+    train_throughputs: list = dataclasses.field(default_factory=list)
+    eval_throughputs: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0            # seconds since the run started, earlier runs included
+    best_model_elapsed: float = None
+
+    def record(self, epoch, hr, train_loss, throughputs, elapsed):
+        """Epoch `epoch`'s figures; throughputs: (training, evaluation) samples/s. Returns
+        whether its HR is the best so far."""
+        self.epoch, self.elapsed = epoch, elapsed
+        self.hrs.append(hr)
+        self.train_losses.append(train_loss)
+        self.train_throughputs.append(throughputs[0])
+        self.eval_throughputs.append(throughputs[1])
+        if hr <= self.best_hr:
+            return False
+        self.best_hr, self.best_epoch, self.best_model_elapsed = hr, epoch, elapsed
+        return True
+
+    def summary(self, time_to_target, compile_time):
+        """The run's closing figures, in the reference's names."""
+        def mean(values):
+            return sum(values) / max(len(values), 1)
+        return {
+            'best_train_throughput': max(self.train_throughputs, default=0.0),
+            'best_eval_throughput': max(self.eval_throughputs, default=0.0),
+            'mean_train_throughput': mean(self.train_throughputs),
+            'mean_eval_throughput': mean(self.eval_throughputs),
+            'best_accuracy': self.best_hr,
+            'best_epoch': self.best_epoch,
+            'time_to_target': time_to_target,
+            'time_to_best_model': self.best_model_elapsed,
+            'compile_time': compile_time,
+        }
+
+    def state_dict(self):
+        return dataclasses.asdict(self)
 
 
 class TrainingLoss(nn.Module):
@@ -28,7 +109,8 @@ class Trainer:
     says); batches: dataloading.TrainBatches.
     """
 
-    def __init__(self, plan, model, batches, learning_rate, betas, eps):
+    def __init__(self, plan, model, batches, learning_rate=DEFAULT_LEARNING_RATE,
+                 betas=DEFAULT_BETAS, eps=DEFAULT_EPS):
         self.plan, self.model, self.batches = plan, model, batches
         self.optimizer = plan.optimizer(model.parameters(), learning_rate, betas, eps)
         self.scaler = plan.grad_scaler()

@@ -1,9 +1,9 @@
 """HR@K and NDCG@K: the metric, the scoring model, and the evaluation of a rank's test users."""
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from utils import UsageError
+from ncflib.cli import UsageError
+from ncflib.runtime import all_reduce_sums
 
 
 def duplicate_mask(candidates):
@@ -186,12 +186,3 @@ class Evaluation:
                                  .double(), (~trained).sum().double(),
                                  (~torch.isfinite(scores)).sum().double()])
         return sums.unbind()
-
-
-def all_reduce_sums(values, plan):
-    """Sum float64 figures over all ranks in one collective, then read them once on the host."""
-    totals = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=plan.device)
-                          for value in values])
-    if plan.distributed:
-        dist.all_reduce(totals)
-    return totals.tolist()

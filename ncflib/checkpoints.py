@@ -1,26 +1,58 @@
 """Checkpoints: reading, checking and saving `model.pth` (the best model's state dict, as the
-reference) and `last.pth` (everything --resume needs). Written atomically, read with
-`torch.load(weights_only=True)`."""
-import fcntl
+reference) and `last.pth` (everything --resume needs), and the directory that holds them with
+the run's log. Written atomically, read with `torch.load(weights_only=True)`."""
 import os
-import platform
-import time
 
 import torch
 
-from utils import UsageError, atomic_torch_save, first_line, torch_load
+from ncflib.cli import UsageError, first_line
+from ncflib.files import DirectoryLock, atomic_torch_save, lock_holder, torch_load
+from ncflib.training import History
 
+# A training run's files in its checkpoint directory.
 BEST_MODEL_FILE = 'model.pth'      # state dict of the best model so far, as the reference
 LAST_CHECKPOINT_FILE = 'last.pth'  # everything --resume needs, after every epoch
-LOCK_FILE = '.lock'                # held by the run that writes the directory
+LOG_FILE = 'log.json'              # the JSON log, where no --log_path says otherwise
 # Where a model.pth keeps the fingerprint of its data: in the state dict's own metadata, which
 # load_state_dict ignores, so that the file stays a plain state dict the reference loads.
 FINGERPRINT_KEY = 'ncf_data_fingerprint'
-# The settings a resumed run must share with the checkpoint's (others, such as --epochs or the
-# implementation, may change): each alters what the run computes.
-RUN_SETTINGS = ('batch_size', 'learning_rate', 'beta1', 'beta2', 'eps', 'seed', 'factors',
-                'layers', 'dropout', 'negative_samples', 'negative_sampling', 'valid_negative',
-                'topk', 'eval_mode')
+
+
+class CheckpointDirectory:
+    """Where a training run keeps its checkpoints (and, by default, its log), and what it has
+    kept there so far: the line a run stopped by Ctrl-C, SIGTERM or a full disk ends with says
+    so. An empty `path`: no checkpoints."""
+
+    def __init__(self, path):
+        self.path = path or ''
+        self.best = os.path.join(self.path, BEST_MODEL_FILE)
+        self.last = os.path.join(self.path, LAST_CHECKPOINT_FILE)
+        self.log = os.path.join(self.path, LOG_FILE)
+        self.locked = False     # the run holds the directory: from here on it may write there
+        self.saved_epoch = None  # the epoch of the last.pth this run wrote or resumed from
+
+    def __bool__(self):
+        return bool(self.path)
+
+    def holder(self):
+        """Who holds the directory's lock now (a run writing there), or None."""
+        return lock_holder(self.path)
+
+    def lock(self):
+        """The directory's lock, for the run that writes there (one run per directory); makes
+        the directory where it is missing."""
+        os.makedirs(self.path, exist_ok=True)
+        lock = DirectoryLock(self.path, 'one training run per --checkpoint_dir')
+        self.locked = True
+        return lock
+
+    def kept(self):
+        """What a run stopped now leaves behind."""
+        if not self.locked:
+            return 'nothing was written'
+        if self.saved_epoch is None:
+            return f'no epoch finished: {self.path} holds no checkpoint of this run'
+        return f'{self.last} from epoch {self.saved_epoch} kept (--resume continues from it)'
 
 
 def read(path):
@@ -86,12 +118,15 @@ def save_model(model, path, fingerprint):
     atomic_torch_save(state, path)
 
 
-def save_training_state(path, model, trainer, history, args, plan, generator, fingerprint):
-    """last.pth: all that --resume needs to continue as if never stopped."""
+def save_training_state(path, trainer, generator, history, settings, fingerprint):
+    """last.pth: all that --resume needs to continue as if never stopped: the trainer's model,
+    optimizer and loss scaler, every random state, the history (training.History) and the
+    run's settings (training.RunSettings)."""
     atomic_torch_save({
-        'model': model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
-        'scaler': trainer.scaler.state_dict(), 'history': history, 'args': vars(args),
-        'rng': {**plan.rng_state(), 'data': generator.get_state().cpu()},
+        'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
+        'scaler': trainer.scaler.state_dict(), 'history': history.state_dict(),
+        'settings': settings.state_dict(),
+        'rng': {**trainer.plan.rng_state(), 'data': generator.get_state().cpu()},
         'data_fingerprint': fingerprint,
     }, path)
 
@@ -130,14 +165,15 @@ def check_data(state, path, dataset, allow_other_data, say):
             f'{dataset.fingerprint}): used anyway, as --allow_other_data says')
 
 
-def check_settings(state, path, args, allow_changed_settings, say):
-    """--resume continues the checkpoint's run: a setting that changes what it computes is
-    refused (one line naming them), unless told to."""
-    saved = state.get('args') if isinstance(state, dict) else None
+def check_settings(state, path, settings, allow_changed_settings, say):
+    """--resume continues the checkpoint's run: a setting that changes what it computes
+    (`settings`, a training.RunSettings) is refused (one line naming them), unless told to."""
+    saved = state.get('settings') or state.get('args')  # 'args': before RunSettings
     if not isinstance(saved, dict):
         return
-    changed = [f'--{name} {saved[name]} -> {getattr(args, name)}' for name in RUN_SETTINGS
-               if name in saved and saved[name] != getattr(args, name)]
+    ours = settings.state_dict()
+    changed = [f'--{name} {saved[name]} -> {ours[name]}' for name in ours
+               if name in saved and saved[name] != ours[name]]
     if changed and not allow_changed_settings:
         raise UsageError(f'--resume with other settings than {path}\'s run: '
                          f'{", ".join(changed)}; --allow_changed_settings resumes anyway')
@@ -146,60 +182,15 @@ def check_settings(state, path, args, allow_changed_settings, say):
             '--allow_changed_settings says')
 
 
-def lock_holder(directory):
-    """Who holds the lock on `directory` (from its lock file), or None when nobody does.
-    Creates nothing."""
-    path = os.path.join(directory, LOCK_FILE)
-    try:
-        file = open(path, 'r')
-    except OSError:
-        return None
-    with file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return file.read().strip() or 'another process'
-        fcntl.flock(file, fcntl.LOCK_UN)
-    return None
-
-
-class DirectoryLock:
-    """An exclusive lock on a checkpoint directory while a run writes there: an OS lock (flock)
-    on its lock file, which the kernel releases when the process ends, however it ends (kill -9
-    never leaves it stuck). The file names the holder for whoever finds it locked."""
-
-    def __init__(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, LOCK_FILE)
-        self.file = open(path, 'a+')
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or 'another process'
-            self.file.close()
-            raise UsageError(f'{directory} is in use by {holder}: one training run per '
-                             '--checkpoint_dir') from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f'pid {os.getpid()} on {platform.node()} since '
-                        f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n')
-        self.file.flush()
-
-    def release(self):
-        if self.file is not None:
-            self.file.close()  # closing releases the lock
-            self.file = None
-
-
-def restore_training_state(state, path, trainer, plan, generator):
-    """Optimizer, loss scaler and random states from a last.pth; returns its history."""
+def restore_training_state(state, path, trainer, generator):
+    """The trainer's optimizer and loss scaler, and every random state, from a last.pth (whose
+    model the trainer's model has loaded); returns its training.History."""
     try:
         trainer.optimizer.load_state_dict(state['optimizer'])
         trainer.scaler.load_state_dict(state['scaler'])
-        plan.set_rng_state(state['rng'])
+        trainer.plan.set_rng_state(state['rng'])
         generator.set_state(state['rng']['data'].to(generator.get_state().device))
-        return state['history']
+        return History(**state['history'])
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise UsageError(f'{path} is not a resumable checkpoint of this run: '
                          f'{first_line(error)}') from None

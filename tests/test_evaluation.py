@@ -1,0 +1,123 @@
+"""Evaluation (ncflib/evaluation.py): HR@K and NDCG@K against hand-computed cases and brute
+force, in sampled and full-ranking modes; a model whose scores are not finite is never good."""
+import math
+import os
+
+import pytest
+import torch
+
+import dataloading
+import ncf
+from conftest import flags, load_trained_model
+from ncflib.evaluation import Evaluation, NonFiniteScores, duplicate_mask, hits_and_ndcg
+
+
+def test_duplicate_mask_counts_each_item_once_and_never_masks_the_positive():
+    candidates = torch.tensor([[5, 3, 5, 3, 7],
+                               [4, 4, 2, 4, 2],
+                               [1, 2, 3, 4, 5]])
+    assert duplicate_mask(candidates).tolist() == [
+        [False, False, True, True, False],
+        [False, True, False, True, True],
+        [False] * 5]
+
+
+def hand_scored():
+    # Column 0 is the test positive.
+    items = torch.tensor([[10, 11, 12, 13],    # plain: two negatives ahead
+                          [20, 21, 21, 21],    # one negative, three times: counts once
+                          [30, 30, 31, 32],    # a negative that is the positive item: ignored
+                          [40, 41, 42, 43],    # a tie with another item counts against
+                          [50, 51, 52, 53]])   # positive first
+    scores = torch.tensor([[0.5, 0.9, 0.1, 0.7],
+                           [0.5, 0.9, 0.9, 0.9],
+                           [0.3, 0.3, 0.1, 0.2],
+                           [0.4, 0.4, 0.1, 0.9],
+                           [0.9, 0.1, 0.2, 0.3]])
+    ranks = [2, 1, 0, 2, 0]
+    return items, scores, ranks
+
+
+@pytest.mark.parametrize('k', [1, 2, 3])
+def test_hits_and_ndcg_hand_computed(k):
+    items, scores, ranks = hand_scored()
+    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k)
+    assert hits.item() == sum(rank < k for rank in ranks)
+    expected = sum(1 / math.log2(rank + 2) for rank in ranks if rank < k)
+    assert ndcg.item() == pytest.approx(expected)
+
+
+def test_metric_matches_brute_force_on_random_lists():
+    generator = torch.Generator().manual_seed(0)
+    items = torch.randint(0, 15, (200, 21), generator=generator)
+    # Scores depend on the item only, as a model's would, with a few exact ties.
+    item_score = torch.randint(0, 40, (15,), generator=generator).float()
+    scores = item_score[items]
+    for k in (1, 5, 10):
+        hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k)
+        expected_hits = expected_ndcg = 0.0
+        for row in items.tolist():
+            positive, others = row[0], set(row[1:]) - {row[0]}
+            rank = sum(item_score[o] >= item_score[positive] for o in others)
+            if rank < k:
+                expected_hits += 1
+                expected_ndcg += 1 / math.log2(rank + 2)
+        assert hits.item() == expected_hits
+        assert ndcg.item() == pytest.approx(expected_ndcg)
+
+
+def test_a_score_that_is_not_finite_ranks_the_positive_last():
+    """NaN compares false: without care a NaN positive would rank first (HR 1.0)."""
+    items = torch.tensor([[10, 11, 12], [20, 21, 22], [30, 31, 32], [40, 41, 42]])
+    nan, inf = float('nan'), float('inf')
+    scores = torch.tensor([[nan, 0.1, 0.2],     # the positive NaN
+                           [0.9, nan, 0.2],     # a negative NaN
+                           [inf, 0.1, 0.2],     # the positive infinite
+                           [0.9, 0.1, 0.2]])    # a finite row: the positive first
+    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k=2)
+    assert hits.item() == 1 and ndcg.item() == pytest.approx(1.0)
+
+
+def brute_force_full_ranking(tiny_data, trained, k):
+    _, dataset, model = load_trained_model(tiny_data, trained)
+    trained_pairs = set(zip(dataset.train_users.tolist(), dataset.train_items.tolist()))
+    with torch.no_grad():
+        scores = model.all_item_scores(torch.arange(300)).tolist()
+    hits = ndcg = 0.0
+    for user, positive in enumerate(dataset.test_items.tolist()):
+        rank = sum(scores[user][item] >= scores[user][positive] for item in range(200)
+                   if item != positive and (user, item) not in trained_pairs)
+        if rank < k:
+            hits += 1
+            ndcg += 1 / math.log2(rank + 2)
+    return hits / 300, ndcg / 300
+
+
+@pytest.mark.parametrize('k', [1, 10])
+def test_full_ranking_matches_brute_force(tiny_data, trained, k):
+    test = dict(data=tiny_data, mode='test', checkpoint_dir=trained, topk=k,
+                log_path=os.devnull, precision='fp32')
+    tested = ncf.main(flags(**test, eval_mode='full'))
+    hr, ndcg = brute_force_full_ranking(tiny_data, trained, k)
+    assert tested['hr'] == pytest.approx(hr, abs=1e-9)
+    assert tested['ndcg'] == pytest.approx(ndcg, abs=1e-6)
+    sampled = ncf.main(flags(**test))
+    assert sampled['hr'] >= tested['hr']  # 50 sampled negatives are easier than 199 items
+
+
+def test_full_ranking_in_training(tiny_data, tmp_path):
+    result = ncf.main(flags(tiny_data, epochs=1, eval_mode='full', log_path=tmp_path / 'log.json',
+                            precision='fp32'))
+    assert 0 < result['best_hr'] < 1
+
+
+def test_non_finite_scores_fail_the_evaluation_in_both_modes(tiny_data, trained):
+    plan, dataset, model = load_trained_model(tiny_data, trained)
+    exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
+                                          dataset.n_users, dataset.n_items)
+    with torch.no_grad():
+        model.mf_user_embed.weight[7] = float('inf')  # user 7's scores: NaN or infinite
+    for mode in ('sampled', 'full'):
+        evaluation = Evaluation(plan, dataset, model, 10, mode, exclusion)
+        with pytest.raises(NonFiniteScores, match=r'of \S+ scores are not finite'):
+            evaluation()
