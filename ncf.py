@@ -228,7 +228,7 @@ def log_path_of(args, directory):
     does it fail for want of a writable directory (None: not logged)."""
     if args.log_path:
         return args.log_path
-    path = os.path.join(args.checkpoint_dir or '.', checkpoints.LOG_FILE)
+    path = checkpoints.CheckpointDirectory(args.checkpoint_dir or '.').log
     if args.mode == 'test':
         try:
             check_log_file(path)
@@ -313,8 +313,8 @@ def prepare(args, plan, directory):
         read.resume_path = directory.last
         read.resume = checkpoints.read(read.resume_path)
     if args.mode != 'train' or args.load_checkpoint_path:
-        read.load_path = args.load_checkpoint_path or os.path.join(args.checkpoint_dir,
-                                                                   checkpoints.BEST_MODEL_FILE)
+        read.load_path = (args.load_checkpoint_path
+                          or checkpoints.CheckpointDirectory(args.checkpoint_dir).best)
         read.load = checkpoints.read(read.load_path)
     return read
 

@@ -21,7 +21,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
+from ncflib.cache import METADATA_FILE, ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
 from ncflib.runtime import cpu_name  # noqa: E402
 
 ML20M_SHAPE = dict(users=ML_20M_USERS, items=ML_20M_ITEMS, rows=20_000_000)
@@ -59,7 +59,7 @@ def main():
         peaks.append(max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1e6)
         print(f'run {run + 1}: {walls[-1]:.2f} s wall, peak RSS {peaks[-1]:.2f} GB',
               file=sys.stderr)
-        with open(os.path.join(output, 'metadata.json')) as file:
+        with open(os.path.join(output, METADATA_FILE)) as file:
             metadata = json.load(file)
 
     walls.sort()

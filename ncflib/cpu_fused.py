@@ -30,9 +30,10 @@ class CpuFusedNeuMF(NeuMF):
 
 
 class _GatherInputs(torch.autograd.Function):
-    """Both branches' inputs from the four tables: the GMF product and the MLP input, cast once
-    to the compute dtype. The backward forms each gathered row's gradient once and adds it into
-    a dense table gradient (Adam's semantics need the dense one)."""
+    """Both branches' inputs from the four tables (an autograd Function takes them one by one):
+    the GMF product and the MLP input, cast once to the compute dtype. The backward forms each
+    gathered row's gradient once and adds it into a dense table gradient (Adam's semantics need
+    the dense one)."""
 
     @staticmethod
     def forward(ctx, user, item, mf_user, mf_item, mlp_user, mlp_item, dtype):

@@ -30,6 +30,9 @@ implementations and autograd registered: torch.compile keeps them as opaque node
 
 Triton is imported lazily: this module imports without it; `available()` says whether the kernels
 can run here (CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1 set before first use).
+
+The kernels, the ops and their launch helpers take their tensors one by one, each table and
+each gradient a parameter: a kernel's pointers and a custom op's schema are flat.
 """
 import contextlib
 import functools
