@@ -1,14 +1,19 @@
 """Convert raw ratings (MovieLens or any user,item,timestamp CSV) into the tensors ncf.py reads.
 
     python convert.py --path RATINGS --output DIR [--valid_negative 100] [--seed 1]
-                      [--min_ratings 20] [--format F]
+                      [--min_ratings 20] [--format F] [--test_negative_sampling recipe|paper]
+    python convert.py --path data/ml-1m --output DIR          # the NCF paper's own files
 
 The reference recipe's split: drop users with fewer than `min_ratings` interactions, map user and
 item ids to 0..n-1 in order of first appearance, order each user's interactions by timestamp
 (stable: ties keep file order), drop repeated (user, item) pairs keeping the earliest, hold out
 each user's latest interaction as the test positive and train on the rest. Then draw
-`valid_negative` test negatives per user, uniformly with replacement from the items the user has
-no training interaction with.
+`valid_negative` test negatives per user: uniformly with replacement from the items the user has
+no training interaction with (the recipe's), or, with --test_negative_sampling paper, distinct
+items the user never interacted with (the NCF paper's); metadata.json records which. The NCF
+paper's own files (PREFIX.train.rating, .test.rating, .test.negative; ncflib/paper_files.py) are
+cached as they are instead: their split and their negatives, ids kept (metadata.json's split and
+test_negative_sampling: given).
 
 The cache's metadata.json records each tensor's shape and sha256, the source file's sha256, a
 sha256 over the id maps and the `fingerprint` derived from the source, the id maps and the split
@@ -28,9 +33,11 @@ import sys
 import threading
 import time
 
+from ncflib import paper_files
 from ncflib.cache import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, MIN_RATINGS,
-                          SEED, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE, USER_IDS_FILE,
-                          VALID_NEGATIVE, fingerprint, split_sha256, tensor_sha256)
+                          SEED, TEST_FILE, TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE,
+                          TRAIN_FILE, USER_IDS_FILE, VALID_NEGATIVE, fingerprint, split_sha256,
+                          tensor_sha256)
 from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, check_writable_directory,
                         deferred_signals, disk_full_error, import_held, run_main, same_file)
 from ncflib.files import DirectoryLock, FileSet
@@ -41,6 +48,7 @@ from ncflib.files import DirectoryLock, FileSet
 
 BOM = '\ufeff'  # a UTF-8 byte order mark, as some editors write at the start of a CSV
 NEGATIVE_CHUNK_USERS = 16384
+PAPER = 'paper'  # --format of the NCF paper's own files (ncflib/paper_files.py)
 
 # Each format: how to read it, and which of its columns hold user, item and timestamp.
 FORMATS = {
@@ -229,49 +237,51 @@ def split(columns, min_ratings):
     del pairs
     repeat = torch.zeros(len(user), dtype=torch.bool)
     repeat[by_pair[1:]] = sorted_pairs[1:] == sorted_pairs[:-1]
-    del sorted_pairs, by_pair
     pa.default_memory_pool().release_unused()  # the Arrow columns are gone by now
     duplicates = int(repeat.sum())
+    kept_rows = np.nonzero(~repeat.numpy())[0] if duplicates else None
     if duplicates:
-        keep = ~repeat.numpy()
-        user, item = user[keep], item[keep]
+        user, item = user[kept_rows], item[kept_rows]
 
     # Each user's last row (in time order) is the test positive.
     last = np.empty(len(user), dtype=bool)
     last[:-1] = user[1:] != user[:-1]
     last[-1] = True
+    # The distinct pairs' keys, sorted, and which of them are test positives: the test
+    # negatives are drawn outside them (dataloading.ItemExclusion) without sorting them again.
+    test_rows = torch.from_numpy(last)
+    if duplicates:
+        test_rows = torch.zeros(len(repeat), dtype=torch.bool)
+        test_rows[torch.from_numpy(kept_rows[last])] = True
+    first_copies = ~repeat[by_pair]
+    pair_keys = sorted_pairs[first_copies]
+    test_keys = test_rows[by_pair][first_copies]
+    del sorted_pairs, by_pair, repeat, test_rows, first_copies
     return dict(train_users=user[~last], train_items=item[~last],
                 test_users=user[last], test_items=item[last],
                 n_users=n_users, n_items=n_items, user_values=user_values,
                 item_values=item_values, duplicates=duplicates,
-                dropped_users=int((~kept_users).sum()))
+                dropped_users=int((~kept_users).sum()), pair_keys=pair_keys,
+                test_keys=test_keys)
 
 
-def sample_test_negatives(result, count, seed):
-    """`count` items per user of the split `result`, uniform with replacement over items
-    without a training pair (the test positive included, as in the reference: evaluation counts
-    a repeat once)."""
+def sample_test_negatives(result, count, seed, sampling='recipe'):
+    """`count` test negatives per user of the split `result`, as `sampling` says
+    (dataloading.draw_test_negatives), outside the split's own sorted pair keys, in chunks of
+    users that bound the memory."""
     import torch
 
-    from dataloading import ItemExclusion
+    from dataloading import ItemExclusion, draw_test_negatives
 
-    n_users, user_values = result['n_users'], result['user_values']
-    exclusion = ItemExclusion(torch.from_numpy(result['train_users']),
-                              torch.from_numpy(result['train_items']), n_users,
-                              result['n_items'])
-    # The test positive is never a training item, so it is always free to draw (as in the
-    # reference); a user left with nothing else has interacted with every item.
-    full = torch.nonzero(exclusion.free_counts <= 1).flatten()
-    if len(full):
-        raise UsageError(f'user {user_values[int(full[0])]} has interacted with every item, so '
-                         'no test negative exists for them: drop the user from the input')
-    generator = torch.Generator().manual_seed(seed)
-    negatives = torch.empty(n_users, count, dtype=torch.int64)
-    for first in range(0, n_users, NEGATIVE_CHUNK_USERS):  # chunks bound the memory
-        users = torch.arange(first, min(first + NEGATIVE_CHUNK_USERS, n_users))
-        negatives[first:first + len(users)] = exclusion.sample(
-            users.repeat_interleave(count), generator).view(len(users), count)
-    return negatives
+    keys = result.pop('pair_keys')
+    test_keys = result.pop('test_keys')
+    if sampling != 'paper':  # the recipe's: outside the training pairs only
+        keys = keys[~test_keys]
+    del test_keys
+    exclusion = ItemExclusion.from_sorted_keys(keys, result['n_users'], result['n_items'])
+    user_values = result['user_values']
+    return draw_test_negatives(exclusion, count, torch.Generator().manual_seed(seed), sampling,
+                               NEGATIVE_CHUNK_USERS, user_name=lambda user: user_values[user])
 
 
 def id_map_bytes(header, values):
@@ -353,17 +363,19 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
 
 
 class FileHash:
-    """sha256 of a file, computed in a background thread (hashlib releases the GIL)."""
+    """sha256 of a file (of several, one after the other), computed in a background thread
+    (hashlib releases the GIL)."""
 
-    def __init__(self, path):
+    def __init__(self, *paths):
         self._digest = hashlib.sha256()
-        self._thread = threading.Thread(target=self._run, args=(path,), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=paths, daemon=True)
         self._thread.start()
 
-    def _run(self, path):
-        with open(path, 'rb') as file:
-            while chunk := file.read(1 << 22):
-                self._digest.update(chunk)
+    def _run(self, *paths):
+        for path in paths:
+            with open(path, 'rb') as file:
+                while chunk := file.read(1 << 22):
+                    self._digest.update(chunk)
 
     def hexdigest(self):
         self._thread.join()
@@ -374,20 +386,56 @@ def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--path', required=True,
                         help='ratings file: ML-20m ratings.csv, ML-1m ratings.dat, ML-100k u.data, '
-                             'or a CSV whose header has user_id,item_id,timestamp')
+                             'or a CSV whose header has user_id,item_id,timestamp; or the NCF '
+                             "paper's files, PREFIX (or any of PREFIX.train.rating, "
+                             '.test.rating, .test.negative)')
     parser.add_argument('--output', required=True, help='directory for the cached tensors')
-    parser.add_argument('--format', choices=sorted(FORMATS), default=None,
-                        help='input format (default: detected from the first line)')
+    parser.add_argument('--format', choices=sorted(FORMATS) + [PAPER], default=None,
+                        help="input format (default: detected from the first line; paper: the "
+                             "NCF paper's files, from their names)")
     parser.add_argument('--valid_negative', type=int, default=VALID_NEGATIVE,
                         help='number of test negatives per user')
     parser.add_argument('--min_ratings', type=int, default=MIN_RATINGS,
                         help='drop users with fewer interactions than this')
+    parser.add_argument('--test_negative_sampling', choices=TEST_NEGATIVE_SAMPLINGS,
+                        default='recipe',
+                        help="recipe: the reference's, uniform with replacement over the items "
+                             'without a training pair; paper: the NCF paper\'s, distinct items '
+                             'the user never interacted with')
     parser.add_argument('-s', '--seed', type=int, default=SEED, help='seed for the test negatives')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.given = parser.given_flags(argv)
+    return args
 
 
 def check_arguments(args):
-    """Everything that can be checked before reading the input; raises UsageError."""
+    """Everything that can be checked before reading the input; raises UsageError. Returns the
+    PREFIX of the NCF paper's files where --path names them, else None."""
+    prefix = paper_files.prefix_of(args.path) if args.format in (None, PAPER) else None
+    if args.format == PAPER and prefix is None:
+        raise UsageError(f'--path {args.path} names none of the NCF paper\'s files (PREFIX, or '
+                         f'PREFIX{", PREFIX".join(paper_files.SUFFIXES)})')
+    if prefix is not None:
+        # their own split and negatives: the options that make ours do not apply
+        for name in ('valid_negative', 'min_ratings', 'seed', 'test_negative_sampling'):
+            if name in args.given:
+                raise UsageError(f'--{name} does not apply to the NCF paper\'s files: they hold '
+                                 'their own split and test negatives')
+        inputs = paper_files.paths(prefix)
+    else:
+        check_ratings_file(args)
+        inputs = [args.path]
+    check_writable_directory(args.output, '--output')
+    for path in inputs:
+        for name in CACHE_FILES:
+            if same_file(path, os.path.join(args.output, name)):
+                raise UsageError(f'--path {path} is the {name} convert.py writes in --output '
+                                 f'{args.output}: it would be overwritten; write the cache '
+                                 'elsewhere')
+    return prefix
+
+
+def check_ratings_file(args):
     if os.path.isdir(args.path):
         raise UsageError(f'--path {args.path} is a directory, not a ratings file')
     if not os.path.isfile(args.path):
@@ -402,16 +450,13 @@ def check_arguments(args):
         raise UsageError('--min_ratings must be at least 2 (one test and one training interaction)')
     if not -2 ** 63 <= args.seed < 2 ** 64:
         raise UsageError(f'--seed {args.seed} is out of range (a 64-bit integer)')
-    check_writable_directory(args.output, '--output')
-    for name in CACHE_FILES:
-        if same_file(args.path, os.path.join(args.output, name)):
-            raise UsageError(f'--path {args.path} is the {name} convert.py writes in --output '
-                             f'{args.output}: it would be overwritten; write the cache elsewhere')
 
 
 def convert(args, progress=None):
     start = time.perf_counter()
-    check_arguments(args)
+    prefix = check_arguments(args)
+    if prefix is not None:
+        return convert_paper_files(args, prefix, progress, start)
     fmt = args.format or detect_format(args.path)
     import_held('numpy', 'pyarrow.csv', 'pyarrow.compute', 'torch', 'dataloading')
     source_hash = FileHash(args.path)
@@ -427,8 +472,10 @@ def convert(args, progress=None):
     if args.valid_negative > result['n_items']:
         raise UsageError(f'--valid_negative {args.valid_negative} is more than the '
                          f'{result["n_items"]:,} items of {args.path}')
-    test_negatives = sample_test_negatives(result, args.valid_negative, args.seed)
-    now = stage(f'drew {args.valid_negative} test negatives per user', now)
+    test_negatives = sample_test_negatives(result, args.valid_negative, args.seed,
+                                           args.test_negative_sampling)
+    now = stage(f'drew {args.valid_negative} test negatives per user '
+                f'({args.test_negative_sampling})', now)
     metadata = {
         'version': CACHE_VERSION,
         'n_users': result['n_users'],
@@ -436,6 +483,8 @@ def convert(args, progress=None):
         'n_train': len(result['train_users']),
         'n_test': len(result['test_users']),
         'valid_negative': args.valid_negative,
+        'split': 'recipe',
+        'test_negative_sampling': args.test_negative_sampling,
         'min_ratings': args.min_ratings,
         'seed': args.seed,
         'source_file': os.path.basename(args.path),
@@ -445,15 +494,52 @@ def convert(args, progress=None):
         'dropped_users': result['dropped_users'],
         'dropped_repeats': result['duplicates'],
     }
+    write(args.output, result, test_negatives, metadata, progress, now, start)
+
+
+def convert_paper_files(args, prefix, progress, start):
+    """The NCF paper's own files, cached as they are (ncflib/paper_files.py)."""
+    import_held('numpy', 'pyarrow.csv', 'torch')
+    import torch
+
+    inputs = paper_files.paths(prefix)
+    source_hash = FileHash(*inputs)
+    result, negatives = paper_files.read(prefix)
+    now = stage(f'read the NCF paper\'s split {prefix}.*: {result["n_users"]:,} users, '
+                f'{result["n_items"]:,} items, {len(result["train_users"]):,} training rows, '
+                f'{negatives.shape[1]} test negatives per user', start)
+    metadata = {
+        'version': CACHE_VERSION,
+        'n_users': result['n_users'],
+        'n_items': result['n_items'],
+        'n_train': len(result['train_users']),
+        'n_test': len(result['test_users']),
+        'valid_negative': negatives.shape[1],
+        'split': 'given',
+        'test_negative_sampling': 'given',
+        'min_ratings': None,
+        'seed': None,
+        'source_file': ', '.join(os.path.basename(path) for path in inputs),
+        'source_sha256': source_hash.hexdigest(),
+        'source_format': PAPER,
+        'source_rows': len(result['train_users']) + len(result['test_users']),
+        'dropped_users': 0,
+        'dropped_repeats': 0,
+    }
+    write(args.output, result, torch.from_numpy(negatives), metadata, progress, now, start)
+
+
+def write(output, result, test_negatives, metadata, progress, now, start):
+    """write_cache, with its failures in one line, and the closing lines."""
     try:
-        write_cache(args.output, result, test_negatives, metadata, progress)
+        write_cache(output, result, test_negatives, metadata, progress)
     except OSError as error:
         if disk_full_error(error):
             raise  # run_main says so, and what was kept
-        where = error.filename or args.output
+        where = error.filename or output
         raise UsageError(f'cannot write {where}: {error.strerror or error}; '
-                         f'{describe_kept(args.output, progress)}') from None
-    stage(f'wrote {args.output} (fingerprint {metadata["fingerprint"]})', now)
+                         f'{describe_kept(output, progress)}') from None
+    stage(f'wrote {output} (fingerprint {metadata["fingerprint"]})', now)
     print(f'[convert] done in {time.perf_counter() - start:.1f} s', file=sys.stderr)
 
 

@@ -4,8 +4,8 @@ import os
 
 import torch
 
-from ncflib.cache import (METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE, TRAIN_FILE, check_counts,
-                          fingerprint, read_metadata, tensor_sha256)
+from ncflib.cache import (METADATA_FILE, TEST_FILE, TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE,
+                          TRAIN_FILE, check_counts, fingerprint, read_metadata, tensor_sha256)
 from ncflib.cli import UsageError
 from ncflib.files import torch_load
 
@@ -22,13 +22,24 @@ class ItemExclusion:
     """
 
     def __init__(self, users, items, n_users, n_items):
-        self.n_users, self.n_items = n_users, n_items
         keys = users.long() * n_items
         keys += items.long()
         if keys.is_cpu:
             keys.numpy().sort()  # in place: no second copy, and numpy's CPU sort is the fastest
         else:
             keys = torch.sort(keys).values
+        self._index(keys, n_users, n_items)
+
+    @classmethod
+    def from_sorted_keys(cls, keys, n_users, n_items):
+        """The exclusion of the pairs whose keys (user * n_items + item, int64) are given
+        sorted: convert.py has them from its own sort of the pairs."""
+        exclusion = cls.__new__(cls)
+        exclusion._index(keys, n_users, n_items)
+        return exclusion
+
+    def _index(self, keys, n_users, n_items):
+        self.n_users, self.n_items = n_users, n_items
         if len(keys) > 1 and bool((keys[1:] == keys[:-1]).any()):
             keys = torch.unique_consecutive(keys)
         self.keys = keys
@@ -49,11 +60,48 @@ class ItemExclusion:
         Every user asked for must have at least one free item (see `free_counts`).
         """
         users = users.long()
-        free = self.free_counts[users]
+        return self.free_item(users, self._ranks(self.free_counts[users], generator))
+
+    def sample_distinct(self, users, count, generator=None):
+        """[len(users), count] items: for each user, `count` distinct items drawn uniformly
+        from those the user has no pair with (each set of `count` of them equally likely).
+        Every user asked for must have at least `count` free items.
+
+        Ranks among the user's free items are drawn with replacement and every repeat drawn
+        again until none is left: the result's law is the same under any relabelling of the
+        free items, so each set of `count` is equally likely. Users with fewer than 2 x `count`
+        free items (where repeats would take many rounds) take the `count` smallest of random
+        keys over all their free items instead.
+        """
+        users = users.long()
+        free = self.free_counts[users][:, None].expand(len(users), count)
+        ranks = self._ranks(free, generator)
+        crowded = self.free_counts[users] < 2 * count
+        if bool(crowded.any()):  # one synchronisation per call, not per draw
+            rows = torch.nonzero(crowded).flatten()
+            width = int(self.free_counts[users[rows]].max())
+            keys = torch.rand((len(rows), width), generator=generator, device=users.device)
+            keys[torch.arange(width, device=users.device) >= free[rows, :1]] = 2.0
+            ranks[rows] = keys.topk(count, dim=1, largest=False).indices
+        while True:
+            ordered, order = ranks.sort(dim=1)
+            repeated = torch.zeros_like(ranks, dtype=torch.bool)
+            repeated[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+            if not bool(repeated.any()):  # one synchronisation per round; a few rounds
+                break
+            repeated = torch.zeros_like(repeated).scatter_(1, order, repeated)
+            ranks[repeated] = self._ranks(free[repeated], generator)
+        return self.free_item(users[:, None].expand_as(ranks), ranks)
+
+    def _ranks(self, free, generator):
+        """A uniform rank in [0, free) for each entry of `free`."""
         # float64 keeps the draw uniform for catalogues far beyond 2^24 items
-        draw = torch.rand(users.shape, generator=generator, dtype=torch.float64,
-                          device=users.device)
-        rank = torch.minimum((draw * free).long(), free - 1)
+        draw = torch.rand(free.shape, generator=generator, dtype=torch.float64,
+                          device=free.device)
+        return torch.minimum((draw * free).long(), free - 1)
+
+    def free_item(self, users, rank):
+        """The item that is the `rank`-th (0-based) of those each user has no pair with."""
         position = torch.searchsorted(self.shifted_keys, users * self.n_items + rank, right=True)
         return rank + (position - self.starts[users])
 
@@ -112,6 +160,50 @@ class Dataset:
         return None
 
 
+def test_negative_exclusion(train_users, train_items, test_items, n_items, sampling='recipe'):
+    """The ItemExclusion that test negatives are drawn outside of: the training pairs (recipe),
+    with the test positives too (paper)."""
+    users, items = train_users, train_items
+    if sampling == 'paper':  # the test positive is an interaction too
+        users = torch.cat((train_users, torch.arange(len(test_items), device=test_items.device)))
+        items = torch.cat((train_items, test_items))
+    return ItemExclusion(users, items, len(test_items), n_items)
+
+
+def draw_test_negatives(exclusion, count, generator, sampling='recipe', chunk_users=None,
+                        user_name=None):
+    """[n_users, count] test negatives on the exclusion's device, drawn as `sampling` says
+    (cache.TEST_NEGATIVE_SAMPLINGS), outside `exclusion` (test_negative_exclusion's): recipe,
+    uniform with replacement over the items without a training pair; paper, distinct items
+    without a training pair and other than the test positive. chunk_users: users drawn at once
+    (None: all), which bounds the memory. A user without enough items to draw from is a
+    UsageError naming them by user_name(mapped id)."""
+    n_users, device = exclusion.n_users, exclusion.keys.device
+    user_name = user_name or (lambda user: f'{user} (mapped id)')
+    # The recipe draws from the free items, the test positive among them: a user with nothing
+    # else free has interacted with every item.
+    short = torch.nonzero(exclusion.free_counts < (count if sampling == 'paper' else 2)).flatten()
+    if len(short):
+        user = int(short[0])
+        if sampling == 'paper':
+            raise UsageError(f'user {user_name(user)} has only {int(exclusion.free_counts[user])} '
+                             f'items they never interacted with, fewer than the {count} '
+                             'distinct test negatives to draw: drop the user from the input or '
+                             'draw fewer')
+        raise UsageError(f'user {user_name(user)} has interacted with every item, so no test '
+                         'negative exists for them: drop the user from the input')
+    negatives = torch.empty(n_users, count, dtype=torch.int64, device=device)
+    chunk = chunk_users or n_users
+    for first in range(0, n_users, chunk):
+        part = torch.arange(first, min(first + chunk, n_users), device=device)
+        if sampling == 'paper':
+            negatives[part] = exclusion.sample_distinct(part, count, generator)
+        else:
+            negatives[part] = exclusion.sample(part.repeat_interleave(count),
+                                               generator).view(len(part), count)
+    return negatives
+
+
 def _load_tensor(path, device, recorded):
     """The tensor in `path`, on `device`, checked against what metadata.json `recorded` of it
     ({'shape': ..., 'sha256': ...}; None for a cache older than version 3)."""
@@ -148,7 +240,8 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     """Load and check a cache written by convert.py; everything ends up on `device`.
 
     valid_negative: test negatives per user; when it differs from the cache, new ones are drawn
-    (uniformly from each user's non-training items, with `seed`) and `log` says so.
+    (as the cache's were: recipe or paper, see cache.TEST_NEGATIVE_SAMPLINGS, with `seed`) and
+    `log` says so.
     """
     metadata = read_metadata(data_dir, log)
     metadata_path = os.path.join(data_dir, METADATA_FILE)
@@ -182,18 +275,27 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
                          f'{seen_items}: the cache is inconsistent; run convert.py again')
 
     train_users, train_items = train[:, 0].contiguous(), train[:, 1].contiguous()
-    metadata['test_negatives'] = f'{negatives.shape[1]} per user, from the cache'
+    test_items = test[:, 1].contiguous()
+    sampling = metadata.get('test_negative_sampling', 'recipe')
+    metadata['test_negatives'] = f'{negatives.shape[1]} per user ({sampling}), from the cache'
+    if valid_negative is not None and valid_negative != negatives.shape[1] and \
+            sampling not in TEST_NEGATIVE_SAMPLINGS:
+        raise UsageError(f'--valid_negative {valid_negative}, but the cache\'s '
+                         f'{negatives.shape[1]} test negatives per user are its source\'s own '
+                         f'({metadata.get("source_format")} files), and others cannot be drawn '
+                         f'as they were: --valid_negative {negatives.shape[1]} evaluates with '
+                         'them')
     if valid_negative is not None and valid_negative != negatives.shape[1]:
-        metadata['test_negatives'] = (f'{valid_negative} per user, drawn at load time with seed '
-                                      f'{seed} (the cache has {negatives.shape[1]})')
-        log(f'Drawing {valid_negative} test negatives per user with seed {seed} '
+        metadata['test_negatives'] = (f'{valid_negative} per user ({sampling}), drawn at load '
+                                      f'time with seed {seed} (the cache has '
+                                      f'{negatives.shape[1]})')
+        log(f'Drawing {valid_negative} test negatives per user ({sampling}) with seed {seed} '
             f'(the cache has {negatives.shape[1]})')
-        exclusion = ItemExclusion(train_users, train_items, n_users, n_items)
         generator = torch.Generator(device=device).manual_seed(seed)
-        users = torch.arange(n_users, device=device).repeat_interleave(valid_negative)
-        negatives = exclusion.sample(users, generator).view(n_users, valid_negative)
-    return Dataset(train_users, train_items, test[:, 1].contiguous(), negatives, n_users, n_items,
-                   metadata)
+        exclusion = test_negative_exclusion(train_users, train_items, test_items, n_items,
+                                            sampling)
+        negatives = draw_test_negatives(exclusion, valid_negative, generator, sampling)
+    return Dataset(train_users, train_items, test_items, negatives, n_users, n_items, metadata)
 
 
 class TrainBatches:

@@ -1,4 +1,4 @@
-"""Benchmark inference performance of the NCF model: latency and throughput per batch size.
+"""Benchmark inference performance of an NCF model: latency and throughput per batch size.
 
     python inference.py                                       # random weights, ML-20m's tables
     python inference.py --load_checkpoint_path checkpoints/model.pth --batch_sizes 1,64,1024
@@ -7,7 +7,7 @@
 For each batch size: --num_batches timed forwards (after warm-up) of random (user, item) pairs,
 each synchronised; mean, p90, p95 and p99 latency and the mean throughput, printed as a table
 and written to the JSON log (dllogger's layout: one [batch_size] record each, [] for the
-summary). With a checkpoint, the table sizes and layers come from it.
+summary). With a checkpoint, the model, its table sizes and layers come from it.
 """
 import sys
 
@@ -37,6 +37,8 @@ def parse_args(argv=None):
                              'when one is given')
     parser.add_argument('--n_items', default=ML_20M_ITEMS, type=int,
                         help='Number of items (ML-20m after preprocessing); likewise')
+    parser.add_argument('--model', choices=models.MODELS, default=models.DEFAULT_MODEL,
+                        help='The model of the family (from the checkpoint when one is given)')
     parser.add_argument('-f', '--factors', type=int, default=models.DEFAULT_FACTORS,
                         help='Number of predictive factors')
     parser.add_argument('--dropout', type=float, default=models.DEFAULT_DROPOUT,
@@ -81,15 +83,16 @@ def benchmark(args):
     state = None
     if args.load_checkpoint_path:
         state = checkpoints.read(args.load_checkpoint_path)
-        args.n_users, args.n_items, args.factors, args.layers = checkpoints.shapes_of(
-            state, args.load_checkpoint_path)
-    models.check_shape(args.factors, args.layers, args.dropout)
-    plan = runtime.resolve(args.plan_options, (args.factors, args.layers))
+        shape, args.n_users, args.n_items = checkpoints.shape_of(state,
+                                                                 args.load_checkpoint_path)
+    else:
+        shape = models.ModelShape(args.model, args.factors, args.layers, args.dropout)
+    plan = runtime.resolve(args.plan_options, shape)
     for warning in plan.warnings:
         warn(warning)
 
     torch.manual_seed(args.seed)
-    model = plan.build_model(args.n_users, args.n_items, args.factors, args.layers, args.dropout)
+    model = plan.build_model(shape, args.n_users, args.n_items)
     if state is not None:
         checkpoints.load_model_state(model, state, args.load_checkpoint_path)
     # the weights cast once to the plan's precision, compiled where the plan compiles
@@ -100,9 +103,8 @@ def benchmark(args):
     log_hardware(logger)
     log_args(logger, {name: value for name, value in vars(args).items()
                       if name != 'plan_options'})
-    print(f'NeuMF {args.n_users} users x {args.n_items} items, factors {args.factors}, layers '
-          f'{args.layers}, {"random" if state is None else "checkpoint"} weights; '
-          f'{plan.describe()}')
+    print(f'{shape.describe()}, {args.n_users} users x {args.n_items} items, '
+          f'{"random" if state is None else "checkpoint"} weights; {plan.describe()}')
     header = (f'{"batch size":>11} {"throughput avg":>15} {"latency avg":>12} {"p90":>9} '
               f'{"p95":>9} {"p99":>9}   (samples/s, ms)')
     print(header)

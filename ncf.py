@@ -1,12 +1,15 @@
-"""Train a Neural Collaborative Filtering model (NeuMF) and report HR@K / NDCG@K.
+"""Train a Neural Collaborative Filtering model (NeuMF, or GMF, MLP, MF) and report HR@K /
+NDCG@K.
 
     python ncf.py --data data/cache/ml-20m
+    python ncf.py --data data/cache/ml-20m --model mf -l 0.005
     torchrun --nproc_per_node=8 ncf.py --data /data/cache/ml-20m
     python ncf.py --data data/cache/ml-20m --mode test --load_checkpoint_path checkpoints/model.pth
     python ncf.py --data data/cache/ml-20m --mode recommend --load_checkpoint_path ... --users 12,57
 
-The script: parse the flags, resolve the runtime plan (ncflib/runtime.py), check everything it
-will read and write, load the data and the model, then train, test or recommend. Nothing but the
+The script: parse the flags, join the run's processes, check everything it will read and write
+(reading the checkpoints, which may give the model), resolve the runtime plan
+(ncflib/runtime.py), load the data and the model, then train, test or recommend. Nothing but the
 tests imports it; what it runs lives in ncflib (training, evaluation, checkpoints, ...).
 """
 import dataclasses
@@ -32,7 +35,7 @@ from ncflib.cli import (ArgumentParser, UsageError, check_log_file,  # noqa: E40
 from ncflib.evaluation import Evaluation, NonFiniteScores  # noqa: E402
 from ncflib.recipe import (DEFAULT_BATCH_SIZE, DEFAULT_BETAS, DEFAULT_EPOCHS,  # noqa: E402
                            DEFAULT_EPS, DEFAULT_LEARNING_RATE, DEFAULT_NEGATIVE_SAMPLES)
-from ncflib.training import History, RunSettings, Trainer  # noqa: E402
+from ncflib.training import OPTIMIZERS, History, RunSettings, Trainer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -46,10 +49,15 @@ def parse_args(argv=None):
                              'processes and accumulated gradients)')
     parser.add_argument('--valid_batch_size', type=int, default=2 ** 20,
                         help='Number of examples in each validation chunk')
+    parser.add_argument('--model', choices=models.MODELS, default=models.DEFAULT_MODEL,
+                        help="neumf: the reference's; gmf and mlp: NeuMF's two branches alone "
+                             '(the NCF paper\'s); mf: dot-product matrix factorisation with '
+                             'biases (Rendle et al. 2020). Test and recommend modes take the '
+                             "checkpoint's model")
     parser.add_argument('-f', '--factors', type=int, default=models.DEFAULT_FACTORS,
-                        help='Number of predictive factors')
+                        help='Number of predictive factors (neumf, gmf, mf)')
     parser.add_argument('--layers', nargs='+', type=int, default=list(models.DEFAULT_LAYERS),
-                        help='Sizes of hidden layers for MLP')
+                        help='Sizes of hidden layers for MLP (neumf, mlp)')
     parser.add_argument('-n', '--negative_samples', type=int, default=DEFAULT_NEGATIVE_SAMPLES,
                         help='Number of negative examples per interaction')
     parser.add_argument('-l', '--learning_rate', type=float, default=DEFAULT_LEARNING_RATE,
@@ -68,6 +76,25 @@ def parse_args(argv=None):
     parser.add_argument('--beta2', '-b2', type=float, default=DEFAULT_BETAS[1],
                         help='Beta2 for Adam')
     parser.add_argument('--eps', type=float, default=DEFAULT_EPS, help='Epsilon for Adam')
+    parser.add_argument('--optimizer', choices=OPTIMIZERS, default='adam',
+                        help="adam: the reference's; sgd: plain SGD, as the NCF paper trains a "
+                             'NeuMF from pretrained branches')
+    parser.add_argument('--embedding_l2', type=float, default=0.0,
+                        help='L2 penalty on the embedding rows each sample uses (sum of their '
+                             'squares, averaged over the batch), as SGD-trained MF regularises')
+    parser.add_argument('--weight_decay', type=float, default=0.0,
+                        help="Weight decay of the dense layers' weights (the optimizer's)")
+    parser.add_argument('--pretrained_gmf', default=None, metavar='CHECKPOINT',
+                        help='--model neumf: start from this trained GMF (with '
+                             '--pretrained_mlp), as the NCF paper')
+    parser.add_argument('--pretrained_mlp', default=None, metavar='CHECKPOINT',
+                        help='--model neumf: start from this trained MLP (with --pretrained_gmf)')
+    parser.add_argument('--alpha', type=float, default=0.5,
+                        help='With pretrained branches: the output layer is [alpha * GMF\'s, '
+                             "(1 - alpha) * MLP's], its bias likewise")
+    parser.add_argument('--metrics_at', nargs='+', type=int, default=[], metavar='K',
+                        help='Also report HR@K and NDCG@K at each of these K, and the mean '
+                             'reciprocal rank (MRR), per epoch and in the log')
     parser.add_argument('--dropout', type=float, default=models.DEFAULT_DROPOUT,
                         help='Dropout probability, if equal to 0 will not use dropout at all')
     parser.add_argument('--checkpoint_dir', default='', type=str,
@@ -122,6 +149,7 @@ def parse_args(argv=None):
     parser.add_argument('--local_rank', '--local-rank', default=0, type=int,
                         help='Set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)')
     args = parser.parse_args(argv)
+    args.given = parser.given_flags(argv)
     try:
         args.plan_options = runtime.PlanOptions.from_flags(vars(args))
     except UsageError as error:  # contradicting flags: argparse's kind of error
@@ -129,20 +157,41 @@ def parse_args(argv=None):
     return args
 
 
-def plan_of(args):
-    """The runtime plan of this process; joins the process group under torchrun. The model's
-    flags are checked first: the plan may time the model's layers."""
-    models.check_shape(args.factors, args.layers, args.dropout)
-    return runtime.start(args.plan_options, (args.factors, args.layers), args.valid_batch_size,
-                         local_rank=args.local_rank)
+# The flags that shape the model: in test and recommend modes the checkpoint's.
+MODEL_FLAGS = ('model', 'factors', 'layers')
 
 
-def check_args(args, plan):
-    for name in ('learning_rate', 'beta1', 'beta2', 'eps', 'threshold'):
+def model_shape(args, read):
+    """The model to build: the flags' in training, the checkpoint's in test and recommend modes
+    (where a model flag given on the command line must agree with it)."""
+    if read.load is None or args.mode == 'train':
+        return models.ModelShape(args.model, args.factors, args.layers, args.dropout)
+    shape, _, _ = checkpoints.shape_of(read.load, read.load_path)
+    held = {'model': shape.model, 'factors': shape.factors if shape.uses_factors else None,
+            'layers': list(shape.layers) if shape.uses_layers else None}
+    for name in MODEL_FLAGS:
+        given = getattr(args, name)
+        if name in args.given and held[name] is not None and given != held[name]:
+            shown = ' '.join(map(str, given)) if isinstance(given, list) else given
+            raise UsageError(f'--{name} {shown}, but {read.load_path} holds --model '
+                             f'{shape.describe()}: --mode {args.mode} uses the checkpoint\'s '
+                             'model (leave the flag out)')
+    return shape
+
+
+def check_args(args, processes):
+    for name in ('learning_rate', 'beta1', 'beta2', 'eps', 'threshold', 'embedding_l2',
+                 'weight_decay', 'alpha'):
         if not math.isfinite(getattr(args, name)):
             raise UsageError(f'--{name} must be a finite number, not {getattr(args, name)}')
     if args.learning_rate <= 0:
         raise UsageError(f'--learning_rate must be positive, not {args.learning_rate}')
+    for name in ('embedding_l2', 'weight_decay'):
+        if getattr(args, name) < 0:
+            raise UsageError(f'--{name} must not be negative, not {getattr(args, name)}')
+    check_pretrained_args(args)
+    if args.metrics_at and min(args.metrics_at) < 1:
+        raise UsageError(f'--metrics_at must be positive, not {min(args.metrics_at)}')
     for name in ('beta1', 'beta2'):
         if not 0 <= getattr(args, name) < 1:
             raise UsageError(f'--{name} must be in [0, 1), not {getattr(args, name)}')
@@ -152,16 +201,17 @@ def check_args(args, plan):
                  'topk', 'valid_negative', 'grads_accumulated'):
         if getattr(args, name) < (0 if name == 'epochs' else 1):
             raise UsageError(f'--{name} must be positive, not {getattr(args, name)}')
-    if args.batch_size % (plan.world_size * args.grads_accumulated):
+    if args.batch_size % (processes.world_size * args.grads_accumulated):
         raise UsageError(f'--batch_size {args.batch_size} is not divisible by world size '
-                         f'{plan.world_size} x --grads_accumulated {args.grads_accumulated}')
-    if args.mode != 'recommend' and args.eval_mode == 'sampled' and \
-            args.topk > args.valid_negative + 1:
-        raise UsageError(f'--topk {args.topk} is larger than the {args.valid_negative + 1} '
-                         'candidates of each user (--valid_negative + 1)')
+                         f'{processes.world_size} x --grads_accumulated {args.grads_accumulated}')
+    if args.mode != 'recommend' and args.eval_mode == 'sampled':
+        for name, k in [('topk', args.topk)] + [('metrics_at', k) for k in args.metrics_at]:
+            if k > args.valid_negative + 1:
+                raise UsageError(f'--{name} {k} is larger than the {args.valid_negative + 1} '
+                                 'candidates of each user (--valid_negative + 1)')
     if args.mode != 'recommend' and (args.users or args.users_file or args.output):
         raise UsageError('--users, --users_file and --output are for --mode recommend')
-    if args.mode == 'recommend' and plan.distributed:
+    if args.mode == 'recommend' and processes.distributed:
         raise UsageError('--mode recommend runs in one process, not under torchrun')
     if args.resume and not args.checkpoint_dir:
         raise UsageError('--resume needs --checkpoint_dir (it continues from last.pth there)')
@@ -169,9 +219,31 @@ def check_args(args, plan):
         raise UsageError('--resume is for training; --mode test takes --load_checkpoint_path')
 
 
-def check_outputs(args, plan, directory):
+def check_pretrained_args(args):
+    """--pretrained_gmf and --pretrained_mlp start a new NeuMF training run, both together."""
+    given = [f'--pretrained_{kind}' for kind in ('gmf', 'mlp')
+             if getattr(args, f'pretrained_{kind}')]
+    if not given:
+        if 'alpha' in args.given:
+            raise UsageError('--alpha mixes pretrained branches: it needs --pretrained_gmf and '
+                             '--pretrained_mlp')
+        return
+    if len(given) == 1:
+        other = '--pretrained_mlp' if given[0] == '--pretrained_gmf' else '--pretrained_gmf'
+        raise UsageError(f'{given[0]} needs {other} too: a NeuMF starts from both branches')
+    if args.model != 'neumf':
+        raise UsageError(f'--pretrained_gmf and --pretrained_mlp build a NeuMF, not --model '
+                         f'{args.model}')
+    if args.mode != 'train' or args.resume or args.load_checkpoint_path:
+        raise UsageError('--pretrained_gmf and --pretrained_mlp start a new training run: not '
+                         'with --resume, --load_checkpoint_path or --mode test / recommend')
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f'--alpha must be in [0, 1], not {args.alpha}')
+
+
+def check_outputs(args, processes, directory):
     """Every place the run will write, checked before any work (creating nothing)."""
-    if plan.rank != 0:
+    if processes.rank != 0:
         return
     if directory:
         check_writable_directory(directory.path, '--checkpoint_dir')
@@ -205,7 +277,7 @@ def check_no_output_is_an_input(args, directory):
     """No file the run writes is one it reads: the cache's files, a checkpoint to load, the
     users file (--resume's last.pth is its own to replace)."""
     inputs = {os.path.join(args.data, name): f"the cache's {name}" for name in CACHE_FILES}
-    for flag in ('load_checkpoint_path', 'users_file'):
+    for flag in ('load_checkpoint_path', 'users_file', 'pretrained_gmf', 'pretrained_mlp'):
         if getattr(args, flag):
             inputs[getattr(args, flag)] = f'--{flag}'
     outputs = {}
@@ -240,9 +312,11 @@ def log_path_of(args, directory):
 
 
 def check_args_against_data(args, dataset):
-    if (args.mode == 'recommend' or args.eval_mode == 'full') and args.topk > dataset.n_items:
-        raise UsageError(f'--topk {args.topk} is larger than the catalogue '
-                         f'({dataset.n_items} items)')
+    if args.mode == 'recommend' or args.eval_mode == 'full':
+        for name, k in [('topk', args.topk)] + [('metrics_at', k) for k in args.metrics_at]:
+            if k > dataset.n_items:
+                raise UsageError(f'--{name} {k} is larger than the catalogue '
+                                 f'({dataset.n_items} items)')
 
 
 def check_free_items(args, exclusion):
@@ -294,18 +368,21 @@ class Report:
 @dataclasses.dataclass
 class Checkpoints:
     """The checkpoints a run reads, read and checked before any work: last.pth for --resume,
-    and the one to start from or to evaluate (--load_checkpoint_path, or CHECKPOINT_DIR's
-    model.pth in test and recommend modes)."""
+    the one to start from or to evaluate (--load_checkpoint_path, or CHECKPOINT_DIR's
+    model.pth in test and recommend modes), and the pretrained branches ({'gmf': (state,
+    path), 'mlp': ...})."""
     resume: dict = None
     resume_path: str = None
     load: dict = None
     load_path: str = None
+    pretrained: dict = None
 
 
-def prepare(args, plan, directory):
-    """The checks that need no data: flags, output places, checkpoints to read."""
-    check_args(args, plan)
-    check_outputs(args, plan, directory)
+def prepare(args, processes, directory):
+    """The checks that need no data: flags, output places, checkpoints to read. `processes`:
+    this run's (the plan comes after them: it needs the model, which a checkpoint may give)."""
+    check_args(args, processes)
+    check_outputs(args, processes, directory)
     if args.tensorboard:
         tensorboard_writer_class()  # the package is there
     read = Checkpoints()
@@ -316,6 +393,9 @@ def prepare(args, plan, directory):
         read.load_path = (args.load_checkpoint_path
                           or checkpoints.CheckpointDirectory(args.checkpoint_dir).best)
         read.load = checkpoints.read(read.load_path)
+    if args.pretrained_gmf:
+        read.pretrained = {kind: (checkpoints.read(path), path) for kind, path in
+                           (('gmf', args.pretrained_gmf), ('mlp', args.pretrained_mlp))}
     return read
 
 
@@ -324,6 +404,7 @@ class Run:
     """What a run is made of, once the data is loaded and checked against the flags and the
     checkpoints read."""
     settings: RunSettings
+    shape: models.ModelShape
     read: Checkpoints
     dataset: dataloading.Dataset
     exclusion: dataloading.ItemExclusion  # where needed, else None
@@ -340,12 +421,14 @@ def speaker(plan):
     return say
 
 
-def load(args, plan, read, started):
-    """The data, checked against the flags and the checkpoints, and the model built on it."""
+def load(args, plan, shape, read, started):
+    """The data, checked against the flags and the checkpoints, and the model of `shape` built
+    on it."""
     say = speaker(plan)
     settings = RunSettings.of(vars(args))
-    # Recommendations use no test negatives: never draw new ones for them.
-    valid_negative = None if args.mode == 'recommend' else args.valid_negative
+    # Recommendations and full ranking use no test negatives: never draw new ones for them.
+    valid_negative = args.valid_negative if args.mode != 'recommend' and \
+        args.eval_mode == 'sampled' else None
     dataset = dataloading.load_dataset(args.data, plan.device, valid_negative, args.seed, say)
     check_args_against_data(args, dataset)
     exclusion = None
@@ -359,32 +442,36 @@ def load(args, plan, read, started):
     if args.mode == 'train' and batches.steps == 0:
         raise UsageError(f'--batch_size {args.batch_size} is larger than an epoch '
                          f'({batches.samples} samples): no step would be trained')
-    model = plan.build_model(dataset.n_users, dataset.n_items, args.factors, args.layers,
-                             args.dropout)
+    model = plan.build_model(shape, dataset.n_users, dataset.n_items)
     for state, path in ((read.load, read.load_path), (read.resume, read.resume_path)):
         if state is not None:
             checkpoints.check_data(state, path, dataset, args.allow_other_data, say)
             checkpoints.load_model_state(model, state, path)
+    if read.pretrained is not None:
+        checkpoints.load_pretrained(model, shape, read.pretrained, args.alpha, dataset,
+                                    args.allow_other_data, say)
+        say(f'Starting from {read.pretrained["gmf"][1]} and {read.pretrained["mlp"][1]} '
+            f'(alpha {args.alpha})')
     if read.resume is not None:
         checkpoints.check_settings(read.resume, read.resume_path, settings,
                                    args.allow_changed_settings, say)
-    return Run(settings, read, dataset, exclusion, batches, model.to(plan.device), started)
+    return Run(settings, shape, read, dataset, exclusion, batches, model.to(plan.device),
+               started)
 
 
-def run(args, plan, directory):
-    read = runtime.together(plan, prepare, args, plan, directory)
+def run(args, plan, directory, shape, read):
     if plan.rank == 0:
         for warning in plan.warnings:
             warn(warning)
     torch.manual_seed(args.seed)
     runtime.barrier(plan)  # start the clock together
-    setup = runtime.together(plan, load, args, plan, read, plan.time())
+    setup = runtime.together(plan, load, args, plan, shape, read, plan.time())
     load_time = plan.time() - setup.started
     if args.mode == 'recommend':
         return recommend_users(args, plan, setup)
 
     evaluation = Evaluation(plan, setup.dataset, setup.model, args.topk, args.eval_mode,
-                            setup.exclusion)
+                            setup.exclusion, args.metrics_at)
     # Every input has been checked: only now is anything written, by one run per directory.
     lock = None
     if directory:
@@ -400,7 +487,7 @@ def run(args, plan, directory):
     try:
         log_hardware(report.logger)
         log_args(report.logger, {name: value for name, value in vars(args).items()
-                                 if name != 'plan_options'})
+                                 if name not in ('plan_options', 'given')})
         report.logger.log('PARAMETER', {'dataset': setup.dataset.metadata,
                                         'plan': plan.describe()})
         report.logger.metadata('train_throughput', {'unit': 'samples/s', 'format': ':.3e'})
@@ -414,9 +501,10 @@ def run(args, plan, directory):
         report.say(f'{sum(p.numel() for p in setup.model.parameters())} parameters')
         report.say(f'{plan.describe()}, {args.eval_mode} evaluation')
         if args.mode == 'test':
-            return test(plan, evaluation, report, args.topk)
+            return test(plan, evaluation, report, args.metrics_at)
         trainer = Trainer(plan, setup.model, setup.batches, args.learning_rate,
-                          (args.beta1, args.beta2), args.eps)
+                          (args.beta1, args.beta2), args.eps, args.optimizer, args.embedding_l2,
+                          args.weight_decay)
         return train(args, setup, trainer, evaluation, report, directory)
     finally:
         report.close()
@@ -439,21 +527,30 @@ def recommend_users(args, plan, setup):
     return {'users': len(users), 'rows': rows, 'seconds': seconds}
 
 
-def test(plan, evaluation, report, topk):
+def more_metrics(metrics, metrics_at):
+    """The line of --metrics_at's figures."""
+    return ', '.join([f'HR@{k} = {metrics.at[k][0]:.4f}, NDCG@{k} = {metrics.at[k][1]:.4f}'
+                      for k in metrics_at] + [f'MRR = {metrics.mrr:.4f}'])
+
+
+def test(plan, evaluation, report, metrics_at):
     """--mode test: one evaluation of the loaded model."""
     compile_time = evaluation.warm_up()
     if plan.compiled:
         report.say(f'Compiled the evaluation in {compile_time:.1f} s')
     start = plan.time()
-    hr, ndcg, val_loss = evaluation()
+    metrics = evaluation()
     val_time = plan.time() - start
     eval_throughput = evaluation.samples / val_time
-    report.say(f'HR@{topk} = {hr:.4f}, NDCG@{topk} = {ndcg:.4f}')
-    report.say(f'validation_loss = {val_loss:.4f}, eval_throughput = {eval_throughput:.3e} '
-               f'samples/s, val_time = {val_time:.2f}')
-    report.logger.log((), {'best_eval_throughput': eval_throughput, f'hr@{topk}': hr,
-                           f'ndcg@{topk}': ndcg, 'validation_loss': val_loss})
-    return {'hr': hr, 'ndcg': ndcg}
+    topk = evaluation.ks[0]
+    report.say(f'HR@{topk} = {metrics.hr:.4f}, NDCG@{topk} = {metrics.ndcg:.4f}')
+    if metrics_at:
+        report.say(more_metrics(metrics, metrics_at))
+    report.say(f'validation_loss = {metrics.loss:.4f}, eval_throughput = '
+               f'{eval_throughput:.3e} samples/s, val_time = {val_time:.2f}')
+    report.logger.log((), {'best_eval_throughput': eval_throughput,
+                           **metrics.figures(metrics_at), 'validation_loss': metrics.loss})
+    return {'hr': metrics.hr, 'ndcg': metrics.ndcg, 'metrics': metrics}
 
 
 def train(args, setup, trainer, evaluation, report, directory):
@@ -495,7 +592,7 @@ def train(args, setup, trainer, evaluation, report, directory):
                              f'--learning_rate may help); {directory.kept()}')
         begin = plan.time()
         try:
-            hr, ndcg, val_loss = evaluation()
+            metrics = evaluation()
         except NonFiniteScores as error:
             raise UsageError(f'epoch {epoch}: {error}; {directory.kept()}') from None
         val_time = plan.time() - begin
@@ -503,25 +600,28 @@ def train(args, setup, trainer, evaluation, report, directory):
         train_throughput = batches.steps * batches.batch_size / train_time
         eval_throughput = evaluation.samples / val_time
 
-        say(f'Epoch {epoch}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {ndcg:.4f}, '
+        hr = metrics.hr
+        say(f'Epoch {epoch}: HR@{args.topk} = {hr:.4f}, NDCG@{args.topk} = {metrics.ndcg:.4f}, '
             f'train_time = {train_time:.2f}, val_time = {val_time:.2f}')
-        say(f'         train_loss = {train_loss:.4f}, validation_loss = {val_loss:.4f}, '
+        say(f'         train_loss = {train_loss:.4f}, validation_loss = {metrics.loss:.4f}, '
             f'train_throughput = {train_throughput:.3e} samples/s, '
             f'eval_throughput = {eval_throughput:.3e} samples/s')
-        report.epoch(epoch, {'train_throughput': train_throughput, f'hr@{args.topk}': hr,
-                             f'ndcg@{args.topk}': ndcg, 'train_epoch_time': train_time,
+        if args.metrics_at:
+            say(f'         {more_metrics(metrics, args.metrics_at)}')
+        report.epoch(epoch, {'train_throughput': train_throughput,
+                             **metrics.figures(args.metrics_at), 'train_epoch_time': train_time,
                              'validation_epoch_time': val_time,
                              'eval_throughput': eval_throughput, 'train_loss': train_loss,
-                             'validation_loss': val_loss})
+                             'validation_loss': metrics.loss})
 
         best = history.record(epoch, hr, train_loss, (train_throughput, eval_throughput),
                               time_offset + plan.time() - main_start)
         if directory and plan.rank == 0:
             if best:
                 say('New best hr! Saving the model to: ', directory.best)
-                checkpoints.save_model(trainer.model, directory.best, fingerprint)
+                checkpoints.save_model(trainer.model, directory.best, fingerprint, setup.shape)
             checkpoints.save_training_state(directory.last, trainer, generator, history,
-                                            setup.settings, fingerprint)
+                                            setup.settings, fingerprint, setup.shape)
             directory.saved_epoch = epoch
         if hr >= args.threshold:
             say(f'Hit threshold of {args.threshold}')
@@ -536,17 +636,22 @@ def train(args, setup, trainer, evaluation, report, directory):
 
 
 def run_and_explain(args, directory):
-    """`run`, with the failures that are not bugs said in one line: running out of memory,
-    and another process of a distributed run that failed or was stopped."""
-    plan = plan_of(args)
+    """Join the run's processes, check what needs no data, resolve the plan and `run`, with the
+    failures that are not bugs said in one line: running out of memory, and another process of
+    a distributed run that failed or was stopped."""
+    processes = runtime.join(args.plan_options, args.local_rank)
     try:
-        return run(args, plan, directory)
+        read = runtime.together(processes, prepare, args, processes, directory)
+        # the model's sizes first: the plan may time its layers
+        shape = runtime.together(processes, model_shape, args, read)
+        plan = runtime.start(args.plan_options, shape, args.valid_batch_size, processes)
+        return run(args, plan, directory, shape, read)
     except Exception as error:  # sorted out below; anything else is a bug, with its traceback
         if out_of_memory(error):
             raise UsageError(f'out of memory with --batch_size {args.batch_size} and '
-                             f'--valid_batch_size {args.valid_batch_size} on {plan.device} '
+                             f'--valid_batch_size {args.valid_batch_size} '
                              f'({first_line(error)}); {directory.kept()}') from None
-        if plan.distributed and runtime.peer_failure(error):
+        if processes.distributed and runtime.peer_failure(error):
             raise UsageError(f'another process of this run failed or was stopped '
                              f'({runtime.peer_failure(error)}); {directory.kept()}') from None
         raise

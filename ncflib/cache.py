@@ -24,6 +24,12 @@ CACHE_VERSION = 3
 MIN_RATINGS = 20
 VALID_NEGATIVE = 100
 SEED = 1
+# How test negatives are drawn (metadata.json's test_negative_sampling; a cache without it:
+# recipe). recipe: the reference's, uniform with replacement over the items the user has no
+# training pair with (a repeat, or the test positive itself, counts once in evaluation);
+# paper: the NCF paper's, distinct items the user never interacted with. A cache of the NCF
+# paper's own files has its source's negatives instead, drawn by nobody here: 'given'.
+TEST_NEGATIVE_SAMPLINGS = ('recipe', 'paper')
 # MovieLens 20M after that split (the reference's data; benchmarks and torch.hub default to it).
 ML_20M_USERS, ML_20M_ITEMS, ML_20M_RATINGS = 138_493, 26_744, 20_000_263
 

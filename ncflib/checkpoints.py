@@ -7,15 +7,18 @@ import torch
 
 from ncflib.cli import UsageError, first_line
 from ncflib.files import DirectoryLock, atomic_torch_save, lock_holder, torch_load
+from ncflib.models import DEFAULT_DROPOUT, MODEL_CLASSES, ModelShape
 from ncflib.training import History
 
 # A training run's files in its checkpoint directory.
 BEST_MODEL_FILE = 'model.pth'      # state dict of the best model so far, as the reference
 LAST_CHECKPOINT_FILE = 'last.pth'  # everything --resume needs, after every epoch
 LOG_FILE = 'log.json'              # the JSON log, where no --log_path says otherwise
-# Where a model.pth keeps the fingerprint of its data: in the state dict's own metadata, which
-# load_state_dict ignores, so that the file stays a plain state dict the reference loads.
+# Where a model.pth keeps the fingerprint of its data and its model (ModelShape.record()): in
+# the state dict's own metadata, which load_state_dict ignores, so that the file stays a plain
+# state dict the reference loads. last.pth keeps them as entries of its dict.
 FINGERPRINT_KEY = 'ncf_data_fingerprint'
+MODEL_KEY = 'ncf_model'
 
 
 class CheckpointDirectory:
@@ -75,14 +78,18 @@ def model_state(state, path):
 
 
 def load_model_state(model, state, path):
-    """Load the model weights of a checkpoint into `model`, checking names and shapes."""
+    """Load the model weights of a checkpoint into `model`, checking model, names and shapes."""
     state = model_state(state, path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UsageError(f'checkpoint {path} is not a NeuMF of these --layers: '
-                         f'missing {missing[:3]}, unexpected {unexpected[:3]}')
+        try:
+            held = f'--model {shape_of(state, path)[0].describe()}'
+        except UsageError:
+            held = 'no model of the family'
+        raise UsageError(f'checkpoint {path} holds {held}, not --model {type(model).NAME} of '
+                         f'these sizes (missing {missing[:3]}, unexpected {unexpected[:3]})')
     for key, value in expected.items():
         if not isinstance(state[key], torch.Tensor) or state[key].shape != value.shape:
             have = list(state[key].shape) if isinstance(state[key], torch.Tensor) else state[key]
@@ -96,39 +103,94 @@ def load_model_state(model, state, path):
     model.load_state_dict(state)
 
 
-def shapes_of(state, path):
-    """(nb_users, nb_items, mf_dim, mlp_layer_sizes) of the NeuMF in a checkpoint."""
+def recorded_model(state):
+    """What a checkpoint records of its model (ModelShape.record()), or None (the reference's
+    checkpoints and older ones)."""
+    if isinstance(state, dict) and isinstance(state.get('model_shape'), dict):
+        return state['model_shape']  # a last.pth
+    metadata = getattr(state, '_metadata', None) or {}
+    recorded = (metadata.get('') or metadata.get('module') or {}).get(MODEL_KEY)
+    return recorded if isinstance(recorded, dict) else None
+
+
+def shape_of(state, path):
+    """(models.ModelShape, n_users, n_items) of the model in a checkpoint: its model as it
+    records it, else as its parameter names say (the reference's model.pth: a NeuMF), and its
+    sizes from its tensors."""
+    recorded = recorded_model(state)
     state = model_state(state, path)
     try:
-        nb_users, mf_dim = state['mf_user_embed.weight'].shape
-        nb_items = state['mf_item_embed.weight'].shape[0]
-        layers = [state['mlp_user_embed.weight'].shape[1] * 2]
-        while f'mlp.{len(layers) - 1}.weight' in state:
-            layers.append(state[f'mlp.{len(layers) - 1}.weight'].shape[0])
-    except (AttributeError, KeyError, TypeError, ValueError):
-        raise UsageError(f'checkpoint {path} is not a NeuMF state dict') from None
-    return nb_users, nb_items, mf_dim, layers
+        if recorded is not None:
+            model = recorded['model']
+        elif 'user_bias.weight' in state:
+            model = 'mf'
+        else:
+            model = {(True, True): 'neumf', (True, False): 'gmf', (False, True): 'mlp'}[
+                ('mf_user_embed.weight' in state, 'mlp_user_embed.weight' in state)]
+        model_class = MODEL_CLASSES[model]
+        tables = 'mf_user_embed.weight' if model_class.HAS_GMF else 'mlp_user_embed.weight'
+        n_users = state[tables].shape[0]
+        n_items = state[tables.replace('user', 'item')].shape[0]
+        shape = {'model': model}
+        if model_class.HAS_GMF:
+            shape['factors'] = state['mf_user_embed.weight'].shape[1]
+        if model_class.HAS_MLP:
+            layers = [state['mlp_user_embed.weight'].shape[1] * 2]
+            while f'mlp.{len(layers) - 1}.weight' in state:
+                layers.append(state[f'mlp.{len(layers) - 1}.weight'].shape[0])
+            shape.update(layers=layers, dropout=(recorded or {}).get('dropout', DEFAULT_DROPOUT))
+        return ModelShape(**shape), n_users, n_items
+    except (AttributeError, KeyError, TypeError, ValueError, IndexError, UsageError):
+        raise UsageError(f'checkpoint {path} holds no model of the family (neumf, gmf, mlp, mf) '
+                         'that ncf.py writes') from None
 
 
-def save_model(model, path, fingerprint):
+def save_model(model, path, fingerprint, shape):
     """The best model, as the reference saves it: a plain state dict, with the fingerprint of
-    the data it was trained on in the state dict's metadata."""
+    the data it was trained on and its model (`shape`, a models.ModelShape) in the state
+    dict's metadata."""
     state = model.state_dict()
     state._metadata[''][FINGERPRINT_KEY] = fingerprint
+    state._metadata[''][MODEL_KEY] = shape.record()
     atomic_torch_save(state, path)
 
 
-def save_training_state(path, trainer, generator, history, settings, fingerprint):
+def save_training_state(path, trainer, generator, history, settings, fingerprint, shape):
     """last.pth: all that --resume needs to continue as if never stopped: the trainer's model,
-    optimizer and loss scaler, every random state, the history (training.History) and the
-    run's settings (training.RunSettings)."""
+    optimizer and loss scaler, every random state, the history (training.History), the run's
+    settings (training.RunSettings) and its model (a models.ModelShape)."""
     atomic_torch_save({
         'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
         'scaler': trainer.scaler.state_dict(), 'history': history.state_dict(),
-        'settings': settings.state_dict(),
+        'settings': settings.state_dict(), 'model_shape': shape.record(),
         'rng': {**trainer.plan.rng_state(), 'data': generator.get_state().cpu()},
         'data_fingerprint': fingerprint,
     }, path)
+
+
+def load_pretrained(model, shape, pretrained, alpha, dataset, allow_other_data, say):
+    """Start `model`, a NeuMF of `shape`, from a trained GMF and a trained MLP, as the NCF paper
+    (NeuMF.load_branches). pretrained: {'gmf': (state, path), 'mlp': (state, path)}. Each must
+    be that model, of this NeuMF's sizes and trained on `dataset` (one line if not)."""
+    branches = {}
+    for kind, (state, path) in pretrained.items():
+        held, n_users, n_items = shape_of(state, path)
+        sizes = {'gmf': ('factors', held.factors, shape.factors),
+                 'mlp': ('layers', list(held.layers), list(shape.layers))}[kind]
+        if held.model != kind:
+            raise UsageError(f'--pretrained_{kind} {path} holds --model {held.describe()}, not '
+                             f'{kind}')
+        if sizes[1] != sizes[2]:
+            raise UsageError(f'--pretrained_{kind} {path} has {sizes[0]} {sizes[1]}, this NeuMF '
+                             f'--{sizes[0]} {sizes[2]}')
+        if (n_users, n_items) != (dataset.n_users, dataset.n_items):
+            raise UsageError(f'--pretrained_{kind} {path} has {n_users} users and {n_items} '
+                             f'items, --data {dataset.n_users} and {dataset.n_items}: it was '
+                             'trained on other data')
+        check_data(state, f'--pretrained_{kind} {path}', dataset, allow_other_data, say)
+        branches[kind] = held.build(n_users, n_items)
+        load_model_state(branches[kind], state, path)
+    model.load_branches(branches['gmf'], branches['mlp'], alpha)
 
 
 def fingerprint_of(state):

@@ -53,6 +53,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
 
+    def given_flags(self, argv=None):
+        """The destinations of the flags `argv` (None: the command line) gives, rather than
+        leaves at their defaults: argparse sets a default only where the namespace has no value
+        yet, so every destination starts as a marker that only a given flag replaces."""
+        unset = object()
+        namespace = argparse.Namespace(**{action.dest: unset for action in self._actions
+                                          if action.dest != argparse.SUPPRESS})
+        return {name for name, value in vars(self.parse_args(argv, namespace)).items()
+                if value is not unset}
+
 
 class Terminated(BaseException):
     """SIGTERM (or SIGHUP) arrived while `run_main` ran: unwinds like KeyboardInterrupt, so that

@@ -1,8 +1,10 @@
-"""`--impl cpu_fused`: NeuMF's input layer and activations as hand-written autograd Functions,
-the fastest implementation measured on a CPU (the auto choice there; on CUDA, torch.compile of
-the plain model is faster, and these Functions would block its fusion).
+"""`--impl cpu_fused`: the input layer and activations of every model of the family as
+hand-written autograd Functions, the fastest implementation measured on a CPU (the auto choice
+there; on CUDA, torch.compile of the plain model is faster, and these Functions would block its
+fusion).
 
-- The four embedding gathers, the GMF product and the MLP input in one Function whose backward
+- The embedding gathers (four for NeuMF, two for the others), the GMF product and the MLP input
+  in one Function whose backward
   builds each gathered row's gradient once and adds it into the dense table gradient (Adam keeps
   its dense semantics), without the slice, concatenation and cast gradients autograd would make;
   the activations are cast to the compute dtype once, at the input, not at every layer.
@@ -11,51 +13,78 @@ the plain model is faster, and these Functions would block its fusion).
 """
 import torch
 
-from ncflib.models import NeuMF
+from ncflib.models import GMF, MF, MLP, NeuMF
 
 
-class CpuFusedNeuMF(NeuMF):
-    # Scoring has no backward for these Functions to save: the plain forward scores faster
-    # (benchmarks/throughput.py, ML-1m's shape on 2 vCPU: 1.23e6 against 1.02e6 samples/s in
-    # bf16, 5.9e5 against 4.3e5 in fp32 restricted to AVX2).
-    scoring_class = NeuMF
+class CpuFused:
+    """The Functions in place of a model's `inputs` and `hidden` (a mixin over a model class of
+    models.py, which gives the parameters)."""
 
     def inputs(self, user, item):
-        return _GatherInputs.apply(user, item, self.mf_user_embed.weight,
-                                   self.mf_item_embed.weight, self.mlp_user_embed.weight,
-                                   self.mlp_item_embed.weight, self.compute_dtype(user))
+        return _GatherInputs.apply(user, item, *self.tables(), self.compute_dtype(user))
 
     def hidden(self, x):
         return _ReluDropout.apply(x, self.dropout if self.training else 0.0)
 
 
+# Scoring has no backward for these Functions to save: the plain forward scores faster
+# (benchmarks/throughput.py, ML-1m's shape on 2 vCPU: 1.23e6 against 1.02e6 samples/s in
+# bf16, 5.9e5 against 4.3e5 in fp32 restricted to AVX2).
+class CpuFusedNeuMF(CpuFused, NeuMF):
+    scoring_class = NeuMF
+
+
+class CpuFusedGMF(CpuFused, GMF):
+    scoring_class = GMF
+
+
+class CpuFusedMLP(CpuFused, MLP):
+    scoring_class = MLP
+
+
+class CpuFusedMF(CpuFused, MF):
+    scoring_class = MF
+
+
+MODEL_CLASSES = {model.NAME: model for model in (CpuFusedNeuMF, CpuFusedGMF, CpuFusedMLP,
+                                                 CpuFusedMF)}
+
+
 class _GatherInputs(torch.autograd.Function):
-    """Both branches' inputs from the four tables (an autograd Function takes them one by one):
-    the GMF product and the MLP input, cast once to the compute dtype. The backward forms each
-    gathered row's gradient once and adds it into a dense table gradient (Adam's semantics need
-    the dense one)."""
+    """The branches' inputs from their tables (an autograd Function takes them one by one; None
+    for a branch the model lacks): the GMF product and the MLP input, cast once to the compute
+    dtype. The backward forms each gathered row's gradient once and adds it into a dense table
+    gradient (Adam's semantics need the dense one)."""
 
     @staticmethod
     def forward(ctx, user, item, mf_user, mf_item, mlp_user, mlp_item, dtype):
-        mf_u, mf_i = mf_user.index_select(0, user), mf_item.index_select(0, item)
-        gmf = (mf_u * mf_i).to(dtype)
-        mlp_input = torch.cat((mlp_user.index_select(0, user),
-                               mlp_item.index_select(0, item)), dim=1).to(dtype)
+        gmf = mlp_input = mf_u = mf_i = None
+        if mf_user is not None:
+            mf_u, mf_i = mf_user.index_select(0, user), mf_item.index_select(0, item)
+            gmf = (mf_u * mf_i).to(dtype)
+        if mlp_user is not None:
+            mlp_input = torch.cat((mlp_user.index_select(0, user),
+                                   mlp_item.index_select(0, item)), dim=1).to(dtype)
+            ctx.half = mlp_user.shape[1]
         ctx.save_for_backward(user, item, mf_u, mf_i)
-        ctx.table_shapes = [t.shape for t in (mf_user, mf_item, mlp_user, mlp_item)]
-        ctx.half = mlp_user.shape[1]
+        ctx.tables = [None if t is None else (t.shape, t.dtype)
+                      for t in (mf_user, mf_item, mlp_user, mlp_item)]
         return gmf, mlp_input
 
     @staticmethod
     def backward(ctx, grad_gmf, grad_mlp_input):
         user, item, mf_u, mf_i = ctx.saved_tensors
-        grad_gmf = grad_gmf.to(mf_u.dtype)
-        # Contiguous halves: index_add_ takes a much slower path on strided rows.
-        grad_mlp_user, grad_mlp_item = (half.contiguous() for half in
-                                        grad_mlp_input.to(mf_u.dtype).split(ctx.half, dim=1))
-        rows = (grad_gmf * mf_i, grad_gmf * mf_u, grad_mlp_user, grad_mlp_item)
-        grads = [mf_u.new_zeros(shape).index_add_(0, index, row) for shape, index, row
-                 in zip(ctx.table_shapes, (user, item, user, item), rows)]
+        rows = [None] * 4
+        if mf_u is not None:
+            grad_gmf = grad_gmf.to(mf_u.dtype)
+            rows[:2] = grad_gmf * mf_i, grad_gmf * mf_u
+        if ctx.tables[2] is not None:
+            # Contiguous halves: index_add_ takes a much slower path on strided rows.
+            rows[2:] = (half.contiguous() for half in grad_mlp_input.to(ctx.tables[2][1])
+                        .split(ctx.half, dim=1))
+        grads = [None if table is None else
+                 user.new_zeros(table[0], dtype=table[1]).index_add_(0, index, row)
+                 for table, index, row in zip(ctx.tables, (user, item, user, item), rows)]
         return (None, None, *grads, None)
 
 

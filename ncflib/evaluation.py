@@ -1,4 +1,7 @@
-"""HR@K and NDCG@K: the metric, the scoring model, and the evaluation of a rank's test users."""
+"""HR@K, NDCG@K and MRR: the metric, the scoring model, and the evaluation of a rank's test
+users."""
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -18,16 +21,17 @@ def duplicate_mask(candidates):
     return torch.zeros_like(repeated).scatter_(1, order, repeated)
 
 
-def hits_and_ndcg(scores, mask, k):
-    """Sums of HR@k and NDCG@k over rows of `scores` [users, candidates], column 0 the positive.
+def sampled_rank(scores, mask):
+    """The 0-based rank of each row's positive among its candidates: `scores` [users,
+    candidates], column 0 the positive, `mask` True where a candidate does not count.
 
-    The positive's rank is the number of unmasked negatives scoring at least as high (a tie
-    counts against the positive, as the reference's stable top-k with the positive last). A row
-    with a score that is not finite ranks its positive last: NaN compares false, and would
-    otherwise put a broken model's positive first.
+    The rank is the number of unmasked negatives scoring at least as high (a tie counts against
+    the positive, as the reference's stable top-k with the positive last). A row with a score
+    that is not finite ranks its positive last: NaN compares false, and would otherwise put a
+    broken model's positive first.
     """
     ahead = (scores[:, 1:] >= scores[:, :1]) & ~mask[:, 1:]
-    return rank_metrics(last_if_not_finite(ahead.sum(1), scores), k)
+    return last_if_not_finite(ahead.sum(1), scores)
 
 
 def last_if_not_finite(rank, scores):
@@ -43,27 +47,55 @@ class NonFiniteScores(UsageError):
                          'model is broken (diverged in training, or its scores overflow)')
 
 
-def rank_metrics(rank, k):
-    """Sums of HR@k and NDCG@k for 0-based ranks of the test positives."""
-    hit = rank < k
-    ndcg = torch.where(hit, 1.0 / torch.log2(rank.double() + 2.0),
-                       torch.zeros((), dtype=torch.double, device=rank.device))
-    return hit.sum(), ndcg.sum()
+def rank_sums(rank, ks):
+    """Sums over users of HR@k and NDCG@k for each k of `ks`, then of the reciprocal rank, for
+    0-based ranks of the test positives: float64 [2 * len(ks) + 1]."""
+    rank = rank.double()
+    gain = 1.0 / torch.log2(rank + 2.0)
+    sums = []
+    for k in ks:
+        hit = rank < k
+        sums += [hit.sum().double(), torch.where(hit, gain, 0.0).sum()]
+    return torch.stack(sums + [(1.0 / (rank + 1.0)).sum()])
 
 
-def sampled_sums(model, users, candidates, mask, k):
-    """Sums of hits, NDCG and loss, and the loss count, for `users` [R] and their `candidates`
-    [R, W] (column 0 the positive): the forward and the metric in one function, so that under
-    torch.compile they run as one pass with no [R, W] scores written out in between."""
+def sampled_sums(model, users, candidates, mask, ks):
+    """rank_sums at `ks`, then the sums of the loss, of its count and of the scores that are not
+    finite, for `users` [R] and their `candidates` [R, W] (column 0 the positive): the forward
+    and the metric in one function, so that under torch.compile they run as one pass with no
+    [R, W] scores written out in between."""
     width = candidates.shape[1]
     scores = model(users.repeat_interleave(width), candidates.reshape(-1)).float().view(-1, width)
-    hits, ndcg = hits_and_ndcg(scores, mask, k)
+    metrics = rank_sums(sampled_rank(scores, mask), ks)
     labels = torch.zeros_like(scores)
     labels[:, 0] = 1.0
     counted = ~mask
     losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none') * counted
-    return torch.stack([hits.double(), ndcg, losses.sum().double(), counted.sum().double(),
-                        (~torch.isfinite(scores)).sum().double()])
+    return torch.cat([metrics, torch.stack([losses.sum().double(), counted.sum().double(),
+                                            (~torch.isfinite(scores)).sum().double()])])
+
+
+@dataclasses.dataclass
+class Metrics:
+    """An evaluation's figures, means over the test users: HR and NDCG at --topk, the
+    validation loss, and HR and NDCG at every K asked for ({K: (hr, ndcg)}, --topk's
+    included) with the mean reciprocal rank."""
+    hr: float
+    ndcg: float
+    loss: float
+    at: dict
+    mrr: float
+
+    def figures(self, extra_ks=()):
+        """{name: value} as the log records them: hr@K and ndcg@K at --topk, and at `extra_ks`
+        with mrr where any are asked for."""
+        ks = list(self.at)
+        names = {f'hr@{ks[0]}': self.hr, f'ndcg@{ks[0]}': self.ndcg}
+        for k in extra_ks:
+            names.update({f'hr@{k}': self.at[k][0], f'ndcg@{k}': self.at[k][1]})
+        if extra_ks:
+            names['mrr'] = self.mrr
+        return names
 
 
 class Scorer:
@@ -96,11 +128,14 @@ class Evaluation:
     candidate counted once. full: against every item the user has no training interaction with.
     """
 
-    def __init__(self, plan, dataset, model, topk, eval_mode='sampled', exclusion=None):
+    def __init__(self, plan, dataset, model, topk, eval_mode='sampled', exclusion=None,
+                 metrics_at=()):
         n_users = dataset.n_users
         first = n_users * plan.rank // plan.world_size
         last = n_users * (plan.rank + 1) // plan.world_size
-        self.plan, self.topk, self.first_user = plan, topk, first
+        self.plan, self.first_user = plan, first
+        # --topk first, then every other K asked for (each once)
+        self.ks = tuple(dict.fromkeys((topk, *metrics_at)))
         self.scorer = Scorer(plan, model)
         self.users = torch.arange(first, last, device=plan.device)
         self.positives = dataset.test_items[first:last]
@@ -122,16 +157,25 @@ class Evaluation:
             self.samples = n_users * self.items.shape[1]
 
     def __call__(self):
-        """HR@K, NDCG@K and the validation loss of the trained model over all ranks' users;
-        NonFiniteScores (one line) if any score was NaN or infinite."""
+        """The trained model's Metrics over all ranks' users, reduced as sums; NonFiniteScores
+        (one line) if any score was NaN or infinite."""
         self.scorer.refresh()
         with torch.no_grad():
             sums = self._full() if self.full else self._sampled()
-        hits, ndcg, loss_sum, loss_count, nonfinite, users = all_reduce_sums(
+        *totals, loss_sum, loss_count, nonfinite, users = all_reduce_sums(
             [*sums, len(self.users)], self.plan)
         if nonfinite:
             raise NonFiniteScores(int(nonfinite), self.samples)
-        return hits / users, ndcg / users, loss_sum / max(loss_count, 1)
+        means = [total / users for total in totals]
+        at = {k: (means[2 * index], means[2 * index + 1]) for index, k in enumerate(self.ks)}
+        return Metrics(hr=means[0], ndcg=means[1], loss=loss_sum / max(loss_count, 1), at=at,
+                       mrr=means[-1])
+
+    @property
+    def width(self):
+        """How many figures an evaluation sums: the metrics, the loss, its count and the scores
+        that are not finite."""
+        return 2 * len(self.ks) + 4
 
     def warm_up(self):
         """Compile the scoring of each chunk shape before the clock starts (compiled plans
@@ -149,22 +193,22 @@ class Evaluation:
                 for first in sorted({0, (len(self.users) - 1) // rows * rows}):
                     chunk = slice(first, first + rows)
                     self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
-                                             self.items[chunk], self.mask[chunk], self.topk)
+                                             self.items[chunk], self.mask[chunk], self.ks)
         return self.plan.time() - start
 
     def _sampled(self):
         rows = max(1, self.plan.eval_chunk // self.items.shape[1])
-        sums = torch.zeros(5, dtype=torch.float64, device=self.plan.device)
+        sums = torch.zeros(self.width, dtype=torch.float64, device=self.plan.device)
         for start in range(0, len(self.users), rows):
             chunk = slice(start, start + rows)
             sums += self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
-                                             self.items[chunk], self.mask[chunk], self.topk)
+                                             self.items[chunk], self.mask[chunk], self.ks)
         return sums.unbind()
 
     def _full(self):
         n_items = self.exclusion.n_items
         device = self.plan.device
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
+        sums = torch.zeros(self.width, dtype=torch.float64, device=device)
         for first, last, first_key, last_key in self.chunks:
             users, positives = self.users[first:last], self.positives[first:last]
             scores = self.scorer.all_items(users)
@@ -178,11 +222,11 @@ class Evaluation:
             # As in sampled mode, an item scoring as high as the positive ranks ahead of it, and
             # a row with a score that is not finite ranks its positive last.
             rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
-            hits, ndcg = rank_metrics(last_if_not_finite(rank, scores), self.topk)
+            metrics = rank_sums(last_if_not_finite(rank, scores), self.ks)
             labels = torch.zeros_like(scores)
             labels[row, positives] = 1.0
             losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')
-            sums += torch.stack([hits.double(), ndcg, losses.masked_fill(trained, 0.0).sum()
-                                 .double(), (~trained).sum().double(),
-                                 (~torch.isfinite(scores)).sum().double()])
+            sums += torch.cat([metrics, torch.stack([
+                losses.masked_fill(trained, 0.0).sum().double(), (~trained).sum().double(),
+                (~torch.isfinite(scores)).sum().double()])])
         return sums.unbind()

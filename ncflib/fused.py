@@ -52,6 +52,11 @@ class FusedNeuMF(NeuMF):
                              self.compute_dtype(user))
 
 
+# The kernels gather NeuMF's four tables: the other models (two tables) run under --impl
+# compile, whose generated gathers serve them.
+MODEL_CLASSES = {'neumf': FusedNeuMF}
+
+
 # Block sizes (all constexpr in the kernels), for the recipe's sizes: F=64, H=128, a batch of
 # 2^20, 138k users and 27k items. These gathers are bound by memory latency: what counts is how
 # many warps an SM keeps in flight, and a thread's registers bound that (64K registers a SM). A

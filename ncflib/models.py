@@ -1,11 +1,21 @@
-"""NeuMF (He et al., 2017) as in the reference recipe: a GMF branch and an MLP branch, fused.
+"""The NCF family (He et al., 2017): NeuMF as in the reference recipe, its two branches GMF and
+MLP trained alone, and the dot-product matrix factorisation (MF) it is measured against (Rendle
+et al., 2020).
 
-Parameter names match the reference's, so its model.pth loads here and the reverse. The forward
-is the reference's, in three replaceable parts (`inputs`, `hidden`, the final layer):
-cpu_fused.py and fused.py subclass it with faster input layers and activations over the same
+    NeuMF  final([ gmf(u, i), mlp(u, i) ])     the reference's model
+    GMF    final(gmf(u, i))                    gmf(u, i) = p_u * q_i, element-wise
+    MLP    final(mlp(u, i))                    mlp(u, i) = ReLU layers over [p'_u, q'_i]
+    MF     <p_u, q_i> + b_u + b_i + b          no layers
+
+Parameter names are the reference's in every model (GMF's tables are `mf_*_embed`, MLP's
+`mlp_*_embed` and `mlp.N`, the output layer `final`), so the reference's model.pth loads here and
+the reverse, and a NeuMF starts from a trained GMF and MLP by copying tensors of the same names
+(`NeuMF.load_branches`). The forward is in three replaceable parts (`inputs`, `hidden`, the
+output): cpu_fused.py and fused.py override the first two with faster ones over the same
 parameters, so checkpoints and optimizer states are the same for every implementation.
 """
 import copy
+import dataclasses
 import math
 
 import torch
@@ -14,16 +24,22 @@ import torch.nn.functional as F
 
 from ncflib.cli import UsageError
 
+MODELS = ('neumf', 'gmf', 'mlp', 'mf')
 # The reference's model: 64 GMF factors, MLP layers 256 256 128 64, dropout 0.5.
+DEFAULT_MODEL = 'neumf'
 DEFAULT_FACTORS = 64
 DEFAULT_LAYERS = (256, 256, 128, 64)
 DEFAULT_DROPOUT = 0.5
+# MF's initial embeddings: N(0, MF_INIT_STD), biases zero (Rendle et al.'s mf_simple.py).
+MF_INIT_STD = 0.1
 
 
-def check_shape(factors, layers, dropout=0.0):
-    """A model of these sizes can be built: UsageError (one line, in the flags' names) if not."""
+def check_factors(factors):
     if factors < 1:
         raise UsageError(f'--factors must be positive, not {factors}')
+
+
+def check_layers(layers, dropout=0.0):
     if not layers or min(layers) < 1:
         raise UsageError(f'--layers must be positive sizes, not {list(layers)}')
     if layers[0] % 2:
@@ -33,55 +49,156 @@ def check_shape(factors, layers, dropout=0.0):
         raise UsageError(f'--dropout must be in [0, 1), not {dropout}')
 
 
-class NeuMF(nn.Module):
+def check_shape(factors, layers, dropout=0.0):
+    """A model of these sizes can be built: UsageError (one line, in the flags' names) if not."""
+    check_factors(factors)
+    check_layers(layers, dropout)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """Which model of the family, and its sizes (the tables' rows come from the data). Sizes a
+    model does not use (GMF's and MF's layers, MLP's factors) are kept as given, and ignored."""
+    model: str = DEFAULT_MODEL
+    factors: int = DEFAULT_FACTORS
+    layers: tuple = DEFAULT_LAYERS
+    dropout: float = DEFAULT_DROPOUT
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise UsageError(f'--model must be one of {", ".join(MODELS)}, not {self.model!r}')
+        object.__setattr__(self, 'layers', tuple(self.layers))
+        check_shape(self.factors, self.layers, self.dropout)
+
+    @property
+    def uses_factors(self):
+        return MODEL_CLASSES[self.model].HAS_GMF
+
+    @property
+    def uses_layers(self):
+        return MODEL_CLASSES[self.model].HAS_MLP
+
+    def record(self):
+        """What a checkpoint records of the model: its name and the sizes it uses."""
+        record = {'model': self.model}
+        if self.uses_factors:
+            record['factors'] = self.factors
+        if self.uses_layers:
+            record.update(layers=list(self.layers), dropout=self.dropout)
+        return record
+
+    def describe(self):
+        sizes = ([f'factors {self.factors}'] if self.uses_factors else []) + \
+            ([f'layers {list(self.layers)}'] if self.uses_layers else [])
+        return f'{self.model} ({", ".join(sizes)})'
+
+    def build(self, n_users, n_items, classes=None):
+        """A freshly initialised model of this shape; classes: {model name: class} of an
+        implementation (default: the plain ones)."""
+        model_class = (classes or MODEL_CLASSES)[self.model]
+        return model_class(n_users, n_items, self.factors, list(self.layers), self.dropout)
+
+
+class NCF(nn.Module):
+    """The frame the family shares: a GMF branch (HAS_GMF), an MLP branch (HAS_MLP), and an
+    output layer over what they give, built in the reference's order (its random draws, hence its
+    initial weights, are the reference's). Every model takes the reference's arguments; sizes
+    of a branch it lacks are ignored."""
+    NAME = None
+    HAS_GMF = HAS_MLP = False
+
     def __init__(self, nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout=0.0):
         super().__init__()
-        check_shape(mf_dim, mlp_layer_sizes, dropout)
-        self.dropout = dropout
-        # GMF branch: mf_dim-wide user and item embeddings, multiplied element-wise.
-        self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
-        self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
-        # MLP branch: half of the first layer each, concatenated, then Linear + ReLU (+ dropout).
-        self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
-        self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
-        self.mlp = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out
-                                 in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:]))
-        self.final = nn.Linear(mlp_layer_sizes[-1] + mf_dim, 1)
+        if self.HAS_GMF:
+            check_factors(mf_dim)
+        if self.HAS_MLP:
+            check_layers(mlp_layer_sizes, dropout)
+        self.dropout = dropout if self.HAS_MLP else 0.0
+        width = 0
+        if self.HAS_GMF:  # mf_dim-wide user and item embeddings, multiplied element-wise
+            self.mf_user_embed = nn.Embedding(nb_users, mf_dim)
+            self.mf_item_embed = nn.Embedding(nb_items, mf_dim)
+            width += mf_dim
+        if self.HAS_MLP:
+            # half of the first layer each, side by side, then Linear + ReLU (+ dropout)
+            self.mlp_user_embed = nn.Embedding(nb_users, mlp_layer_sizes[0] // 2)
+            self.mlp_item_embed = nn.Embedding(nb_items, mlp_layer_sizes[0] // 2)
+            self.mlp = nn.ModuleList(nn.Linear(fan_in, fan_out) for fan_in, fan_out
+                                     in zip(mlp_layer_sizes[:-1], mlp_layer_sizes[1:]))
+            width += mlp_layer_sizes[-1]
+        self.build_output(width)
+        self.initialise()
 
-        # The reference's initialisation: biases keep PyTorch's default.
-        for embedding in (self.mf_user_embed, self.mf_item_embed,
-                          self.mlp_user_embed, self.mlp_item_embed):
+    def build_output(self, width):
+        self.final = nn.Linear(width, 1)
+
+    def initialise(self):
+        """The reference's initialisation: biases keep PyTorch's default."""
+        for embedding in self.embeddings().values():
             nn.init.normal_(embedding.weight, 0.0, 0.01)
-        for layer in self.mlp:
+        for layer in getattr(self, 'mlp', ()):
             glorot_uniform_(layer.weight)
         lecun_uniform_(self.final.weight)
 
+    def embeddings(self):
+        """{name: table} of the per-user and per-item tables, in the reference's order (a
+        user's table has 'user' in its name)."""
+        return {name: module for name, module in self.named_children()
+                if isinstance(module, nn.Embedding)}
+
+    def tables(self):
+        """The four tables the input layer reads, (mf_user, mf_item, mlp_user, mlp_item)
+        weights, None for a branch the model lacks."""
+        mf = (self.mf_user_embed.weight, self.mf_item_embed.weight) if self.HAS_GMF \
+            else (None, None)
+        mlp = (self.mlp_user_embed.weight, self.mlp_item_embed.weight) if self.HAS_MLP \
+            else (None, None)
+        return mf + mlp
+
     def forward(self, user, item, sigmoid=False):
         gmf, x = self.inputs(user, item)
-        for layer in self.mlp:
-            x = self.hidden(layer(x))
-        x = torch.cat((gmf, x), dim=1)
+        if self.HAS_MLP:
+            for layer in self.mlp:
+                x = self.hidden(layer(x))
+        x = x if gmf is None else gmf if x is None else torch.cat((gmf, x), dim=1)
         if x.dtype != self.final.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.float()  # the scoring copy's output layer is fp32 (see inference_copy)
         x = self.final(x)
         return torch.sigmoid(x) if sigmoid else x
 
     def inputs(self, user, item):
-        """The GMF product and the MLP input (the user and item MLP embeddings side by side)."""
-        gmf = self.mf_user_embed(user) * self.mf_item_embed(item)
-        return gmf, torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1)
+        """The GMF product and the MLP input (the user and item MLP embeddings side by side);
+        None for a branch the model lacks."""
+        gmf = self.mf_user_embed(user) * self.mf_item_embed(item) if self.HAS_GMF else None
+        mlp_input = torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1) \
+            if self.HAS_MLP else None
+        return gmf, mlp_input
 
     def compute_dtype(self, tensor):
         """The dtype the layers compute in: autocast's where it is on, else the tables'."""
         device_type = tensor.device.type
         if torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type)
-        return self.mf_user_embed.weight.dtype
+        return next(iter(self.embeddings().values())).weight.dtype
 
     def hidden(self, x):
         """An MLP layer's activation: ReLU, then dropout in training."""
         x = F.relu(x)
         return F.dropout(x, p=self.dropout, training=self.training) if self.dropout else x
+
+    def embedding_penalty(self, user, item):
+        """The mean over the samples of the squared norms of the table rows each one uses, in
+        fp32: --embedding_l2's penalty, on the rows a batch uses only (as SGD-trained MF
+        regularises; a decay of whole tables would shrink every row at every step)."""
+        total = 0.0
+        for name, embedding in self.embeddings().items():
+            rows = embedding(user if 'user' in name else item)
+            total = total + rows.float().pow(2).sum(1).mean()
+        return total
+
+    def dense_weights(self):
+        """The weights of the dense layers, which --weight_decay decays (not their biases)."""
+        return [layer.weight for layer in getattr(self, 'mlp', ())] + [self.final.weight]
 
     def all_item_scores(self, users):
         """Logits of every item for each of `users`: [len(users), n_items], as float32.
@@ -94,30 +211,40 @@ class NeuMF(nn.Module):
         bound the [users, items, layer] memory. Evaluation only: no dropout.
         """
         assert not self.training, 'all_item_scores is for evaluation (dropout off)'
-        first = self.mlp[0]
-        half = self.mlp_user_embed.weight.shape[1]
-        user_part = F.linear(self.mlp_user_embed(users), first.weight[:, :half], first.bias)
-        item_part = F.linear(self.mlp_item_embed.weight, first.weight[:, half:])
-        x = torch.relu(user_part[:, None, :] + item_part[None, :, :]).flatten(0, 1)
-        for layer in self.mlp[1:]:
-            x = torch.relu(layer(x))
         # The output layer in fp32 whatever the layers' dtype: fp32 logits
-        final = self.final.weight.float()
-        mf_dim = self.mf_user_embed.weight.shape[1]
-        gmf = (self.mf_user_embed(users).float() * final[0, :mf_dim]) \
-            @ self.mf_item_embed.weight.float().t()
-        # a product and a sum rather than a matrix product: a bf16 x would round its result
-        mlp = (x * final[0, mf_dim:]).sum(1).view(len(users), -1)
-        return gmf + mlp + self.final.bias.float()
+        final = self.final.weight.float()[0]
+        scores = self.final.bias.float()
+        mf_dim = 0
+        if self.HAS_GMF:
+            mf_dim = self.mf_user_embed.weight.shape[1]
+            scores = scores + (self.mf_user_embed(users).float() * final[:mf_dim]) \
+                @ self.mf_item_embed.weight.float().t()
+        if self.HAS_MLP:
+            first = self.mlp[0]
+            half = self.mlp_user_embed.weight.shape[1]
+            user_part = F.linear(self.mlp_user_embed(users), first.weight[:, :half], first.bias)
+            item_part = F.linear(self.mlp_item_embed.weight, first.weight[:, half:])
+            x = torch.relu(user_part[:, None, :] + item_part[None, :, :]).flatten(0, 1)
+            for layer in self.mlp[1:]:
+                x = torch.relu(layer(x))
+            # a product and a sum rather than a matrix product: a bf16 x would round its result
+            scores = scores + (x * final[mf_dim:]).sum(1).view(len(users), -1)
+        return scores
 
     def scoring_bytes_per_pair(self, dtype):
         """Bytes of activations per (user, item) pair that all_item_scores holds at its peak in
         `dtype` (two widest layers' outputs, and the fp32 scores), to size its chunks."""
+        if not self.HAS_MLP:
+            return 16
         widths = sorted([self.mlp[0].in_features] + [layer.out_features for layer in self.mlp])
         return (widths[-1] + widths[-2]) * torch.finfo(dtype).bits // 8 + 16
 
     # The class of the scoring copy (a subclass may score with another forward).
     scoring_class = None
+
+    def fp32_modules(self):
+        """What the scoring copy keeps in fp32: the output layer."""
+        return [self.final]
 
     def inference_copy(self, dtype):
         """A copy for scoring: eval mode, no gradients, weights cast once to `dtype` (so no
@@ -125,10 +252,85 @@ class NeuMF(nn.Module):
         which stays fp32: logits rounded to bf16 (8 bits of mantissa) would tie the positive
         with negatives it beats, and a tie counts against it."""
         model = copy.deepcopy(self).to(dtype).eval().requires_grad_(False)
-        model.final.float()
+        for module in model.fp32_modules():
+            module.float()
         if self.scoring_class is not None:
             model.__class__ = self.scoring_class  # the same parameters, another forward
         return model
+
+
+class NeuMF(NCF):
+    """The reference's model: the GMF and MLP branches side by side under one output layer."""
+    NAME = 'neumf'
+    HAS_GMF = HAS_MLP = True
+
+    def load_branches(self, gmf, mlp, alpha):
+        """The NCF paper's start for NeuMF: the tables and hidden layers of a trained GMF and a
+        trained MLP (of this model's sizes), and the output layer [alpha * GMF's, (1 - alpha) *
+        MLP's], its bias alpha * GMF's + (1 - alpha) * MLP's: the logit is then exactly alpha *
+        GMF's + (1 - alpha) * MLP's."""
+        gmf_state, mlp_state = gmf.state_dict(), mlp.state_dict()
+        state = {name: (gmf_state if name in gmf_state and not name.startswith('final.')
+                        else mlp_state)[name] for name in self.state_dict()}
+        state['final.weight'] = torch.cat((alpha * gmf_state['final.weight'],
+                                           (1 - alpha) * mlp_state['final.weight']), dim=1)
+        state['final.bias'] = alpha * gmf_state['final.bias'] \
+            + (1 - alpha) * mlp_state['final.bias']
+        self.load_state_dict(state)
+
+
+class GMF(NCF):
+    """Generalised matrix factorisation: the element-wise product of the user's and the item's
+    embeddings, weighted by the output layer."""
+    NAME = 'gmf'
+    HAS_GMF = True
+
+
+class MLP(NCF):
+    """The multi-layer perceptron over the user's and the item's embeddings side by side."""
+    NAME = 'mlp'
+    HAS_MLP = True
+
+
+class MF(NCF):
+    """Dot-product matrix factorisation with biases (Rendle et al., 2020): <p_u, q_i> + b_u +
+    b_i + b, the GMF tables with no output layer. Initialised as their mf_simple.py: embeddings
+    N(0, MF_INIT_STD), biases zero."""
+    NAME = 'mf'
+    HAS_GMF = True
+
+    def build_output(self, width):
+        self.user_bias = nn.Embedding(self.mf_user_embed.num_embeddings, 1)
+        self.item_bias = nn.Embedding(self.mf_item_embed.num_embeddings, 1)
+        self.global_bias = nn.Parameter(torch.zeros(1))
+
+    def initialise(self):
+        for embedding in (self.mf_user_embed, self.mf_item_embed):
+            nn.init.normal_(embedding.weight, 0.0, MF_INIT_STD)
+        for bias in (self.user_bias, self.item_bias):
+            nn.init.zeros_(bias.weight)
+
+    def forward(self, user, item, sigmoid=False):
+        gmf, _ = self.inputs(user, item)
+        # summed in fp32 (the product may be bf16): logits keep fp32's resolution
+        x = gmf.float().sum(1, keepdim=True) + self.user_bias(user).float() \
+            + self.item_bias(item).float() + self.global_bias.float()
+        return torch.sigmoid(x) if sigmoid else x
+
+    def dense_weights(self):
+        return []
+
+    def fp32_modules(self):
+        return []
+
+    def all_item_scores(self, users):
+        assert not self.training
+        scores = self.mf_user_embed(users).float() @ self.mf_item_embed.weight.float().t()
+        return scores + self.user_bias(users).float() \
+            + self.item_bias.weight.float().t() + self.global_bias.float()
+
+
+MODEL_CLASSES = {model.NAME: model for model in (NeuMF, GMF, MLP, MF)}
 
 
 def glorot_uniform_(weight):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ncflib.cli import UsageError, first_line, warn
 from ncflib.files import atomic_write
-from ncflib.models import DEFAULT_FACTORS, DEFAULT_LAYERS
+from ncflib.models import ModelShape
 
 IMPLEMENTATIONS = ('auto', 'eager', 'compile', 'cpu_fused', 'fused')
 # The implementation --impl auto picks on each device type (measured fastest there).
@@ -63,7 +63,7 @@ class Plan:
     impl: str                    # 'eager', 'compile', 'cpu_fused' or 'fused'
     micro_batch: int = None      # most samples per forward/backward; None: the whole batch
     valid_batch_size: int = 2 ** 20  # most (user, item) pairs per evaluation forward
-    fused_adam: bool = True      # one kernel over all parameters (apex FusedAdam's equivalent)
+    fused_optimizer: bool = True  # one kernel over all parameters (apex FusedAdam's equivalent)
     rank: int = 0
     world_size: int = 1
     notes: tuple = ()            # why auto picked what it did, for the startup line
@@ -111,8 +111,14 @@ class Plan:
         """Dynamic loss scaling, which fp16 needs (bf16 has fp32's range)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.precision == 'fp16')
 
-    def optimizer(self, parameters, lr, betas, eps):
-        return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=eps, fused=self.fused_adam)
+    def optimizer(self, parameters, name='adam', lr=1e-3, betas=(0.9, 0.999), eps=1e-8):
+        """torch's Adam (the reference's, as apex FusedAdam) or plain SGD (the NCF paper's for
+        a NeuMF from pretrained branches), fused where the plan says; `parameters` may be
+        groups with their own weight_decay."""
+        if name == 'sgd':
+            return torch.optim.SGD(parameters, lr=lr, fused=self.fused_optimizer)
+        return torch.optim.Adam(parameters, lr=lr, betas=betas, eps=eps,
+                                fused=self.fused_optimizer)
 
     def time(self):
         """Wall time after the device's queued work has finished: timings include the GPU's."""
@@ -123,14 +129,10 @@ class Plan:
     def generator(self, seed):
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def model_class(self):
-        """The NeuMF class of this implementation; all share the reference's parameters."""
-        return model_class(self.impl)
-
-    def build_model(self, n_users, n_items, factors, layers, dropout):
-        """A freshly initialised model of this implementation, on the CPU (to load weights into
-        before it moves to the device)."""
-        return self.model_class()(n_users, n_items, factors, layers, dropout)
+    def build_model(self, shape, n_users, n_items):
+        """A freshly initialised model of `shape` (models.ModelShape) in this implementation,
+        on the CPU (to load weights into before it moves to the device)."""
+        return shape.build(n_users, n_items, model_classes(self.impl))
 
     def compile(self, function, dynamic=False):
         """`function` (or module) under torch.compile, as one graph (fullgraph), for the
@@ -172,19 +174,20 @@ class Plan:
                    else 'whole batches')
         line = (f'Precision: {self.precision}, implementation: {self.impl}, device: {self.device}, '
                 f'processes: {self.world_size}, {batches}, '
-                f'{"fused" if self.fused_adam else "plain"} Adam')
+                f'{"fused" if self.fused_optimizer else "plain"} optimizer')
         return line + (f' ({"; ".join(self.notes)})' if self.notes else '')
 
 
-def model_class(impl):
+def model_classes(impl):
+    """{model name: class} of an implementation; all share the plain models' parameters."""
     if impl == 'cpu_fused':
-        from ncflib.cpu_fused import CpuFusedNeuMF
-        return CpuFusedNeuMF
+        from ncflib import cpu_fused
+        return cpu_fused.MODEL_CLASSES
     if impl == 'fused':
-        from ncflib.fused import FusedNeuMF
-        return FusedNeuMF
-    from ncflib.models import NeuMF
-    return NeuMF
+        from ncflib import fused
+        return fused.MODEL_CLASSES
+    from ncflib import models
+    return models.MODEL_CLASSES
 
 
 class CompileError(UsageError):
@@ -322,9 +325,10 @@ def resolve_precision(device, precision='auto', opt_level=None, amp=False, measu
     return precision, note, warning
 
 
-def measure_cpu_precisions(model_class, factors, layers, rounds=3):
+def measure_cpu_precisions(impl, shape, rounds=3):
     """Seconds of one training micro-step (forward, loss and backward of CPU_MICRO_BATCH / 4
-    samples, dropout 0.5) of `model_class` at these layer sizes, in fp32 and in bf16: {'fp32':
+    samples, dropout 0.5) of the model of `shape` (models.ModelShape) in implementation `impl`,
+    in fp32 and in bf16: {'fp32':
     s, 'bf16': s}, the median of up to `rounds`, the precisions interleaved, after a round that
     sets up oneDNN's kernels. A first timed round that finds one 1.5 times the other decides
     (an emulated bf16 is many times slower: no need to time it thrice). The tables are small
@@ -336,7 +340,7 @@ def measure_cpu_precisions(model_class, factors, layers, rounds=3):
     try:
         generator = torch.Generator().manual_seed(0)
         rows = 1024
-        model = model_class(rows, rows, factors, layers, 0.5)
+        model = dataclasses.replace(shape, dropout=0.5).build(rows, rows, model_classes(impl))
         users, items = (torch.randint(0, rows, (batch,), generator=generator)
                         for _ in range(2))
         labels = (torch.rand(batch, generator=generator) < 0.2).float()
@@ -357,13 +361,13 @@ def measure_cpu_precisions(model_class, factors, layers, rounds=3):
     return {precision: statistics.median(times) for precision, times in seconds.items()}
 
 
-def cpu_precision_by_measurement(impl, factors, layers):
-    """(precision, note): the faster of fp32 and bf16 for this model on this CPU, measured once
-    (well under a second) and remembered in cache_home()/cpu_precision.json per CPU, thread
-    count, torch version, implementation and layer sizes. CPUs differ: one with AVX512-BF16
-    trains faster in fp32, another in bf16."""
+def cpu_precision_by_measurement(impl, shape):
+    """(precision, note): the faster of fp32 and bf16 for the model of `shape` on this CPU,
+    measured once (well under a second) and remembered in cache_home()/cpu_precision.json per
+    CPU, thread count, torch version, implementation, model and sizes. CPUs differ: one with
+    AVX512-BF16 trains faster in fp32, another in bf16."""
     key = (f'{cpu_name()}; {torch.get_num_threads()} threads; torch '
-           f'{torch.__version__}; {impl}; factors {factors}; layers {list(layers)}')
+           f'{torch.__version__}; {impl}; {shape.describe()}')
     path = os.path.join(cache_home(), CPU_PRECISION_FILE)
     remembered, seconds, where = {}, None, f'remembered in {path}'
     try:
@@ -374,7 +378,7 @@ def cpu_precision_by_measurement(impl, factors, layers):
         remembered = remembered if isinstance(remembered, dict) else {}
     if seconds is None:
         where = 'measured now'
-        seconds = measure_cpu_precisions(model_class(impl), factors, layers)
+        seconds = measure_cpu_precisions(impl, shape)
         record = json.dumps({**remembered, key: seconds}, indent=1) + '\n'
 
         def write(temporary):
@@ -391,13 +395,17 @@ def cpu_precision_by_measurement(impl, factors, layers):
                        f'ms, {seconds[other] * 1000:.1f} ms in {other}; {where})')
 
 
-def resolve_impl(device, impl='auto'):
-    """(implementation, note): auto is the one measured fastest on the device."""
+def resolve_impl(device, impl='auto', model='neumf'):
+    """(implementation, note): auto is the one measured fastest on the device, for every model
+    of the family (`model`)."""
     if impl == 'auto':
         impl = AUTO_IMPLEMENTATION[device.type]
         return impl, f'implementation auto: {impl} on {device.type.upper()}'
     if impl == 'cpu_fused' and device.type != 'cpu':
         raise UsageError('--impl cpu_fused is for CPUs; on CUDA use compile, fused or eager')
+    if impl == 'fused' and model not in model_classes('fused'):
+        raise UsageError(f'--impl fused gathers NeuMF\'s four tables; --model {model} runs with '
+                         '--impl compile (the auto choice on CUDA)')
     if impl == 'fused':
         from ncflib import fused
         ok, reason = fused.available()
@@ -440,19 +448,22 @@ class Processes:
     world_size: int = 1
     local_rank: int = 0
 
+    @property
+    def distributed(self):
+        return self.world_size > 1
 
-def resolve(options=PlanOptions(), model_shape=None, valid_batch_size=2 ** 20,
+
+def resolve(options=PlanOptions(), model_shape=ModelShape(), valid_batch_size=2 ** 20,
             processes=Processes(), measure=cpu_precision_by_measurement):
     """The plan for one process. Joins no process group (see `start`).
 
-    model_shape: (factors, layers) of the model (default: the reference's), on which a CPU's
-    precision is measured by measure(impl, factors, layers) -> (precision, note)."""
-    model_shape = model_shape or (DEFAULT_FACTORS, DEFAULT_LAYERS)
+    model_shape: the models.ModelShape of the model (default: the reference's), on which a CPU's
+    precision is measured by measure(impl, model_shape) -> (precision, note)."""
     device = resolve_device(options.device, processes.local_rank)
-    impl, impl_note = resolve_impl(device, options.impl)
+    impl, impl_note = resolve_impl(device, options.impl, model_shape.model)
     precision, precision_note, warning = resolve_precision(
         device, options.precision, options.opt_level, options.amp,
-        lambda: measure(impl, *model_shape))
+        lambda: measure(impl, model_shape))
     cpu = device.type == 'cpu'
     compiled = impl in ('compile', 'fused')
     if compiled and 'TORCHINDUCTOR_CACHE_DIR' not in os.environ:
@@ -464,7 +475,7 @@ def resolve(options=PlanOptions(), model_shape=None, valid_batch_size=2 ** 20,
         torch.set_float32_matmul_precision('high' if precision == 'tf32' else 'highest')
     return Plan(device=device, precision=precision, impl=impl,
                 micro_batch=CPU_MICRO_BATCH if cpu else None, valid_batch_size=valid_batch_size,
-                fused_adam=True, rank=processes.rank, world_size=processes.world_size,
+                fused_optimizer=True, rank=processes.rank, world_size=processes.world_size,
                 notes=tuple(note for note in (precision_note, impl_note) if note),
                 warnings=(warning,) if warning else (),
                 device_memory=None if cpu else torch.cuda.get_device_properties(device)
@@ -478,7 +489,7 @@ def baseline(plan):
     torch's plain Adam on a CPU (the reference does not run on one)."""
     cuda = plan.device.type == 'cuda'
     return dataclasses.replace(plan, impl='eager', precision='fp16' if cuda else 'fp32',
-                               fused_adam=cuda, micro_batch=None, notes=(), warnings=())
+                               fused_optimizer=cuda, micro_batch=None, notes=(), warnings=())
 
 
 def implementations(device):
@@ -536,25 +547,31 @@ def add_arguments(parser):
                         help='auto: CUDA when available')
 
 
-def start(options=PlanOptions(), model_shape=None, valid_batch_size=2 ** 20, local_rank=0):
-    """The plan of this process under torchrun / torch.distributed.launch (or alone), with the
-    process group joined: NCCL on CUDA, gloo on CPU. local_rank: the launcher's --local_rank
-    flag, where it sets no LOCAL_RANK."""
+def join(options=PlanOptions(), local_rank=0):
+    """This process among those of a run under torchrun / torch.distributed.launch (or alone),
+    with the process group joined: NCCL on CUDA, gloo on CPU. local_rank: the launcher's
+    --local_rank flag, where it sets no LOCAL_RANK."""
     processes = Processes(rank=int(os.environ.get('RANK', 0)),
                           world_size=int(os.environ.get('WORLD_SIZE', 1)),
                           local_rank=int(os.environ.get('LOCAL_RANK', local_rank)))
     device = resolve_device(options.device, processes.local_rank)
     if device.type == 'cuda':
         torch.cuda.set_device(device)  # before NCCL starts, so that each rank owns its GPU
-    measure = cpu_precision_by_measurement
-    if processes.world_size > 1:
-        if not dist.is_initialized():
-            dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    if processes.distributed and not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    return processes
 
-        def measure(*shape):
-            # rank 0 measures and every rank takes its answer: processes timing at once would
-            # slow each other down, and could disagree
-            answer = [cpu_precision_by_measurement(*shape) if processes.rank == 0 else None]
+
+def start(options=PlanOptions(), model_shape=ModelShape(), valid_batch_size=2 ** 20,
+          processes=Processes()):
+    """The plan of this process among `processes` (from `join`): under torchrun, rank 0
+    measures what is measured and the others take its answer."""
+    measure = cpu_precision_by_measurement
+    if processes.distributed:
+        def measure(impl, shape):
+            # processes timing at once would slow each other down, and could disagree
+            answer = [cpu_precision_by_measurement(impl, shape) if processes.rank == 0
+                      else None]
             dist.broadcast_object_list(answer, src=0)
             return answer[0]
     return resolve(options, model_shape, valid_batch_size, processes, measure)
@@ -563,7 +580,8 @@ def start(options=PlanOptions(), model_shape=None, valid_batch_size=2 ** 20, loc
 # Collectives: what the processes of a run do together.
 
 def together(plan, function, *args):
-    """`function(*args)` on every process; a failure on any of them (bad input, or an error
+    """`function(*args)` on every process of `plan` (a Plan, or the Processes of `join`); a
+    failure on any of them (bad input, or an error
     such as running out of memory) stops all of them, else the others would wait for it in the
     next collective until its timeout. The failing process raises its own error; the others
     raise a UsageError naming it, which rank 0 prints (when rank 0 failed, its own line)."""

@@ -1,5 +1,6 @@
-"""Training: the settings that define a run, the step (Adam on the binary cross-entropy of
-positives and sampled negatives), and the history of a run's epochs."""
+"""Training: the settings that define a run, the step (Adam or SGD on the binary cross-entropy
+of positives and sampled negatives, with the optional penalties), and the history of a run's
+epochs."""
 import contextlib
 import dataclasses
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from ncflib.recipe import DEFAULT_BETAS, DEFAULT_EPS, DEFAULT_LEARNING_RATE
 
-
+OPTIMIZERS = ('adam', 'sgd')
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
@@ -29,6 +30,10 @@ class RunSettings:
     valid_negative: int
     topk: int
     eval_mode: str
+    model: str
+    optimizer: str
+    embedding_l2: float
+    weight_decay: float
 
     @classmethod
     def of(cls, flags):
@@ -88,33 +93,52 @@ class History:
 
 
 class TrainingLoss(nn.Module):
-    """The mean loss of a (micro-)batch: the model's forward under the plan's autocast, and the
-    loss, as one module. torch.compile makes it one graph; DDP wraps the compiled module, so that
-    DDP's own forward stays outside the graph."""
+    """The mean loss of a (micro-)batch: the model's forward under the plan's autocast, the loss,
+    and embedding_l2 times the L2 penalty of the table rows the samples use, as one module.
+    torch.compile makes it one graph; DDP wraps the compiled module, so that DDP's own forward
+    stays outside the graph."""
 
-    def __init__(self, model, autocast):
+    def __init__(self, model, autocast, embedding_l2=0.0):
         super().__init__()
-        self.model, self.autocast = model, autocast
+        self.model, self.autocast, self.embedding_l2 = model, autocast, embedding_l2
 
     def forward(self, users, items, labels):
         with self.autocast():
             logits = self.model(users, items)
-        return F.binary_cross_entropy_with_logits(logits.float().view(-1), labels)
+        loss = F.binary_cross_entropy_with_logits(logits.float().view(-1), labels)
+        if self.embedding_l2:
+            loss = loss + self.embedding_l2 * self.model.embedding_penalty(users, items)
+        return loss
+
+
+def parameter_groups(model, weight_decay):
+    """The optimizer's parameters: with weight_decay, the dense layers' weights in a group of
+    their own that decays (the tables' rows are --embedding_l2's)."""
+    if not weight_decay:
+        return model.parameters()
+    dense = {id(weight) for weight in model.dense_weights()}
+    return [{'params': [p for p in model.parameters() if id(p) in dense],
+             'weight_decay': weight_decay},
+            {'params': [p for p in model.parameters() if id(p) not in dense]}]
 
 
 class Trainer:
     """Steps of one global batch: each rank's slice, in micro-batches, then one Adam step.
 
     model: the model to train (the trainer compiles its step and wraps it in DDP as the plan
-    says); batches: dataloading.TrainBatches.
+    says); batches: dataloading.TrainBatches; optimizer: 'adam' or 'sgd' (betas and eps are
+    Adam's); embedding_l2 and weight_decay: the penalties, 0 for none.
     """
 
     def __init__(self, plan, model, batches, learning_rate=DEFAULT_LEARNING_RATE,
-                 betas=DEFAULT_BETAS, eps=DEFAULT_EPS):
+                 betas=DEFAULT_BETAS, eps=DEFAULT_EPS, optimizer='adam', embedding_l2=0.0,
+                 weight_decay=0.0):
         self.plan, self.model, self.batches = plan, model, batches
-        self.optimizer = plan.optimizer(model.parameters(), learning_rate, betas, eps)
+        self.optimizer = plan.optimizer(parameter_groups(model, weight_decay), optimizer,
+                                        learning_rate, betas, eps)
         self.scaler = plan.grad_scaler()
-        self.loss = plan.distributed_model(plan.compile(TrainingLoss(model, plan.autocast)))
+        self.loss = plan.distributed_model(plan.compile(
+            TrainingLoss(model, plan.autocast, embedding_l2)))
         # Each micro-batch's mean loss counts by its share of the slice: the gradients then add
         # up to the slice's, whatever the micro-batch sizes.
         self.weights = [(part.stop - part.start) / batches.rank_batch
@@ -133,7 +157,7 @@ class Trainer:
                 loss = self.loss(users[part], items[part], labels[part]) * weight
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach() * self.batches.rank_batch
-        # With fused Adam, GradScaler hands the inf check to the optimizer's kernel: no sync.
+        # With a fused optimizer, GradScaler hands the inf check to the optimizer's kernel: no sync.
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

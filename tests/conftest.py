@@ -284,6 +284,28 @@ def trained(tiny_data, tmp_path_factory):
     return str(directory)
 
 
+# Each model of the family on the tiny data: its own learning rate (GMF's and MLP's tables
+# and layers learn slower than NeuMF's from the reference's initialisation), no dropout (MLP
+# alone learns slowly with it at this size), fp32 (the same figures on every CPU).
+FAMILY = {'neumf': {'learning_rate': 0.01}, 'gmf': {'learning_rate': 0.03},
+          'mlp': {'learning_rate': 0.02, 'dropout': 0}, 'mf': {'learning_rate': 0.01}}
+
+
+@pytest.fixture(scope='session')
+def family(tiny_data, tmp_path_factory):
+    """{model: (checkpoint directory, ncf.main's result)} after 8 epochs of each model of the
+    family on the tiny data."""
+    import ncf
+
+    trained = {}
+    for model, settings in FAMILY.items():
+        directory = tmp_path_factory.mktemp(model)
+        trained[model] = str(directory), ncf.main(flags(
+            tiny_data, **{**settings, 'model': model, 'epochs': 8, 'precision': 'fp32',
+                          'checkpoint_dir': directory}))
+    return trained
+
+
 def load_trained_model(tiny_data, trained):
     """(plan, dataset, model): the trained fixture's model.pth in the eager model, fp32, in
     eval mode, and the tiny data on the CPU."""
@@ -291,10 +313,12 @@ def load_trained_model(tiny_data, trained):
 
     import dataloading
     from ncflib import checkpoints, runtime
+    from ncflib.models import ModelShape
 
     dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'))
     plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='eager'))
-    model = plan.build_model(dataset.n_users, dataset.n_items, 8, [32, 16, 8], 0.5)
+    model = plan.build_model(ModelShape('neumf', 8, [32, 16, 8], 0.5), dataset.n_users,
+                             dataset.n_items)
     path = os.path.join(trained, 'model.pth')
     checkpoints.load_model_state(model, checkpoints.read(path), path)
     return plan, dataset, model.eval()

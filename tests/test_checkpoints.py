@@ -16,13 +16,15 @@ import pytest
 import torch
 
 import convert
+import dataloading
 import inference
 import ncf
 from conftest import (ENV, ROOT, assert_one_line_error, fails, flags, make_world,
                       replace_tensor, snapshot)
 from logger import plot
 from ncflib import checkpoints
-from ncflib.cache import fingerprint
+from ncflib.cache import fingerprint, read_id_maps
+from ncflib.cli import UsageError
 
 
 def copy_of(tiny_data, tmp_path):
@@ -206,3 +208,83 @@ def test_kill_9_at_random_points_never_leaves_a_checkpoint_that_loads_wrong(tiny
     assert resumed['hrs'] == uninterrupted['hrs']
     # a killed writer's temporary file is removed by the next write of the same file
     assert not [name for name in os.listdir(directory) if name.startswith('.last.pth.')]
+
+
+# The family's checkpoints -------------------------------------------------------------------
+
+@pytest.mark.parametrize('model', ['neumf', 'gmf', 'mlp', 'mf'])
+def test_each_models_checkpoint_through_test_recommend_inference_and_hub(model, family,
+                                                                         tiny_data, tmp_path):
+    """A checkpoint records its model and sizes; test and recommend modes, inference.py and
+    torch.hub build that model from it, whatever the flags' defaults say."""
+    directory, result = family[model]
+    best = os.path.join(directory, 'model.pth')
+    state = checkpoints.read(best)
+    recorded = checkpoints.recorded_model(state)
+    assert recorded['model'] == model
+    assert recorded == checkpoints.recorded_model(checkpoints.read(
+        os.path.join(directory, 'last.pth')))
+    shape, n_users, n_items = checkpoints.shape_of(state, best)
+    assert (shape.model, n_users, n_items) == (model, 300, 200)
+    # the flags' model is neumf of 64 factors: the checkpoint's wins
+    tested = ncf.main(['--data', tiny_data, '--mode', 'test', '--checkpoint_dir', directory,
+                       '--valid_negative', '50', '--log_path', os.devnull, '--device', 'cpu',
+                       '--precision', 'fp32'])
+    assert tested['hr'] == result['best_hr']
+    recommended = ncf.main(['--data', tiny_data, '--mode', 'recommend', '--checkpoint_dir',
+                            directory, '--device', 'cpu', '--output',
+                            str(tmp_path / 'recs.csv')])
+    assert recommended['users'] == 300 and recommended['rows'] == 3000
+    # the top item, by the model itself over every untrained item, for one user
+    hub = torch.hub.load(ROOT, model, source='local', checkpoint=best).eval()
+    any_model = torch.hub.load(ROOT, 'from_checkpoint', source='local', checkpoint=best)
+    assert type(any_model) is type(hub)
+    with open(tmp_path / 'recs.csv') as file:
+        rows = list(csv.DictReader(file))
+    dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'))
+    user_ids, item_ids = read_id_maps(tiny_data, dataset.metadata)
+    with torch.no_grad():
+        scores = hub.all_item_scores(torch.tensor([5]))[0]
+    scores[dataset.train_items[dataset.train_users == 5]] = -float('inf')
+    top = next(row for row in rows if row['user_id'] == user_ids[5] and row['rank'] == '1')
+    assert top['item_id'] == item_ids[int(scores.argmax())]
+    benchmarked = inference.main(['--load_checkpoint_path', best, '--batch_sizes', '8',
+                                  '--num_batches', '2', '--warmup', '1', '--device', 'cpu',
+                                  '--log_path', str(tmp_path / 'inference.json')])
+    assert benchmarked[0]['batch_size'] == 8
+    other = {'neumf': 'gmf', 'gmf': 'mlp', 'mlp': 'mf', 'mf': 'neumf'}[model]
+    with pytest.raises(UsageError, match=f'holds --model {model}'):
+        torch.hub.load(ROOT, other, source='local', checkpoint=best)
+
+
+def test_the_references_model_pth_loads_as_neumf(trained, tiny_data, tmp_path):
+    """A plain state dict without our metadata (the reference's model.pth) is a NeuMF, its
+    sizes read from its tensors."""
+    state = torch.load(os.path.join(trained, 'model.pth'), weights_only=True)
+    plain = dict(state)  # no _metadata: no fingerprint, no recorded model
+    torch.save(plain, tmp_path / 'reference.pth')
+    shape, n_users, n_items = checkpoints.shape_of(checkpoints.read(tmp_path / 'reference.pth'),
+                                                   'reference.pth')
+    assert (shape.model, shape.factors, list(shape.layers), n_users, n_items) == \
+        ('neumf', 8, [32, 16, 8], 300, 200)
+    tested = ncf.main(flags(tiny_data, mode='test', load_checkpoint_path=tmp_path / 'reference.pth',
+                            log_path=os.devnull, precision='fp32'))
+    again = ncf.main(flags(tiny_data, mode='test', checkpoint_dir=trained, log_path=os.devnull,
+                           precision='fp32'))
+    assert tested['hr'] == again['hr']
+
+
+def test_pretrained_branches_of_other_data_or_sizes_are_one_line(family, tiny_data, tmp_path,
+                                                                 capsys):
+    gmf, mlp = (os.path.join(family[name][0], 'model.pth') for name in ('gmf', 'mlp'))
+    start = dict(epochs=1, pretrained_gmf=gmf, pretrained_mlp=mlp, log_path=os.devnull)
+    fails(ncf.main, flags(tiny_data, **start, factors=16), capsys,
+          f'--pretrained_gmf {gmf} has factors 8, this NeuMF --factors 16')
+    fails(ncf.main, flags(tiny_data, **start, layers=[64, 32]), capsys,
+          f'--pretrained_mlp {mlp} has layers [32, 16, 8], this NeuMF --layers [64, 32]')
+    data = copy_of(tiny_data, tmp_path)
+    train = torch.load(data / 'train_ratings.pt')
+    replace_tensor(str(data), 'train_ratings.pt', train[:-1])
+    fails(ncf.main, flags(data, **start), capsys, '--pretrained_gmf', 'was trained on other data')
+    result = ncf.main(flags(tiny_data, **start, optimizer='sgd', learning_rate=0.01))
+    assert 'Starting from' in capsys.readouterr().out and result['best_hr'] > 0.5

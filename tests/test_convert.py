@@ -127,6 +127,36 @@ def test_test_negatives_avoid_training_items_and_follow_the_seed(tmp_path, ml100
     assert negatives.min() >= 0 and negatives.max() < n_items
 
 
+def test_paper_test_negatives_are_distinct_and_never_an_interaction(tmp_path, capsys):
+    """--test_negative_sampling paper: distinct items the user never interacted with (neither a
+    training item nor the test positive), recorded in metadata.json, and drawn the same way
+    when ncf.py draws another number at load time; too few such items is one line."""
+    import dataloading
+    import synthetic
+
+    ratings = tmp_path / 'ratings.csv'
+    synthetic.write_csv(str(ratings), synthetic.generate(users=80, items=60, rows=2400, groups=3,
+                                                         seed=2))
+    convert.main(['--path', str(ratings), '--output', str(tmp_path / 'paper'),
+                  '--valid_negative', '20', '--test_negative_sampling', 'paper'])
+    metadata = json.loads((tmp_path / 'paper' / METADATA_FILE).read_text())
+    assert metadata['test_negative_sampling'] == 'paper'
+    for count in (20, 25):  # the cache's, and drawn anew at load time
+        dataset = dataloading.load_dataset(str(tmp_path / 'paper'), torch.device('cpu'), count)
+        interactions = set(zip(dataset.train_users.tolist(), dataset.train_items.tolist())) | \
+            set(enumerate(dataset.test_items.tolist()))
+        for user, row in enumerate(dataset.test_negatives.tolist()):
+            assert len(row) == count and len(set(row)) == count
+            assert not any((user, item) in interactions for item in row)
+        assert '(paper)' in dataset.metadata['test_negatives']
+    free = min(60 - sum(1 for pair in interactions if pair[0] == user) for user in range(80))
+    with pytest.raises(SystemExit):
+        convert.main(['--path', str(ratings), '--output', str(tmp_path / 'few'),
+                      '--valid_negative', str(free + 1), '--test_negative_sampling', 'paper'])
+    assert 'distinct test negatives to draw' in capsys.readouterr().err
+    assert not (tmp_path / 'few').exists()
+
+
 def test_real_ml100k_counts(tmp_path, ml100k):
     convert.main(['--path', ml100k, '--output', str(tmp_path)])
     metadata = json.loads((tmp_path / METADATA_FILE).read_text())
@@ -617,3 +647,133 @@ def test_kill_9_at_random_points_never_leaves_a_mixed_cache(small, old_cache, tm
     # The temporary files the killed runs left are removed by the next write of their paths.
     convert.main(['--path', small['a'], '--output', old_cache, '--valid_negative', '50'])
     assert snapshot(old_cache) == fresh['a']
+
+
+# The NCF paper's own files ------------------------------------------------------------------
+
+def paper_split(directory, users=50, items=40, negatives=20, seed=0):
+    """A split in the NCF paper's three files at `directory`/toy.*, and what they hold."""
+    generator = random.Random(seed)
+    train, test, negative = [], [], []
+    for user in range(users):
+        chosen = generator.sample(range(items), 12)
+        for when, item in enumerate(chosen[:-1]):
+            train.append((user, item, 5 - when % 5, 1000 + 7 * when))
+        test.append((user, chosen[-1]))
+        free = [item for item in range(items) if item not in chosen]
+        negative.append(generator.sample(free, negatives))
+    generator.shuffle(train)  # the paper's are by user, but nothing depends on it
+    prefix = str(directory / 'toy')
+    write(prefix + '.train.rating', ''.join(f'{u}\t{i}\t{r}\t{t}\n' for u, i, r, t in train))
+    write(prefix + '.test.rating', ''.join(f'{u}\t{i}\t5\t9999\n' for u, i in test))
+    write(prefix + '.test.negative', ''.join(
+        f'({u},{i})\t' + '\t'.join(map(str, row)) + '\n' for (u, i), row in zip(test, negative)))
+    return prefix, train, test, negative
+
+
+def test_the_papers_files_round_trip_exactly(tmp_path, capsys):
+    """Their split and negatives, ids kept, in the order given; ncf.py evaluates with them as
+    they are (drawing other negatives is refused)."""
+    import ncf
+    from conftest import flags
+
+    prefix, train, test, negative = paper_split(tmp_path)
+    for path in (prefix, prefix + '.test.negative'):  # the prefix, or any of the files
+        output = tmp_path / os.path.basename(path).replace('.', '_')
+        convert.main(['--path', path, '--output', str(output)])
+        metadata = json.loads((output / METADATA_FILE).read_text())
+        assert (metadata['split'], metadata['test_negative_sampling'],
+                metadata['source_format'], metadata['valid_negative']) == \
+            ('given', 'given', 'paper', 20)
+        assert (metadata['n_users'], metadata['n_items'], metadata['n_train']) == (50, 40, 550)
+        stored = load(output, TRAIN_FILE).tolist()
+        assert sorted(map(tuple, stored)) == sorted((u, i) for u, i, _, _ in train)
+        by_user = [user for user, _ in stored]
+        assert by_user == sorted(by_user)
+        # within a user, by time
+        times = {(u, i): t for u, i, _, t in train}
+        assert all(times[tuple(a)] < times[tuple(b)] for a, b in zip(stored, stored[1:])
+                   if a[0] == b[0])
+        assert load(output, TEST_FILE).tolist() == [list(pair) for pair in test]
+        assert load(output, TEST_NEGATIVES_FILE).tolist() == negative
+        assert read_ids(output / USER_IDS_FILE) == ['user_id'] + [str(u) for u in range(50)]
+    source = b''.join(open(prefix + suffix, 'rb').read()
+                      for suffix in ('.train.rating', '.test.rating', '.test.negative'))
+    assert metadata['source_sha256'] == hashlib.sha256(source).hexdigest()
+    capsys.readouterr()
+    fails(ncf.main, flags(str(output), epochs=1, valid_negative=30, log_path=tmp_path / 'log.json'),
+          capsys, "--valid_negative 30, but the cache's 20 test negatives per user are its "
+          "source's own")
+    result = ncf.main(flags(str(output), epochs=1, valid_negative=20,
+                            log_path=tmp_path / 'log.json'))
+    assert 0 < result['best_hr'] <= 1
+
+
+def break_line(path, index, replacement):
+    with open(path) as file:
+        lines = file.read().splitlines(keepends=True)
+    lines[index] = replacement
+    write(path, ''.join(lines))
+
+
+PAPER_CASES = {
+    'a test user missing': (lambda p: break_line(p + '.test.rating', 7, ''), [],
+                            'toy.test.rating lacks user 7'),
+    'a negative line for another item': (
+        lambda p: break_line(p + '.test.negative', 3, '(3,39)\t' + '\t'.join(['1'] * 20) + '\n'),
+        [], 'the line of user 3 is for item 39, but the test rating of user 3'),
+    'a negative id out of range': (
+        lambda p: break_line(p + '.test.negative', 0, open(p + '.test.negative').readline()
+                             .rsplit('\t', 1)[0] + '\t40\n'),
+        [], 'has item ids outside 0..39'),
+    'a training user out of range': (
+        lambda p: write(p + '.train.rating', open(p + '.train.rating').read() + '50\t1\t5\t1\n'),
+        [], 'has user ids outside 0..49'),
+    'negative lines of unequal length': (
+        lambda p: break_line(p + '.test.negative', 5, '(5,1)\t2\t3\n'), [],
+        'is not one of the NCF paper\'s files'),
+    'a negative line without its pair': (
+        lambda p: break_line(p + '.test.negative', 0, 'x\t' + '\t'.join(['1'] * 20) + '\n'),
+        [], 'does not start with (user,item)'),
+    'no negatives file': (lambda p: os.remove(p + '.test.negative'), [],
+                          'toy.test.negative does not exist'),
+    'an option of our own split': (None, ['--valid_negative', '99'],
+                                   '--valid_negative does not apply to the NCF paper\'s files'),
+    'paper format for other files': (None, ['--path', 'ratings.csv', '--format', 'paper'],
+                                     'names none of the NCF paper\'s files'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(PAPER_CASES))
+def test_malformed_paper_files_are_one_line_and_write_nothing(case, tmp_path, capsys):
+    breaks, extra, fragment = PAPER_CASES[case]
+    prefix, *_ = paper_split(tmp_path)
+    write(tmp_path / 'ratings.csv', 'user_id,item_id,timestamp\n1,2,3\n')
+    if breaks:
+        breaks(prefix)
+    before = snapshot(tmp_path)
+    fails(convert.main, ['--path', prefix, '--output', str(tmp_path / 'cache'), *extra],
+          capsys, fragment)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize('sampling', ['recipe', 'paper'])
+def test_negatives_avoid_the_right_pairs_when_pairs_repeat(sampling, tmp_path):
+    """The negatives are drawn outside the split's own sorted pair keys (no second sort): with
+    repeated pairs dropped, recipe avoids every training pair, paper every interaction."""
+    generator = random.Random(1)
+    rows = ['user_id,item_id,timestamp']
+    for user in range(40):
+        for when in range(30):  # about one pair in three repeats an earlier one
+            rows.append(f'u{user},i{generator.randrange(25)},{when}')
+    path = write(tmp_path / 'ratings.csv', '\n'.join(rows) + '\n')
+    convert.main(['--path', path, '--output', str(tmp_path / 'cache'), '--valid_negative', '3',
+                  '--test_negative_sampling', sampling, '--min_ratings', '2'])
+    metadata = json.loads((tmp_path / 'cache' / METADATA_FILE).read_text())
+    assert metadata['dropped_repeats'] > 300
+    train = {tuple(pair) for pair in load(tmp_path / 'cache', TRAIN_FILE).tolist()}
+    test = {tuple(pair) for pair in load(tmp_path / 'cache', TEST_FILE).tolist()}
+    negatives = load(tmp_path / 'cache', TEST_NEGATIVES_FILE).tolist()
+    avoided = train | test if sampling == 'paper' else train
+    assert not any((user, item) in avoided for user, row in enumerate(negatives)
+                   for item in row)

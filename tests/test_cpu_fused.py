@@ -1,16 +1,19 @@
-"""--impl cpu_fused computes what the eager model computes: same loss, gradients and updates."""
+"""--impl cpu_fused computes what the eager model computes, for every model of the family:
+same loss, gradients and updates."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from ncflib import cpu_fused
 from ncflib.cpu_fused import CpuFusedNeuMF, _ReluDropout
-from ncflib.models import NeuMF
+from ncflib.models import MODELS, ModelShape, NeuMF
 
 
-def twin_models(dropout=0.0):
+def twin_models(dropout=0.0, model='neumf'):
     torch.manual_seed(0)
-    plain = NeuMF(50, 40, 8, [32, 16, 8], dropout=dropout)
-    fast = CpuFusedNeuMF(50, 40, 8, [32, 16, 8], dropout=dropout)
+    shape = ModelShape(model, 8, [32, 16, 8], dropout)
+    plain = shape.build(50, 40)
+    fast = shape.build(50, 40, cpu_fused.MODEL_CLASSES)
     fast.load_state_dict(plain.state_dict())
     return plain, fast
 
@@ -29,8 +32,9 @@ def loss_of(model, users, items, labels, dtype=None):
     return F.binary_cross_entropy_with_logits(logits.float().view(-1), labels)
 
 
-def test_loss_gradients_and_adam_update_match_the_plain_path():
-    plain, fast = twin_models()
+@pytest.mark.parametrize('model', MODELS)
+def test_loss_gradients_and_adam_update_match_the_plain_path(model):
+    plain, fast = twin_models(model=model)
     users, items, labels = batch()
     optimizers = [torch.optim.Adam(plain.parameters(), lr=0.01, betas=(0.25, 0.5)),
                   torch.optim.Adam(fast.parameters(), lr=0.01, betas=(0.25, 0.5), fused=True)]

@@ -60,6 +60,39 @@ def test_samples_are_uniform_over_free_items():
     assert chi_square < 18.5  # p = 0.001 with 4 degrees of freedom
 
 
+def test_distinct_samples_are_distinct_free_and_every_set_equally_likely():
+    """sample_distinct: `count` distinct free items per user, each set of them equally likely,
+    for a roomy user (repeats drawn again) and a crowded one (random keys over all its free
+    items)."""
+    import itertools
+
+    # user 0: items {1, 2, 5} taken out of 8, 5 free for 3 draws (crowded: under 2 x 3);
+    # user 1: item 0 taken out of 8, 7 free (roomy); then a dense random case
+    exclusion = ItemExclusion(torch.tensor([0, 0, 0, 1]), torch.tensor([5, 1, 2, 0]), 2, 8)
+    generator = torch.Generator().manual_seed(5)
+    sets = {0: {}, 1: {}}
+    rounds = 6000
+    for _ in range(rounds // 100):
+        drawn = exclusion.sample_distinct(torch.tensor([0, 1] * 100), 3, generator)
+        for user, row in zip([0, 1] * 100, drawn.tolist()):
+            assert len(set(row)) == 3
+            key = tuple(sorted(row))
+            sets[user][key] = sets[user].get(key, 0) + 1
+    for user, free in ((0, [0, 3, 4, 6, 7]), (1, [1, 2, 3, 4, 5, 6, 7])):
+        possible = list(itertools.combinations(free, 3))
+        assert set(sets[user]) == set(possible)  # never a taken item, every pair seen
+        expected = rounds / len(possible)
+        chi_square = sum((count - expected) ** 2 / expected for count in sets[user].values())
+        # p = 0.001 with 9 and 34 degrees of freedom
+        assert chi_square < {0: 27.9, 1: 65.2}[user], (user, chi_square)
+    mask, users, items = dense_pairs(50, 40, 0.5, seed=2)
+    exclusion = ItemExclusion(users, items, 50, 40)
+    count = int(exclusion.free_counts.min())
+    drawn = exclusion.sample_distinct(torch.arange(50), count, torch.Generator().manual_seed(0))
+    assert not mask[torch.arange(50)[:, None], drawn].any()
+    assert all(len(set(row)) == count for row in drawn.tolist())
+
+
 def test_contains_and_repeated_pairs():
     exclusion = ItemExclusion(torch.tensor([1, 0, 1, 1]), torch.tensor([3, 2, 0, 3]), 3, 4)
     assert exclusion.counts.tolist() == [1, 2, 0]
@@ -140,7 +173,7 @@ def test_valid_negative_other_than_the_cache_draws_new_negatives(tiny_data, tmp_
     result = ncf.main(flags(tiny_data, epochs=1, log_path=tmp_path / 'log.json',
                             valid_negative=20))
     out = capsys.readouterr().out
-    assert 'Drawing 20 test negatives per user with seed 1 (the cache has 50)' in out
+    assert 'Drawing 20 test negatives per user (recipe) with seed 1 (the cache has 50)' in out
     logged = [r['data']['dataset'] for r in read_log(tmp_path / 'log.json')
               if 'dataset' in r['data']]
     assert 'drawn at load time with seed 1 (the cache has 50)' in logged[0]['test_negatives']

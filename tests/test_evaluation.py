@@ -9,7 +9,9 @@ import torch
 import dataloading
 import ncf
 from conftest import flags, load_trained_model
-from ncflib.evaluation import Evaluation, NonFiniteScores, duplicate_mask, hits_and_ndcg
+from logger.logger import read_log
+from ncflib.evaluation import (Evaluation, NonFiniteScores, duplicate_mask, rank_sums,
+                               sampled_rank)
 
 
 def test_duplicate_mask_counts_each_item_once_and_never_masks_the_positive():
@@ -41,7 +43,7 @@ def hand_scored():
 @pytest.mark.parametrize('k', [1, 2, 3])
 def test_hits_and_ndcg_hand_computed(k):
     items, scores, ranks = hand_scored()
-    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k)
+    hits, ndcg, _ = rank_sums(sampled_rank(scores, duplicate_mask(items)), [k])
     assert hits.item() == sum(rank < k for rank in ranks)
     expected = sum(1 / math.log2(rank + 2) for rank in ranks if rank < k)
     assert ndcg.item() == pytest.approx(expected)
@@ -54,7 +56,7 @@ def test_metric_matches_brute_force_on_random_lists():
     item_score = torch.randint(0, 40, (15,), generator=generator).float()
     scores = item_score[items]
     for k in (1, 5, 10):
-        hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k)
+        hits, ndcg, _ = rank_sums(sampled_rank(scores, duplicate_mask(items)), [k])
         expected_hits = expected_ndcg = 0.0
         for row in items.tolist():
             positive, others = row[0], set(row[1:]) - {row[0]}
@@ -74,7 +76,7 @@ def test_a_score_that_is_not_finite_ranks_the_positive_last():
                            [0.9, nan, 0.2],     # a negative NaN
                            [inf, 0.1, 0.2],     # the positive infinite
                            [0.9, 0.1, 0.2]])    # a finite row: the positive first
-    hits, ndcg = hits_and_ndcg(scores, duplicate_mask(items), k=2)
+    hits, ndcg, _ = rank_sums(sampled_rank(scores, duplicate_mask(items)), [2])
     assert hits.item() == 1 and ndcg.item() == pytest.approx(1.0)
 
 
@@ -121,3 +123,42 @@ def test_non_finite_scores_fail_the_evaluation_in_both_modes(tiny_data, trained)
         evaluation = Evaluation(plan, dataset, model, 10, mode, exclusion)
         with pytest.raises(NonFiniteScores, match=r'of \S+ scores are not finite'):
             evaluation()
+
+
+def test_several_k_and_mrr_match_brute_force_in_both_modes(tiny_data, trained, tmp_path):
+    """--metrics_at: HR@K and NDCG@K at each K and the MRR, sampled and over every item, equal
+    to ranks computed one by one (ties against the positive, a repeated candidate once)."""
+    _, dataset, model = load_trained_model(tiny_data, trained)
+    trained_pairs = set(zip(dataset.train_users.tolist(), dataset.train_items.tolist()))
+    with torch.no_grad():
+        scores = model.all_item_scores(torch.arange(300)).tolist()
+    ranks = {'sampled': [], 'full': []}
+    for user, positive in enumerate(dataset.test_items.tolist()):
+        score = scores[user]
+        negatives = set(dataset.test_negatives[user].tolist()) - {positive}
+        ranks['sampled'].append(sum(score[item] >= score[positive] for item in negatives))
+        ranks['full'].append(sum(score[item] >= score[positive] for item in range(200)
+                                 if item != positive and (user, item) not in trained_pairs))
+    for mode in ('sampled', 'full'):
+        log = tmp_path / f'{mode}.json'
+        tested = ncf.main(flags(tiny_data, mode='test', checkpoint_dir=trained, topk=10,
+                                metrics_at=[1, 5, 20], eval_mode=mode, log_path=log,
+                                precision='fp32'))
+        metrics = tested['metrics']
+        for k in (10, 1, 5, 20):
+            hits = [rank for rank in ranks[mode] if rank < k]
+            assert metrics.at[k][0] == pytest.approx(len(hits) / 300, abs=1e-9), (mode, k)
+            assert metrics.at[k][1] == pytest.approx(
+                sum(1 / math.log2(rank + 2) for rank in hits) / 300, abs=1e-6), (mode, k)
+        assert metrics.mrr == pytest.approx(
+            sum(1 / (rank + 1) for rank in ranks[mode]) / 300, abs=1e-6)
+        summary = read_log(log)[-1]['data']
+        assert {'hr@1', 'ndcg@5', 'hr@20', 'mrr', 'hr@10'} <= set(summary)
+        assert summary['mrr'] == metrics.mrr
+
+
+def test_mrr_and_ranks_of_a_hand_scored_list():
+    items, scores, ranks = hand_scored()
+    sums = rank_sums(sampled_rank(scores, duplicate_mask(items)), [1, 3])
+    assert sums.tolist()[:2] == [2.0, 2.0]  # two positives first
+    assert sums[-1].item() == pytest.approx(sum(1 / (rank + 1) for rank in ranks))

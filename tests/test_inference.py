@@ -44,7 +44,7 @@ def test_inference_benchmark_random_and_checkpoint_weights(trained, tmp_path, ca
         n_items=None, factors=None, layers=None, batch_sizes='32', num_batches=2,
         precision='bf16'))
     assert from_checkpoint[0]['batch_size'] == 32
-    assert ('NeuMF 300 users x 200 items, factors 8, layers [32, 16, 8], checkpoint weights; '
+    assert ('neumf (factors 8, layers [32, 16, 8]), 300 users x 200 items, checkpoint weights; '
             'Precision: bf16') in capsys.readouterr().out
 
 
@@ -84,7 +84,7 @@ CASES = {  # name: (flags, setup(world) or None, exit status, fragment)
     'a state dict of something else': ({'load_checkpoint_path': '{world}/foreign.pth'},
                                        lambda w: torch.save({'a': torch.zeros(1)},
                                                             f'{w}/foreign.pth'), 1,
-                                       'not a NeuMF state dict'),
+                                       'holds no model of the family'),
     'bad batch sizes': ({'batch_sizes': '1,x'}, None, 1, 'comma-separated integers'),
     'no batches': ({'num_batches': 0}, None, 1, '--num_batches must be positive'),
     'fp16 on a CPU': ({'precision': 'fp16'}, None, 1, 'fp16 needs CUDA'),

@@ -1,5 +1,6 @@
-"""The model (ncflib/models.py): the reference's parameters, initialisation and forward, the
-checks of its sizes, and the copy that scores."""
+"""The models (ncflib/models.py): the reference's parameters, initialisation and forward, the
+checks of its sizes, the copy that scores; GMF, MLP and MF beside NeuMF, and NeuMF from
+pretrained branches."""
 import math
 import re
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from ncflib.cli import UsageError
-from ncflib.models import NeuMF, check_shape
+from ncflib.models import (GMF, MF, MF_INIT_STD, MLP, MODELS, ModelShape, NeuMF,
+                           check_shape)
 
 
 REFERENCE_PARAMETER_NAMES = [
@@ -98,3 +100,104 @@ def test_the_scoring_copy_keeps_fp32_logits():
     distinct = len(torch.unique(pairs))
     assert distinct > 0.95 * len(torch.unique(reference))
     assert len(torch.unique(pairs.bfloat16())) < 0.01 * distinct
+
+
+# The family: GMF, MLP and MF beside NeuMF ----------------------------------------------------
+
+def test_each_model_has_the_reference_names_of_its_parts():
+    shapes = {name: {key: list(p.shape) for key, p in
+                     ModelShape(name, 8, [32, 16, 8]).build(30, 50).named_parameters()}
+              for name in MODELS}
+    assert list(shapes['neumf']) == REFERENCE_PARAMETER_NAMES[:8] + REFERENCE_PARAMETER_NAMES[-2:]
+    assert shapes['gmf'] == {'mf_user_embed.weight': [30, 8], 'mf_item_embed.weight': [50, 8],
+                             'final.weight': [1, 8], 'final.bias': [1]}
+    assert shapes['mlp'] == {'mlp_user_embed.weight': [30, 16], 'mlp_item_embed.weight': [50, 16],
+                             'mlp.0.weight': [16, 32], 'mlp.0.bias': [16],
+                             'mlp.1.weight': [8, 16], 'mlp.1.bias': [8],
+                             'final.weight': [1, 8], 'final.bias': [1]}
+    assert shapes['mf'] == {'global_bias': [1], 'mf_user_embed.weight': [30, 8],
+                            'mf_item_embed.weight': [50, 8], 'user_bias.weight': [30, 1],
+                            'item_bias.weight': [50, 1]}
+
+
+def test_the_models_compute_what_they_are():
+    torch.manual_seed(0)
+    users, items = torch.tensor([0, 29, 3]), torch.tensor([49, 0, 7])
+    gmf = GMF(30, 50, 8, [32, 16, 8])
+    expected = (gmf.mf_user_embed.weight[users] * gmf.mf_item_embed.weight[items]) \
+        @ gmf.final.weight.t() + gmf.final.bias
+    assert torch.allclose(gmf(users, items), expected)
+    mf = MF(30, 50, 8, [32, 16, 8])
+    with torch.no_grad():  # biases start at zero: give them values to check
+        mf.user_bias.weight.normal_()
+        mf.item_bias.weight.normal_()
+        mf.global_bias.fill_(0.3)
+    expected = (mf.mf_user_embed.weight[users] * mf.mf_item_embed.weight[items]).sum(1) \
+        + mf.user_bias.weight[users, 0] + mf.item_bias.weight[items, 0] + 0.3
+    assert torch.allclose(mf(users, items).view(-1), expected)
+    assert mf.mf_user_embed.weight.std().item() == pytest.approx(MF_INIT_STD, rel=0.15)
+    mlp = MLP(30, 50, 8, [32, 16, 8], dropout=0.0)
+    x = torch.cat((mlp.mlp_user_embed.weight[users], mlp.mlp_item_embed.weight[items]), 1)
+    for layer in mlp.mlp:
+        x = torch.relu(layer(x))
+    assert torch.allclose(mlp(users, items), mlp.final(x))
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_every_item_scored_at_once_equals_the_pairs(name):
+    torch.manual_seed(0)
+    model = ModelShape(name, 8, [32, 16, 8], 0.5).build(40, 30).eval()
+    users = torch.arange(40)
+    with torch.no_grad():
+        every_item = model.all_item_scores(users)
+        pairs = model(users.repeat_interleave(30), torch.arange(30).repeat(40)).view(40, 30)
+        copy = model.inference_copy(torch.bfloat16)
+        assert copy(users, users % 30).dtype == torch.float32  # fp32 logits in bf16 scoring
+    assert torch.allclose(every_item, pairs, atol=1e-6)
+
+
+def test_a_neumf_from_pretrained_branches_mixes_their_logits_exactly():
+    """The NCF paper's start: before any step, in eval mode, NeuMF's logit is alpha times
+    GMF's plus (1 - alpha) times MLP's."""
+    torch.manual_seed(0)
+    gmf = GMF(30, 50, 8, [32, 16, 8]).eval()
+    mlp = MLP(30, 50, 8, [32, 16, 8], dropout=0.5).eval()
+    users, items = torch.arange(30).repeat_interleave(50), torch.arange(50).repeat(30)
+    for alpha in (0.5, 0.2, 1.0):
+        neumf = NeuMF(30, 50, 8, [32, 16, 8], dropout=0.5)
+        neumf.load_branches(gmf, mlp, alpha)
+        neumf.eval()
+        with torch.no_grad():
+            expected = alpha * gmf(users, items) + (1 - alpha) * mlp(users, items)
+            assert torch.allclose(neumf(users, items), expected, atol=1e-6)
+        assert torch.equal(neumf.mf_user_embed.weight, gmf.mf_user_embed.weight)
+        assert torch.equal(neumf.mlp[1].bias, mlp.mlp[1].bias)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_the_embedding_penalty_covers_the_rows_a_batch_uses(name):
+    torch.manual_seed(0)
+    model = ModelShape(name, 8, [32, 16, 8]).build(30, 50)
+    with torch.no_grad():  # MF's biases start at zero, where a penalty has no gradient
+        for parameter in model.parameters():
+            parameter.normal_()
+    users, items = torch.tensor([0, 0, 7]), torch.tensor([3, 4, 4])
+    expected = sum(table.weight[users if 'user' in key else items].pow(2).sum()
+                   for key, table in model.named_children()
+                   if isinstance(table, torch.nn.Embedding)) / 3
+    penalty = model.embedding_penalty(users, items)
+    assert torch.allclose(penalty, expected)
+    penalty.backward()
+    rows_used = {key: table.weight.grad.abs().sum(1).nonzero().flatten().tolist()
+                 for key, table in model.named_children()
+                 if isinstance(table, torch.nn.Embedding)}
+    assert all(rows == ([0, 7] if 'user' in key else [3, 4]) for key, rows in rows_used.items())
+
+
+def test_model_shapes_check_their_flags():
+    with pytest.raises(UsageError, match='--model must be one of'):
+        ModelShape('ncf')
+    assert ModelShape('gmf', 16, [64, 32]).record() == {'model': 'gmf', 'factors': 16}
+    assert ModelShape('mlp', 16, [64, 32], 0.1).record() == {'model': 'mlp', 'layers': [64, 32],
+                                                            'dropout': 0.1}
+    assert ModelShape('mf', 16).describe() == 'mf (factors 16)'

@@ -10,7 +10,7 @@ import ncf
 from conftest import SMALL, fails, flags
 from ncflib import runtime
 from ncflib.cli import UsageError
-from ncflib.models import NeuMF
+from ncflib.models import ModelShape, NeuMF
 
 CPU, CUDA = torch.device('cpu'), torch.device('cuda', 0)
 
@@ -43,33 +43,36 @@ def test_cpu_precision_is_the_faster_one_measured_once_and_remembered(seconds, e
     monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     measured = []
 
-    def measure(model_class, factors, layers):
-        measured.append((model_class.__name__, factors, layers))
+    def measure(impl, shape):
+        measured.append((impl, shape))
         return seconds
     monkeypatch.setattr(runtime, 'measure_cpu_precisions', measure)
-    precision, note = runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
-    assert precision == expected and measured == [('CpuFusedNeuMF', 8, [32, 16, 8])]
+    shape = ModelShape('neumf', 8, [32, 16, 8])
+    precision, note = runtime.cpu_precision_by_measurement('cpu_fused', shape)
+    assert precision == expected and measured == [('cpu_fused', shape)]
     other = 'bf16' if expected == 'fp32' else 'fp32'
     assert note == (f'precision auto: {expected}, the faster on this CPU (a training step of '
                     f'4096 samples {seconds[expected] * 1000:.1f} ms, '
                     f'{seconds[other] * 1000:.1f} ms in {other}; measured now)')
     remembered = tmp_path / 'ncf' / runtime.CPU_PRECISION_FILE
-    again = runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
+    again = runtime.cpu_precision_by_measurement('cpu_fused', shape)
     assert again[0] == expected and len(measured) == 1  # not measured again
     assert again[1].endswith(f'remembered in {remembered})')
-    # other layers, another implementation: measured anew; an unreadable file: likewise
-    runtime.cpu_precision_by_measurement('eager', 8, [32, 16, 8])
-    runtime.cpu_precision_by_measurement('cpu_fused', 8, [64, 32])
-    assert len(measured) == 3 and len(json.loads(remembered.read_text())) == 3
+    # other layers, another implementation, another model: measured anew; an unreadable file:
+    # likewise
+    runtime.cpu_precision_by_measurement('eager', shape)
+    runtime.cpu_precision_by_measurement('cpu_fused', ModelShape('neumf', 8, [64, 32]))
+    runtime.cpu_precision_by_measurement('cpu_fused', ModelShape('mf', 8, [32, 16, 8]))
+    assert len(measured) == 4 and len(json.loads(remembered.read_text())) == 4
     remembered.write_text('{torn')
-    runtime.cpu_precision_by_measurement('cpu_fused', 8, [32, 16, 8])
-    assert len(measured) == 4 and len(json.loads(remembered.read_text())) == 1
+    runtime.cpu_precision_by_measurement('cpu_fused', shape)
+    assert len(measured) == 5 and len(json.loads(remembered.read_text())) == 1
 
 
 def test_cpu_precision_measurement_runs_the_model():
     """The real measurement: both precisions timed, the global random state untouched."""
     state = torch.get_rng_state()
-    seconds = runtime.measure_cpu_precisions(runtime.model_class('cpu_fused'), 8, [32, 16, 8],
+    seconds = runtime.measure_cpu_precisions('cpu_fused', ModelShape('neumf', 8, [32, 16, 8]),
                                              rounds=1)
     assert set(seconds) == {'fp32', 'bf16'} and min(seconds.values()) > 0
     assert torch.equal(torch.get_rng_state(), state)
@@ -109,9 +112,9 @@ def test_implementation_auto_and_misuse(monkeypatch):
 
 
 def test_plan_of_a_cpu(monkeypatch, tmp_path):
-    plan = runtime.resolve(runtime.PlanOptions(device='cpu'), (8, [32, 16]),
-                           measure=lambda impl, factors, layers: ('bf16', f'{impl} {layers}'))
-    assert (plan.impl, plan.precision, plan.micro_batch, plan.fused_adam) == \
+    plan = runtime.resolve(runtime.PlanOptions(device='cpu'), ModelShape('neumf', 8, [32, 16]),
+                           measure=lambda impl, shape: ('bf16', f'{impl} {list(shape.layers)}'))
+    assert (plan.impl, plan.precision, plan.micro_batch, plan.fused_optimizer) == \
         ('cpu_fused', 'bf16', runtime.CPU_MICRO_BATCH, True)
     assert plan.eval_chunk == runtime.CPU_MICRO_BATCH and not plan.compiled
     assert not plan.compile_fallback and plan.device_memory is None
@@ -120,7 +123,7 @@ def test_plan_of_a_cpu(monkeypatch, tmp_path):
     assert plan.scoring_rows(1000, 1040) == runtime.CPU_MICRO_BATCH // 1000
     assert plan.scoring_rows(10 ** 6, 1040) == 1
     baseline = runtime.baseline(plan)
-    assert (baseline.impl, baseline.precision, baseline.micro_batch, baseline.fused_adam) == \
+    assert (baseline.impl, baseline.precision, baseline.micro_batch, baseline.fused_optimizer) == \
         ('eager', 'fp32', None, False)
     assert baseline.eval_chunk == 2 ** 20
     with pytest.raises(dataclasses.FrozenInstanceError):

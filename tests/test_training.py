@@ -22,9 +22,8 @@ def popularity_hr(data_dir, k=10):
     popularity = torch.bincount(dataset.train_items, minlength=dataset.n_items).double()
     candidates = torch.cat((dataset.test_items[:, None], dataset.test_negatives), dim=1)
     # Break ties against the positive, as the model's metric does.
-    hits, _ = evaluation.hits_and_ndcg(popularity[candidates],
-                                       evaluation.duplicate_mask(candidates), k)
-    return hits.item() / dataset.n_users
+    rank = evaluation.sampled_rank(popularity[candidates], evaluation.duplicate_mask(candidates))
+    return evaluation.rank_sums(rank, [k])[0].item() / dataset.n_users
 
 
 def test_training_beats_popularity_and_logs(tiny_data, tmp_path, capsys):
@@ -69,7 +68,7 @@ def test_micro_batches_of_any_size_give_the_same_update():
                                     test_negatives=None, n_users=40, n_items=31, metadata={})
     plan = dataclasses.replace(
         runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='eager')),
-        fused_adam=False)
+        fused_optimizer=False)
 
     def one_epoch(grads_accumulated, micro_batch):
         torch.manual_seed(0)
@@ -216,3 +215,58 @@ def test_training_that_diverges_stops_in_one_line_and_keeps_the_best(tiny_data, 
                           precision='fp32', learning_rate=1e30), capsys,
           'training diverged in epoch 0 (the training loss is nan')
     assert not (tmp_path / 'huge' / 'model.pth').exists()
+
+
+def popularity_full_hr(data_dir, k=10):
+    """HR@k of ranking all items by training popularity (no model), the training items of each
+    user left out, ties against the positive."""
+    dataset = dataloading.load_dataset(data_dir, torch.device('cpu'))
+    popularity = torch.bincount(dataset.train_items, minlength=dataset.n_items).double()
+    trained = torch.zeros(dataset.n_users, dataset.n_items, dtype=torch.bool)
+    trained[dataset.train_users, dataset.train_items] = True
+    rows = torch.arange(dataset.n_users)
+    competitors = ~trained
+    competitors[rows, dataset.test_items] = False
+    rank = ((popularity >= popularity[dataset.test_items][:, None]) & competitors).sum(1)
+    return evaluation.rank_sums(rank, [k])[0].item() / dataset.n_users
+
+
+@pytest.mark.parametrize('model', ['neumf', 'gmf', 'mlp', 'mf'])
+def test_each_model_beats_popularity_under_both_protocols(model, family, tiny_data):
+    directory, result = family[model]
+    sampled, full = popularity_hr(tiny_data), popularity_full_hr(tiny_data)
+    assert result['best_hr'] > sampled + 0.1, (result['hrs'], sampled)
+    tested = ncf.main(flags(tiny_data, mode='test', eval_mode='full', checkpoint_dir=directory,
+                            log_path=os.devnull, precision='fp32'))
+    assert tested['hr'] > full + 0.1, (tested['hr'], full)
+
+
+def test_sgd_and_the_penalties_change_the_run_as_they_should(tiny_data, tmp_path):
+    """--optimizer sgd is plain SGD; --embedding_l2 pulls the tables in, --weight_decay the
+    dense layers' weights, and decays nothing else."""
+    from ncflib.models import ModelShape
+
+    dataset = dataloading.load_dataset(tiny_data, torch.device('cpu'))
+    plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='eager'))
+    batches = dataloading.TrainBatches(dataset, plan, 2048, 4)
+    norms = {}
+    for name, settings in (('adam', {}), ('sgd', {'optimizer': 'sgd'}),
+                           ('l2', {'embedding_l2': 1.0}), ('decay', {'weight_decay': 1.0})):
+        torch.manual_seed(0)
+        model = plan.build_model(ModelShape('neumf', 8, [32, 16, 8], 0.0), dataset.n_users,
+                                 dataset.n_items)
+        trainer = Trainer(plan, model, batches, learning_rate=0.01, **settings)
+        assert type(trainer.optimizer).__name__ == ('SGD' if name == 'sgd' else 'Adam')
+        if name == 'decay':
+            decaying, others = trainer.optimizer.param_groups
+            assert decaying['weight_decay'] == 1.0 and others['weight_decay'] == 0
+            assert decaying['params'] == [layer.weight for layer in model.mlp] \
+                + [model.final.weight]
+        trainer.epoch(plan.generator(1))
+        norms[name] = (model.mf_user_embed.weight.norm().item(),
+                       model.mlp[0].weight.norm().item())
+    # Adam's normalised steps move the tables far more than SGD's at this learning rate
+    assert norms['sgd'][0] < norms['adam'][0]
+    # the L2 penalty shrinks the tables, weight decay the dense layers (and not the tables)
+    assert norms['l2'][0] < 0.5 * norms['adam'][0]
+    assert norms['decay'][1] < 0.7 * norms['adam'][1]
