@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download a MovieLens archive from GroupLens and check its published MD5.
 #
-#   ./download_dataset.sh DATASET RAW_DIR      DATASET: ml-20m | ml-1m | ml-100k
+#   ./download_dataset.sh DATASET RAW_DIR      DATASET: ml-20m | ml-25m | ml-32m | ml-10m | ml-1m | ml-100k
 #
 # Writes RAW_DIR/DATASET.zip, or nothing: a failed, mismatched or interrupted download (Ctrl-C,
 # SIGTERM) says so in one line and leaves no partial file; one left by a download killed outright
@@ -20,12 +20,19 @@ DATASET_NAME=$1
 RAW_DATADIR=$2
 BASE_URL=${NCF_DOWNLOAD_URL:-https://files.grouplens.org/datasets/movielens}
 
-# MD5 sums GroupLens publishes beside each archive (DATASET.zip.md5).
+# MD5 sums GroupLens publishes beside each archive (DATASET.zip.md5). Each is also pinned by
+# public code we checked them against (2026-11-30): ml-100k, ml-1m, ml-10m, ml-20m and ml-25m
+# by eli-osherovich/papers_with_code (arxiv_1912.09140/movielens_config.py); ml-32m by projects
+# that fetch files.grouplens.org/datasets/movielens/ml-32m.zip with pooch
+# (known_hash="md5:d472be33...") or quote ml-32m.zip.md5 in their download scripts.
 case ${DATASET_NAME} in
     ml-20m) MD5=cd245b17a1ae2cc31bb14903e1204af3 ;;
+    ml-25m) MD5=6b51fb2759a8657d3bfcbfc42b592ada ;;
+    ml-32m) MD5=d472be332d4daa821edc399621853b57 ;;
+    ml-10m) MD5=ce571fd55effeba0271552578f2648bd ;;
     ml-1m) MD5=c4d9eecfca2ab87c1945afe126590906 ;;
     ml-100k) MD5=0e33842e24a9c977be4e0107933c0723 ;;
-    *) fail "unsupported dataset ${DATASET_NAME} (ml-20m, ml-1m or ml-100k)" ;;
+    *) fail "unsupported dataset ${DATASET_NAME} (ml-20m, ml-25m, ml-32m, ml-10m, ml-1m or ml-100k)" ;;
 esac
 command -v curl > /dev/null || fail "curl is not installed; put ${DATASET_NAME}.zip in ${RAW_DATADIR}/ by hand and run again"
 

@@ -3,7 +3,8 @@
 #
 #   ./prepare_dataset.sh [DATASET] [RAW_DIR] [CACHE_DIR] [SYNTHETIC_OPTIONS...]
 #
-#   DATASET    ml-20m (default), ml-1m, ml-100k, or synthetic (built in, no download)
+#   DATASET    ml-20m (default), ml-25m, ml-32m, ml-10m, ml-1m, ml-100k, or synthetic (built in,
+#              no download)
 #   RAW_DIR    where DATASET.zip is kept or downloaded to (default ./data; the Docker image uses /data)
 #   CACHE_DIR  where the tensors go (default RAW_DIR/cache/DATASET)
 #   SYNTHETIC_OPTIONS  for synthetic only, passed to synthetic.py, e.g. for ML-20m's shape:
@@ -34,12 +35,15 @@ if [ -z "${PYTHON:-}" ]; then
     PYTHON=$(command -v python || command -v python3) || fail "no python found: set PYTHON"
 fi
 
+# The ratings file inside each archive: ML-20m's CSV layout for ml-25m and ml-32m, ML-1m's '::'
+# layout for ml-10m (convert.py tells them apart by their first line).
 case ${DATASET_NAME} in
-    ml-20m) MEMBER=ml-20m/ratings.csv ;;
+    ml-20m|ml-25m|ml-32m) MEMBER=${DATASET_NAME}/ratings.csv ;;
+    ml-10m) MEMBER=ml-10M100K/ratings.dat ;;
     ml-1m) MEMBER=ml-1m/ratings.dat ;;
     ml-100k) MEMBER=ml-100k/u.data ;;
     synthetic) MEMBER=synthetic/ratings.csv ;;
-    *) fail "unsupported dataset ${DATASET_NAME} (ml-20m, ml-1m, ml-100k or synthetic)" ;;
+    *) fail "unsupported dataset ${DATASET_NAME} (ml-20m, ml-25m, ml-32m, ml-10m, ml-1m, ml-100k or synthetic)" ;;
 esac
 if [ "${DATASET_NAME}" != synthetic ] && [ $# -gt 0 ]; then
     fail "options after CACHE_DIR are for the synthetic dataset only: $*"

@@ -123,6 +123,47 @@ def test_prepare_extracts_and_converts_again_when_the_zip_changes(tmp_path):
     assert 'no ' in fourth.stdout and 'Using cached preprocessed data' in fourth.stdout
 
 
+# Each newer preset: the archive's member, and how its ratings are laid out there.
+PRESETS = {'ml-25m': ('ml-25m/ratings.csv', 'ml-20m'), 'ml-32m': ('ml-32m/ratings.csv', 'ml-20m'),
+           'ml-10m': ('ml-10M100K/ratings.dat', 'ml-1m')}
+
+
+def ratings_text(layout, seed=3):
+    user, item, rating, timestamp = synthetic.generate(users=300, items=200, rows=9000,
+                                                       groups=4, seed=seed)
+    rows = zip(user, item, rating, timestamp)
+    if layout == 'ml-1m':  # '::'-separated, no header, as ML-1m's and ML-10m's ratings.dat
+        return ''.join(f'{u}::{i}::{r}::{t}\n' for u, i, r, t in rows)
+    return 'userId,movieId,rating,timestamp\n' + ''.join(f'{u},{i},{r},{t}\n'
+                                                         for u, i, r, t in rows)
+
+
+@pytest.mark.parametrize('dataset', sorted(PRESETS))
+def test_each_newer_preset_extracts_its_ratings_and_converts_them(dataset, tmp_path):
+    """A small zip of the preset's layout, put there by hand (offline), prepares as the real
+    one would: its member extracted, read in its format, the same split as any other file."""
+    member, layout = PRESETS[dataset]
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    text = ratings_text(layout)
+    with zipfile.ZipFile(raw / f'{dataset}.zip', 'w') as archive:
+        archive.writestr(member, text)
+        archive.writestr(f'{member.split("/")[0]}/README.txt', 'not ratings')
+    completed = prepare(dataset, str(raw), cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert f'Extracting {member}' in completed.stdout
+    metadata = json.loads((raw / 'cache' / dataset / 'metadata.json').read_text())
+    assert metadata['source_format'] == layout
+    assert metadata['source_sha256'] == hashlib.sha256(text.encode()).hexdigest()
+    assert (metadata['n_users'], metadata['n_train'] + metadata['n_test']) == (300, 9000)
+    assert f'Dataset {dataset} prepared at' in completed.stdout
+    # without the zip, the download is tried from GroupLens's place for this preset
+    os.remove(raw / f'{dataset}.zip')
+    shutil.rmtree(raw / member.split('/')[0])
+    failed = prepare(dataset, str(raw), cwd=tmp_path)
+    assert_one_line_error(failed, f'http://127.0.0.1:9/{dataset}.zip', 'by hand')
+
+
 @pytest.mark.parametrize('n_train, flags', [(19_861_507, ''),
                                             (99_057, ' -b 4096 -l 0.002 -b1 0.9 -b2 0.999'),
                                             (2_900, ' -b 512 -l 0.002 -b1 0.9 -b2 0.999')])
@@ -266,7 +307,7 @@ def test_prepare_help():
         assert completed.stdout.startswith('Prepare a dataset for ncf.py')
         assert './prepare_dataset.sh [DATASET] [RAW_DIR] [CACHE_DIR]' in completed.stdout
     completed = run(command('download_dataset.sh', '--help'))
-    assert completed.returncode == 0 and 'DATASET: ml-20m | ml-1m | ml-100k' in completed.stdout
+    assert completed.returncode == 0 and 'DATASET: ml-20m | ml-25m | ml-32m | ml-10m | ml-1m | ml-100k' in completed.stdout
 
 
 @pytest.fixture(scope='module')
