@@ -15,6 +15,7 @@ Deterministic for a seed; vectorised, so ML-20m's shape (20M rows) takes seconds
 import os
 import sys
 
+from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS
 from ncflib.cli import ArgumentParser, UsageError, check_output_file, import_held, run_main
 from ncflib.files import atomic_write
 
@@ -29,6 +30,15 @@ UNIFORM_REDRAWS = 50
 MIN_ROWS_PER_USER = 20  # as MovieLens: every user has rated at least 20 movies
 FIRST_TIMESTAMP = 789_652_009  # ML-20m's first and last rating times (1995-01-09, 2015-03-31)
 LAST_TIMESTAMP = 1_427_784_002
+
+# MovieLens shapes (users, items, rows) that the benchmarks generate: ML-1m's and ML-20m's
+# after the reference's split, ML-32m's from GroupLens's description (200,948 users, 87,585
+# movies, 32,000,204 ratings).
+SHAPES = {
+    'ml-1m': (6_040, 3_706, 1_000_000),
+    'ml-20m': (ML_20M_USERS, ML_20M_ITEMS, 20_000_000),
+    'ml-32m': (200_948, 87_585, 32_000_000),
+}
 
 # The CSV layouts convert.py reads: ML-20m's header, or the generic one.
 LAYOUTS = {

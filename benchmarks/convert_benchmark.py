@@ -1,18 +1,19 @@
-"""Time convert.py on an ML-20m-sized ratings file: wall time and peak resident memory.
+"""Time convert.py on a MovieLens-sized ratings file: wall time and peak resident memory.
 
-    python benchmarks/convert_benchmark.py                   # generates the file (ML-20m's shape)
+    python benchmarks/convert_benchmark.py                    # generates the file (ML-20m's shape)
+    python benchmarks/convert_benchmark.py --shape ml-32m     # ML-32m's
     python benchmarks/convert_benchmark.py --path ratings.csv  # or times a file you have
 
-The file has ML-20m's header and shape (20M rows, 138,493 users, 26,744 items, no repeated
-pair), from synthetic.py. Each run is a fresh `python convert.py` process, as a user runs it,
-import time included; its peak RSS comes from the kernel's accounting of the child. The last
-line is JSON.
+The generated file has ML-20m's header and the shape asked for (synthetic.SHAPES: ml-20m, 20M
+rows, 138,493 users, 26,744 items; ml-32m, 32M rows, 200,948 users, 87,585 items; no repeated
+pair), from synthetic.py. Each run is a fresh `python convert.py` process, as a user runs it, import time
+included; its peak RSS is the kernel's accounting of that process alone (wait4). The last line
+is JSON.
 """
 import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -21,16 +22,17 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from ncflib.cache import METADATA_FILE, ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
+import synthetic  # noqa: E402
+from ncflib.cache import METADATA_FILE  # noqa: E402
 from ncflib.runtime import cpu_name  # noqa: E402
-
-ML20M_SHAPE = dict(users=ML_20M_USERS, items=ML_20M_ITEMS, rows=20_000_000)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--path', help='ratings file to convert (default: generate one)')
+    parser.add_argument('--shape', choices=sorted(synthetic.SHAPES), default='ml-20m',
+                        help='of the generated file')
     parser.add_argument('--repeat', type=int, default=3, help='runs; the median is reported')
     parser.add_argument('--workdir', default=None, help='where to put the generated file and cache')
     args = parser.parse_args()
@@ -38,25 +40,26 @@ def main():
     workdir = args.workdir or tempfile.mkdtemp(prefix='convert-benchmark-')
     path = args.path
     if path is None:
-        path = os.path.join(workdir, 'ratings.csv')
+        path = os.path.join(workdir, f'ratings-{args.shape}.csv')
         if not os.path.exists(path):
-            print(f'Generating an ML-20m-shaped file at {path} ...', file=sys.stderr)
+            users, items, rows = synthetic.SHAPES[args.shape]
+            print(f'Generating an {args.shape}-shaped file at {path} ...', file=sys.stderr)
             subprocess.run([sys.executable, os.path.join(ROOT, 'synthetic.py'), '--output', path,
-                            '--layout', 'ml-20m', '--users', str(ML20M_SHAPE['users']),
-                            '--items', str(ML20M_SHAPE['items']),
-                            '--rows', str(ML20M_SHAPE['rows'])], check=True)
+                            '--layout', 'ml-20m', '--users', str(users), '--items', str(items),
+                            '--rows', str(rows)], check=True)
 
     walls, peaks = [], []
     for run in range(args.repeat):
         output = os.path.join(workdir, f'cache{run}')
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        subprocess.run([sys.executable, os.path.join(ROOT, 'convert.py'), '--path', path,
-                        '--output', output], check=True)
+        child = subprocess.Popen([sys.executable, os.path.join(ROOT, 'convert.py'), '--path',
+                                  path, '--output', output])
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
         walls.append(time.perf_counter() - start)
-        # ru_maxrss of children is the largest of any child so far (kB on Linux): the runs are
-        # alike, so the largest is this run's unless an earlier one was larger.
-        peaks.append(max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1e6)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            sys.exit(f'convert.py failed (exit status {child.returncode})')
+        peaks.append(usage.ru_maxrss / 1e6)  # kB on Linux
         print(f'run {run + 1}: {walls[-1]:.2f} s wall, peak RSS {peaks[-1]:.2f} GB',
               file=sys.stderr)
         with open(os.path.join(output, METADATA_FILE)) as file:

@@ -13,6 +13,8 @@
 #   bash benchmarks/gpu_check.sh serve     --mode recommend for every user, --eval_mode full,
 #                                          inference.py default beside --plain fp16, and with two
 #                                          GPUs the 2-process launch
+#   bash benchmarks/gpu_check.sh memory    gpu_memory.py --measure at ML-32m's and ML-20m's shapes:
+#                                          the peak memory of each part beside the computed one
 #   bash benchmarks/gpu_check.sh summary   OUT/summary.json: every figure, and the ones not taken
 #
 # OUT (default ./gpu-check) collects what each step printed; WORK (default /tmp/ncf-gpu) holds
@@ -89,6 +91,11 @@ serve)
             ncf.py --data "${DATA}" -e 2 --checkpoint_dir "${WORK}/two_gpus"
     fi
     ;;
+memory)
+    for shape in ml-32m ml-20m; do
+        step "memory_${shape}" 150 python benchmarks/gpu_memory.py --shape "${shape}" --measure
+    done
+    ;;
 summary)
     python - "${OUT}" <<'PY'
 import json, os, re, sys
@@ -135,6 +142,10 @@ figures = {
     'inference_plain_fp16': inference(read('inference_plain')),
     'two_gpus_hr': hrs(read('two_gpus')),
 }
+for shape in ('ml-32m', 'ml-20m'):
+    lines = [line for line in read(f'memory_{shape}').splitlines() if line.startswith('{')]
+    figures[f'memory_{shape}_measured_gib'] = (json.loads(lines[-1]).get('measured_peak_gib')
+                                               if lines else None)
 if figures['train_compile_samples_per_s'] and figures['train_baseline_fp16_samples_per_s']:
     for impl in ('compile', 'fused'):
         if figures[f'train_{impl}_samples_per_s']:

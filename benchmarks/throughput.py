@@ -1,6 +1,7 @@
 """Training and evaluation samples/s, one row per knob of the runtime plan, all in one run.
 
     python benchmarks/throughput.py                       # GPU: ML-20m's shape; CPU: ML-1m's
+    python benchmarks/throughput.py --shape ml-32m        # today's largest MovieLens
     python benchmarks/throughput.py --device cpu --batch_size 65536
     python benchmarks/throughput.py --data data/cache/ml-20m
 
@@ -35,7 +36,7 @@ import convert  # noqa: E402
 import dataloading  # noqa: E402
 import synthetic  # noqa: E402
 from ncflib import models, runtime  # noqa: E402
-from ncflib.cache import METADATA_FILE, ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
+from ncflib.cache import METADATA_FILE  # noqa: E402
 from ncflib.evaluation import Evaluation  # noqa: E402
 from ncflib.recipe import (DEFAULT_BETAS, DEFAULT_LEARNING_RATE,  # noqa: E402
                            DEFAULT_NEGATIVE_SAMPLES)
@@ -45,16 +46,12 @@ from ncflib.training import Trainer  # noqa: E402
 # default's own.
 OTHER_PRECISION = {'cpu': {'fp32': 'bf16', 'bf16': 'fp32'},
                    'cuda': {'bf16': 'fp16', 'fp16': 'bf16', 'fp32': 'bf16', 'tf32': 'bf16'}}
-SHAPES = {  # (users, items, rows) of the generated data
-    'ml-20m': (ML_20M_USERS, ML_20M_ITEMS, 20_000_000),
-    'ml-1m': (6_040, 3_706, 1_000_000),
-}
 
 
 def prepare_data(args, shape):
     if args.data:
         return args.data
-    users, items, rows = SHAPES[shape]
+    users, items, rows = synthetic.SHAPES[shape]
     directory = os.path.join(args.workdir, f'synthetic-{shape}')
     cache = os.path.join(directory, 'cache')
     if not os.path.exists(os.path.join(cache, METADATA_FILE)):
@@ -72,7 +69,7 @@ def rows_of(default):
     plan = runtime.baseline(default)
     rows = [(f'baseline: eager {plan.precision}', plan)]
     for knob, value, name in (('precision', default.precision, default.precision),
-                              ('fused_adam', default.fused_adam, 'fused Adam'),
+                              ('fused_optimizer', default.fused_optimizer, 'fused Adam'),
                               ('micro_batch', default.micro_batch,
                                f'micro-batches of {default.micro_batch}')):
         if getattr(plan, knob) != value:
@@ -94,8 +91,8 @@ def time_row(name, plan, dataset, args):
     runtime.reset_peak_memory(plan.device)
     torch.manual_seed(args.seed)
     start = plan.time()
-    model = plan.build_model(dataset.n_users, dataset.n_items, args.factors, args.layers,
-                             args.dropout).to(plan.device)
+    model = plan.build_model(args.model_shape, dataset.n_users,
+                             dataset.n_items).to(plan.device)
     batches = dataloading.TrainBatches(dataset, plan, args.batch_size, args.negative_samples)
     trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2))
     generator = plan.generator(args.seed)
@@ -124,13 +121,13 @@ def time_row(name, plan, dataset, args):
     evaluation.warm_up()
     evaluation()  # warm-up
     begin = plan.time()
-    hr, _, _ = evaluation()
+    hr = evaluation().hr
     eval_time = plan.time() - begin
     figures = {
         'row': name,
         'impl': plan.impl,
         'precision': plan.precision,
-        'fused_adam': plan.fused_adam,
+        'fused_optimizer': plan.fused_optimizer,
         'micro_batch': plan.micro_batch,
         'step_ms': step_time * 1000,
         'train_step_samples_per_s': args.batch_size / step_time,
@@ -154,7 +151,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument('--data', help='a cache to use (None: generate synthetic data)')
-    parser.add_argument('--shape', choices=sorted(SHAPES),
+    parser.add_argument('--shape', choices=sorted(synthetic.SHAPES),
                         help='generated data shape (None: ml-20m on CUDA, ml-1m on a CPU)')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
     parser.add_argument('--batch_size', type=int, default=None,
@@ -162,6 +159,7 @@ def parse_args(argv=None):
     parser.add_argument('--steps', type=int, default=10, help='timed training steps')
     parser.add_argument('--impl', action='append', choices=runtime.IMPLEMENTATIONS[1:],
                         help='time only these implementations after the knob rows (repeatable)')
+    parser.add_argument('--model', choices=models.MODELS, default=models.DEFAULT_MODEL)
     parser.add_argument('-f', '--factors', type=int, default=models.DEFAULT_FACTORS)
     parser.add_argument('--layers', nargs='+', type=int, default=list(models.DEFAULT_LAYERS))
     parser.add_argument('--dropout', type=float, default=models.DEFAULT_DROPOUT)
@@ -177,8 +175,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
 
-    default = runtime.resolve(runtime.PlanOptions(device=args.device),
-                              (args.factors, args.layers))
+    args.model_shape = models.ModelShape(args.model, args.factors, args.layers, args.dropout)
+    default = runtime.resolve(runtime.PlanOptions(device=args.device), args.model_shape)
     on_cuda = default.device.type == 'cuda'
     args.batch_size = args.batch_size or (2 ** 20 if on_cuda else 2 ** 16)
     data = prepare_data(args, args.shape or ('ml-20m' if on_cuda else 'ml-1m'))
