@@ -477,12 +477,6 @@ def convert(args, progress=None):
     now = stage(f'drew {args.valid_negative} test negatives per user '
                 f'({args.test_negative_sampling})', now)
     metadata = {
-        'version': CACHE_VERSION,
-        'n_users': result['n_users'],
-        'n_items': result['n_items'],
-        'n_train': len(result['train_users']),
-        'n_test': len(result['test_users']),
-        'valid_negative': args.valid_negative,
         'split': 'recipe',
         'test_negative_sampling': args.test_negative_sampling,
         'min_ratings': args.min_ratings,
@@ -509,12 +503,6 @@ def convert_paper_files(args, prefix, progress, start):
                 f'{result["n_items"]:,} items, {len(result["train_users"]):,} training rows, '
                 f'{negatives.shape[1]} test negatives per user', start)
     metadata = {
-        'version': CACHE_VERSION,
-        'n_users': result['n_users'],
-        'n_items': result['n_items'],
-        'n_train': len(result['train_users']),
-        'n_test': len(result['test_users']),
-        'valid_negative': negatives.shape[1],
         'split': 'given',
         'test_negative_sampling': 'given',
         'min_ratings': None,
@@ -530,7 +518,12 @@ def convert_paper_files(args, prefix, progress, start):
 
 
 def write(output, result, test_negatives, metadata, progress, now, start):
-    """write_cache, with its failures in one line, and the closing lines."""
+    """write_cache, with the counts in front of `metadata` (what the split did), its failures in
+    one line, and the closing lines."""
+    metadata = {'version': CACHE_VERSION, 'n_users': result['n_users'],
+                'n_items': result['n_items'], 'n_train': len(result['train_users']),
+                'n_test': len(result['test_users']), 'valid_negative': test_negatives.shape[1],
+                **metadata}
     try:
         write_cache(output, result, test_negatives, metadata, progress)
     except OSError as error:

@@ -6,9 +6,9 @@
 
 The generated file has ML-20m's header and the shape asked for (synthetic.SHAPES: ml-20m, 20M
 rows, 138,493 users, 26,744 items; ml-32m, 32M rows, 200,948 users, 87,585 items; no repeated
-pair), from synthetic.py. Each run is a fresh `python convert.py` process, as a user runs it, import time
-included; its peak RSS is the kernel's accounting of that process alone (wait4). The last line
-is JSON.
+pair), from synthetic.py. Each run is a fresh `python convert.py` process, as a user runs it,
+import time included; its peak RSS is the kernel's accounting of that process alone (wait4).
+The last line is JSON.
 """
 import argparse
 import json

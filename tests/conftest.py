@@ -341,3 +341,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'cuda' in item.keywords:
             item.add_marker(skip)
+
+
+# A python that runs a script as python does, but holds convert.py for a minute once it has staged
+# its first file (printing "[test] staged PATH"): a signal sent then arrives mid-write, on any
+# machine's speed.
+HOLDING_PYTHON = '''
+import os, runpy, sys, time
+if sys.argv[1].endswith('convert.py'):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
+    from ncflib import files
+    write = files.FileSet.write
+    def held_write(self, path, function):
+        write(self, path, function)
+        print('[test] staged ' + path, file=sys.stderr, flush=True)
+        time.sleep(60)
+    files.FileSet.write = held_write
+if sys.argv[1] == '-c':
+    code, sys.argv = sys.argv[2], ['-c'] + sys.argv[3:]
+    exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})
+else:
+    sys.argv = sys.argv[1:]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as python does
+    runpy.run_path(sys.argv[0], run_name='__main__')
+'''

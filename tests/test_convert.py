@@ -15,8 +15,8 @@ import torch
 import convert
 import dataloading
 import synthetic
-from conftest import (PYTHON, ROOT, assert_one_line_error, fails, private_mounts, read_only,
-                      run_script, snapshot, wait_for_handlers)
+from conftest import (HOLDING_PYTHON, PYTHON, ROOT, assert_one_line_error, fails, private_mounts,
+                      read_only, run_script, snapshot, wait_for_handlers)
 from ncflib import files
 from ncflib.cache import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE,
                           TRAIN_FILE, USER_IDS_FILE)
@@ -537,29 +537,15 @@ def test_convert_full_disk_keeps_the_previous_cache(small, old_cache, tmp_path):
         f'convert.py: error: cannot write {cache}/')
 
 
-HOLD_WHILE_STAGING = '''
-import runpy, sys, time
-sys.path.insert(0, sys.argv[1])
-from ncflib import files
-write = files.FileSet.write
-def held_write(self, path, function):
-    write(self, path, function)
-    print('[test] staged ' + path, file=sys.stderr, flush=True)
-    time.sleep(60)
-files.FileSet.write = held_write
-sys.argv = sys.argv[2:]
-runpy.run_path(sys.argv[0], run_name='__main__')
-'''
-
-
 @pytest.mark.parametrize('signum, when', [(signal.SIGINT, 'reading'),
                                           (signal.SIGTERM, 'staging')])
 def test_convert_interrupted_keeps_the_previous_cache(signum, when, small, old_cache, tmp_path):
-    before = snapshot(tmp_path)
     arguments = [os.path.join(ROOT, 'convert.py'), '--path', small['b'], '--output', old_cache,
                  '--valid_negative', '50']
     if when == 'staging':
-        arguments = ['-c', HOLD_WHILE_STAGING, ROOT] + arguments
+        (tmp_path / 'holding.py').write_text(HOLDING_PYTHON)
+        arguments = [str(tmp_path / 'holding.py')] + arguments
+    before = snapshot(tmp_path)
     process = subprocess.Popen([PYTHON, *arguments], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     if when == 'staging':
         for line in process.stderr:

@@ -17,7 +17,8 @@ import pytest
 
 import convert
 import synthetic
-from conftest import PYTHON, ROOT, assert_one_line_error, read_only, run_script, snapshot
+from conftest import (HOLDING_PYTHON, PYTHON, ROOT, assert_one_line_error, read_only,
+                      run_script, snapshot)
 
 
 def prepare(*arguments, cwd):
@@ -307,7 +308,8 @@ def test_prepare_help():
         assert completed.stdout.startswith('Prepare a dataset for ncf.py')
         assert './prepare_dataset.sh [DATASET] [RAW_DIR] [CACHE_DIR]' in completed.stdout
     completed = run(command('download_dataset.sh', '--help'))
-    assert completed.returncode == 0 and 'DATASET: ml-20m | ml-25m | ml-32m | ml-10m | ml-1m | ml-100k' in completed.stdout
+    assert completed.returncode == 0
+    assert 'DATASET: ml-20m | ml-25m | ml-32m | ml-10m | ml-1m | ml-100k' in completed.stdout
 
 
 @pytest.fixture(scope='module')
@@ -321,27 +323,6 @@ def small(tmp_path_factory):
                                                             groups=4, seed=seed))
     convert.main(['--path', paths['b'], '--output', paths['cache'], '--valid_negative', '50'])
     return paths
-
-
-HOLDING_PYTHON = '''
-import os, runpy, sys, time
-if sys.argv[1].endswith('convert.py'):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))
-    from ncflib import files
-    write = files.FileSet.write
-    def held_write(self, path, function):
-        write(self, path, function)
-        print('[test] staged ' + path, file=sys.stderr, flush=True)
-        time.sleep(60)
-    files.FileSet.write = held_write
-if sys.argv[1] == '-c':
-    code, sys.argv = sys.argv[2], ['-c'] + sys.argv[3:]
-    exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})
-else:
-    sys.argv = sys.argv[1:]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))  # as python does
-    runpy.run_path(sys.argv[0], run_name='__main__')
-'''
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
