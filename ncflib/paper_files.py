@@ -97,10 +97,10 @@ def read(prefix):
     n_items = int(items.max()) + 1
 
     fields = _fields(negative_path)
-    columns = _read(negative_path, fields, first_as_text=True)
-    pairs, negatives = columns[0], np.stack(columns[1:], axis=1) if fields > 1 else None
-    if negatives is None:
+    if fields < 2:
         raise UsageError(f'{negative_path} lists no negatives after its (user,item)')
+    columns = _read(negative_path, fields, first_as_text=True)
+    pairs, negatives = columns[0], np.stack(columns[1:], axis=1)
     try:  # '(12,345)': the user and the test item of the line
         pair = np.array([text.strip('()').split(',') for text in pairs.tolist()], dtype=np.int64)
     except ValueError:
