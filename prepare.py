@@ -16,7 +16,8 @@ import sys
 import zipfile
 
 from ncflib.cache import CACHE_VERSION, METADATA_FILE, MIN_RATINGS, SEED, VALID_NEGATIVE
-from ncflib.cli import UsageError, check_output_file, check_writable_directory, run_main
+from ncflib.cli import (UsageError, check_output_file, check_writable_directory,
+                        handle_signals_early, import_held, run_main)
 from ncflib.files import atomic_write, remember_sha256, remembered_sha256
 from ncflib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVE_SAMPLES
 
@@ -93,12 +94,29 @@ def decide(ratings, cache):
               metadata.get('seed')) != (MIN_RATINGS, VALID_NEGATIVE, SEED):
             reason = 'the cache was converted with other options'
         else:
-            print(f'Using cached preprocessed data in {cache} (converted from {ratings}, '
-                  f'sha256 {digest[:16]}...)')
-            return 0
+            reason = proof_failure(cache)
+            if reason is None:
+                print(f'Using cached preprocessed data in {cache} (converted from {ratings}, '
+                      f'sha256 {digest[:16]}...)')
+                return 0
     check_writable_directory(cache, 'CACHE_DIR')
     print(f'Preprocessing {ratings} into {cache} ({reason})')
     return CONVERT
+
+
+def proof_failure(cache):
+    """Why the cache in `cache` does not prove its content as ncf.py checks it (its tensors'
+    digests, counts, ids and fingerprint), or None: a cache changed since convert.py wrote it
+    is converted again, not reused for ncf.py to refuse."""
+    import_held('torch', 'dataloading')
+    import torch
+
+    import dataloading
+    try:
+        dataloading.load_dataset(cache, torch.device('cpu'), log=lambda *_: None)
+    except UsageError as error:
+        return f'it has changed since convert.py wrote it ({error})'
+    return None
 
 
 def command(cache):
@@ -132,4 +150,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    handle_signals_early(PROGRAM)  # a signal after the work, too, is one line
     main()

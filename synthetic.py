@@ -16,7 +16,8 @@ import os
 import sys
 
 from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS
-from ncflib.cli import ArgumentParser, UsageError, check_output_file, import_held, run_main
+from ncflib.cli import (ArgumentParser, UsageError, check_output_file, handle_signals_early,
+                        import_held, run_main)
 from ncflib.files import atomic_write
 
 # Defaults: small enough that the Quick start trains on it in about a minute on a CPU.
@@ -196,4 +197,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    handle_signals_early('synthetic.py')  # a signal after the work, too, is one line
     main()

@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 
@@ -33,6 +34,35 @@ def first_line(error, limit=400):
     if not lines:
         return type(error).__name__
     return lines[0] if len(lines[0]) <= limit else lines[0][:limit - 3] + '...'
+
+
+def printable(text):
+    """`text` with every character a terminal would not show as it is (NUL, escape, a line
+    break...) written as its escape sequence: a message quoting a file's bytes stays one
+    readable line."""
+    return ''.join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def excerpt(text, limit=60):
+    """A piece of a file, for a one-line message: escaped as repr writes it (no control
+    character or line break of the file reaches the terminal), quoted, cut to `limit`
+    characters."""
+    if isinstance(text, bytes):
+        text = text.decode('utf-8', errors='replace')
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[:limit - 3] + '...'
+
+
+def arrow_reason(error):
+    """An error of Arrow's CSV reader in one line, the piece of the file it quotes (a row, a
+    value) shown as `excerpt` shows it."""
+    message = str(error)
+    for pattern in (r'(.*Expected \d+ columns, got \d+: )(.*)', r"(.*invalid value )'(.*)'"):
+        match = re.fullmatch(pattern, message, re.DOTALL)
+        if match:
+            return match[1] + excerpt(match[2])
+    shown = printable(message)
+    return shown if len(shown) <= 200 else shown[:197] + '...'
 
 
 def out_of_memory(error):
@@ -111,6 +141,31 @@ def deferred_signals():
             _on_signal(pending, None)
 
 
+@contextlib.contextmanager
+def child_process(command, **popen):
+    """subprocess.Popen(command), as a child that never outlives this process's run_main: a
+    Ctrl-C, SIGTERM or SIGHUP that stops this process while the block runs is passed on to the
+    child, and the block's exception waits until the child has stopped (it says its own line
+    and keeps what it keeps); any other exception kills it. A Ctrl-C at a terminal reaches both
+    at once: the child takes the one passed on as part of the first (run_main ignores more
+    while it unwinds)."""
+    child = None
+    try:
+        with deferred_signals():  # started and in hand, or not started at all
+            child = subprocess.Popen(command, **popen)
+        yield child
+    except (KeyboardInterrupt, Terminated) as stop:
+        if child is not None:
+            child.send_signal(getattr(stop, 'signum', signal.SIGINT))  # none if it has ended
+            child.wait()
+        raise
+    except BaseException:
+        if child is not None:
+            child.kill()
+            child.wait()
+        raise
+
+
 def import_held(*names):
     """Import the modules `names` with Ctrl-C and SIGTERM held until they have loaded (see
     `deferred_signals`): an extension module interrupted while it loads fails with an unrelated
@@ -123,11 +178,13 @@ def import_held(*names):
 
 
 def _on_early_signal(signum, frame):
-    """Ctrl-C or SIGTERM before run_main runs (while torch imports, say): nothing has been
-    written yet, so the line is all there is to do, at once (an import interrupted half-way
-    leaves nothing worth unwinding)."""
-    print(f'{_speaker["program"]}: interrupted: nothing was written', file=sys.stderr,
-          flush=True)
+    """Ctrl-C or SIGTERM outside run_main: before it (while torch imports, say), when nothing
+    has been written yet, or after it, when what it kept is whole: the line is all there is to
+    do, at once (an import interrupted half-way leaves nothing worth unwinding)."""
+    if not _speaker['quiet']:
+        print(f'{_speaker["program"]}: interrupted: '
+              f'{printable(_speaker["kept"] or "nothing was written")}', file=sys.stderr,
+              flush=True)
     os._exit(128 + signum)
 
 
@@ -158,11 +215,9 @@ def _signal_handlers():
                 continue
             current = signal.getsignal(number)
             if current in (signal.SIG_DFL, signal.default_int_handler, _on_early_signal):
-                # once run_main is done, the default handling (the early line would say that
-                # nothing was written)
-                installed[number] = (current if current is not _on_early_signal
-                                     else signal.default_int_handler if number == signal.SIGINT
-                                     else signal.SIG_DFL)
+                # once run_main is done, the handling it found: a script's early handler then
+                # says what the run kept (_speaker's 'kept')
+                installed[number] = current
                 signal.signal(number, _on_signal)
     try:
         yield
@@ -196,16 +251,18 @@ def _describe(kept):
         return ''
 
 
-# Who speaks while run_main runs: the program's name, and whether this process is quiet (the
-# ranks of a distributed run other than 0).
-_speaker = {'program': os.path.basename(sys.argv[0]) or 'ncf', 'quiet': False}
+# Who speaks while run_main runs: the program's name, whether this process is quiet (the ranks
+# of a distributed run other than 0), and, once run_main has returned, what the run kept (for
+# the line of a signal that arrives as the program ends).
+_speaker = {'program': os.path.basename(sys.argv[0]) or 'ncf', 'quiet': False, 'kept': None}
 
 
 def warn(message):
     """One line on stderr, `program: warning: message`: something the user should know that
     does not stop the run. Silent on the quiet ranks of a distributed run."""
     if not _speaker['quiet']:
-        print(f'{_speaker["program"]}: warning: {message}', file=sys.stderr, flush=True)
+        print(f'{_speaker["program"]}: warning: {printable(message)}', file=sys.stderr,
+              flush=True)
 
 
 def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
@@ -232,17 +289,20 @@ def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
     """
     def say(line):
         if not quiet:
-            print(f'{program}: {line}', file=sys.stderr)
+            print(f'{program}: {printable(line)}', file=sys.stderr)
 
     def interrupted(error):
         said = _describe(kept)
         say(f'interrupted{": " + said if said else ""}')
         sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
 
-    _speaker.update(program=program, quiet=quiet)
+    _speaker.update(program=program, quiet=quiet, kept=None)
     try:
         with _signal_handlers():
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
+            # a signal from here until the process ends says what the finished run left
+            _speaker['kept'] = _describe(kept)
+            return result
     except UsageError as error:
         say(f'error: {error}')
         sys.exit(1)
@@ -326,3 +386,40 @@ def check_log_file(path, flag=None):
             raise UsageError(f'{_label(flag, path)} is read-only')
         return
     check_output_file(path, flag)
+
+
+def _inside(path, directory):
+    """Whether `path` lies under `directory` (both as they will be: links resolved)."""
+    path, directory = os.path.realpath(path), os.path.realpath(directory)
+    return path != directory and os.path.commonpath((path, directory)) == directory
+
+
+def check_paths_apart(reads, writes, directories=()):
+    """Raise UsageError unless every file a run writes is apart from everything else it uses:
+    not a file it reads, not another file it writes, not one of the directories it writes
+    into, and not under a file it writes (nor is any of those directories).
+
+    reads, writes, directories: (path, what it is for the message: "--log_path X",
+    "--checkpoint_dir's model.pth") pairs, or {path: what}; directories: those the run writes
+    into (made where missing). A file a run reads and replaces on purpose (--resume's
+    last.pth) is among the writes only.
+    """
+    reads, writes, directories = (list(paths.items()) if isinstance(paths, dict) else
+                                  list(paths) for paths in (reads, writes, directories))
+    for index, (path, what) in enumerate(writes):
+        for directory, directory_what in directories:
+            if same_file(path, directory):
+                raise UsageError(f'{what} is {directory_what}, a directory this run writes '
+                                 'into; give a file there instead')
+        for other, other_what in reads:
+            if same_file(path, other):
+                raise UsageError(f'{what} is {other_what}, which this run reads: it would be '
+                                 'overwritten; write it elsewhere')
+        for other, other_what in writes[index + 1:]:
+            if same_file(path, other):
+                raise UsageError(f'{what} is {other_what}, which this run writes too: one '
+                                 'would replace the other; write it elsewhere')
+        for other, other_what in writes[:index] + writes[index + 1:] + directories:
+            if _inside(other, path):
+                raise UsageError(f'{other_what} would be inside {what}, a file this run '
+                                 'writes; write them apart')
