@@ -38,8 +38,9 @@ from ncflib.cache import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FI
                           SEED, TEST_FILE, TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE,
                           TRAIN_FILE, USER_IDS_FILE, VALID_NEGATIVE, fingerprint, split_sha256,
                           tensor_sha256)
-from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, check_writable_directory,
-                        deferred_signals, disk_full_error, import_held, run_main, same_file)
+from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, arrow_reason,
+                        check_writable_directory, deferred_signals, disk_full_error, excerpt,
+                        handle_signals_early, import_held, run_main, same_file)
 from ncflib.files import DirectoryLock, FileSet
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
@@ -94,9 +95,9 @@ def detect_format(path):
     fields = first.split('\t')
     if len(fields) == 4 and all(field.strip().lstrip('-').isdigit() for field in fields):
         return 'ml-100k'
-    raise UsageError(f'cannot tell the format of {path}: expected ML-20m ratings.csv, ML-1m '
-                     'ratings.dat, ML-100k u.data or a CSV whose header has user_id,item_id,'
-                     'timestamp (or name one with --format)')
+    raise UsageError(f'cannot tell the format of {path} from its first line {excerpt(first)}: '
+                     'expected ML-20m ratings.csv, ML-1m ratings.dat, ML-100k u.data or a CSV '
+                     'whose header has user_id,item_id,timestamp (or name one with --format)')
 
 
 def read_interactions(path, fmt):
@@ -117,10 +118,10 @@ def read_interactions(path, fmt):
         missing = [column for column in spec['columns'] if column not in names]
         if missing:
             raise UsageError(f'{path} ({fmt}) lacks the column(s) {", ".join(missing)} '
-                             f'in its header: {header[:200]}')
+                             f'in its header: {excerpt(header)}')
         if len(set(names)) != len(names):
             raise UsageError(f'{path} ({fmt}) names a column twice in its header: '
-                             f'{header[:200]}')
+                             f'{excerpt(header)}')
         read_options.column_names = names
         read_options.skip_rows = 1
     user_column, item_column, time_column = spec['columns']
@@ -136,7 +137,7 @@ def read_interactions(path, fmt):
                                    convert_options)
             break
         except pa.ArrowInvalid as error:
-            message = str(error).split('\n')[0]
+            message = arrow_reason(error)
             failed = [name for name in spec['columns'] if 'conversion error' in message
                       and f'column #{_csv_column_index(path, spec, name)}:' in message]
             if failed == [time_column] and column_types[time_column] == pa.int64():
@@ -155,10 +156,13 @@ def read_interactions(path, fmt):
         raise UsageError(f'{path} holds no interactions')
     columns = dict(zip(('user', 'item', 'timestamp'), table.columns))
     for name, column in columns.items():
-        if column.null_count:
-            raise UsageError(f'{path} has {column.null_count} rows without a {name}')
+        missing = column.null_count
         if pa.types.is_string(column.type):  # 'u1, a' holds the ids u1 and a, not ' a'
-            columns[name] = pc.utf8_trim_whitespace(column)
+            columns[name] = column = pc.utf8_trim_whitespace(column)
+            # a blank id is no id, as a blank number is (Arrow reads '' as a string, not null)
+            missing += pc.sum(pc.equal(column, '')).as_py() or 0
+        if missing:
+            raise UsageError(f'{path} has {missing} rows without a {name}')
     return columns
 
 
@@ -281,7 +285,15 @@ def sample_test_negatives(result, count, seed, sampling='recipe'):
     exclusion = ItemExclusion.from_sorted_keys(keys, result['n_users'], result['n_items'])
     user_values = result['user_values']
     return draw_test_negatives(exclusion, count, torch.Generator().manual_seed(seed), sampling,
-                               NEGATIVE_CHUNK_USERS, user_name=lambda user: user_values[user])
+                               NEGATIVE_CHUNK_USERS,
+                               user_name=lambda user: shown_id(user_values[user].as_py()))
+
+
+def shown_id(value):
+    """An original id (a file's text) for a message: as it is where it is short and printable,
+    else escaped and cut (paper_files.excerpt)."""
+    text = str(value)
+    return text if text.isprintable() and len(text) <= 60 else excerpt(text)
 
 
 def id_map_bytes(header, values):
@@ -368,17 +380,24 @@ class FileHash:
 
     def __init__(self, *paths):
         self._digest = hashlib.sha256()
+        self._error = None
         self._thread = threading.Thread(target=self._run, args=paths, daemon=True)
         self._thread.start()
 
     def _run(self, *paths):
         for path in paths:
-            with open(path, 'rb') as file:
-                while chunk := file.read(1 << 22):
-                    self._digest.update(chunk)
+            try:
+                with open(path, 'rb') as file:
+                    while chunk := file.read(1 << 22):
+                        self._digest.update(chunk)
+            except OSError as error:  # reported by hexdigest, in the main thread
+                self._error = UsageError(f'cannot read {path}: {error.strerror or error}')
+                return
 
     def hexdigest(self):
         self._thread.join()
+        if self._error:
+            raise self._error
         return self._digest.hexdigest()
 
 
@@ -438,8 +457,10 @@ def check_arguments(args):
 def check_ratings_file(args):
     if os.path.isdir(args.path):
         raise UsageError(f'--path {args.path} is a directory, not a ratings file')
-    if not os.path.isfile(args.path):
+    if not os.path.exists(args.path):
         raise UsageError(f'ratings file {args.path} does not exist')
+    if not os.path.isfile(args.path):  # read twice (its sha256, its rows): no FIFO or device
+        raise UsageError(f'--path {args.path} is not a regular file (a FIFO or a device)')
     if not os.access(args.path, os.R_OK):
         raise UsageError(f'cannot read {args.path}: permission denied')
     if os.path.getsize(args.path) == 0:
@@ -554,4 +575,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    handle_signals_early('convert.py')  # a signal after the work, too, is one line
     main()

@@ -331,6 +331,27 @@ def test_a_header_with_blanks_after_the_commas(tmp_path):
     assert caches[0] == caches[1]
 
 
+def test_crlf_line_ends_and_negative_timestamps_read_as_plain(tmp_path):
+    """Windows line ends, and timestamps before 1970 (shifted by a constant: the same order)."""
+    header, *rows = HAND_WRITTEN.splitlines()
+    shifted = [row.rsplit(',', 1) for row in rows]
+    texts = {'plain': HAND_WRITTEN, 'crlf': HAND_WRITTEN.replace('\n', '\r\n'),
+             'before_1970': '\n'.join([header] + [f'{row},{int(time) - 1000}'
+                                                  for row, time in shifted]) + '\n'}
+    caches = []
+    for name, text in texts.items():
+        convert.main(['--path', write(tmp_path / f'{name}.csv', text), '--output',
+                      str(tmp_path / name), '--min_ratings', '3', '--valid_negative', '2'])
+        caches.append({name: data for name, data in snapshot(tmp_path / name).items()
+                       if name != METADATA_FILE})
+    assert caches[0] == caches[1] == caches[2]
+
+
+def test_a_file_that_cannot_be_read_for_its_sha256_is_one_line(tmp_path):
+    with pytest.raises(convert.UsageError, match='cannot read .*gone.csv: No such file'):
+        convert.FileHash(str(tmp_path / 'gone.csv')).hexdigest()
+
+
 def test_a_run_that_finds_another_writing_leaves_its_directory_alone(tmp_path, monkeypatch,
                                                                        capsys):
     """Two conversions into one new --output at once: this one made the directory, the other
@@ -401,8 +422,10 @@ CASES = {
     'binary garbage': (bytes(range(256)) * 8, [], 1, 'cannot tell the format'),
     'unknown format': ('a;b;c\n1;2;3\n', [], 1, 'cannot tell the format'),
     'header only': (HEADER, [], 1, 'holds no interactions'),
-    'malformed row': (HEADER + '1,2,3\n1,2\n', [], 1, 'cannot read'),
+    'malformed row': (HEADER + '1,2,3\n1,2\n', [], 1, "Expected 3 columns, got 2: '1,2'"),
     'missing value': (HEADER + '1,,5\n1,2,6\n', [], 1, 'without a item'),
+    'blank id': (HEADER + 'u1,a,1\n ,b,2\nu1,c,3\n', [], 1, 'has 1 rows without a user'),
+    'header only, CRLF': (HEADER.replace('\n', '\r\n'), [], 1, 'holds no interactions'),
     'truncated last line': ('userId,movieId,rating,timestamp\n1,2,4.0,5\n1,3,4.0,6\n1,4', [],
                             1, 'cannot read'),
     'missing column behind a BOM': ('\ufeffuserId,rating,timestamp\n1,2,3\n',
@@ -695,6 +718,22 @@ def test_the_papers_files_round_trip_exactly(tmp_path, capsys):
     assert 0 < result['best_hr'] <= 1
 
 
+def test_the_papers_files_round_trip_whatever_their_line_ends_and_order(tmp_path):
+    """CRLF line ends, blank lines and lines in any order: the same cache as the plain files."""
+    prefix, *_ = paper_split(tmp_path)
+    convert.main(['--path', prefix, '--output', str(tmp_path / 'plain')])
+    generator = random.Random(1)
+    for suffix in ('.train.rating', '.test.rating', '.test.negative'):
+        rows = paper_rows(prefix + suffix)
+        generator.shuffle(rows)
+        with open(prefix + suffix, 'w', newline='') as file:
+            file.write('\r\n' + ''.join('\t'.join(row) + '\r\n\r\n' for row in rows))
+    convert.main(['--path', prefix, '--output', str(tmp_path / 'edited')])
+    for name in (TRAIN_FILE, TEST_FILE, TEST_NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE):
+        assert (tmp_path / 'plain' / name).read_bytes() == \
+            (tmp_path / 'edited' / name).read_bytes()
+
+
 def break_line(path, index, replacement):
     with open(path) as file:
         lines = file.read().splitlines(keepends=True)
@@ -702,25 +741,136 @@ def break_line(path, index, replacement):
     write(path, ''.join(lines))
 
 
+def paper_rows(path):
+    """The tab-separated fields of each line of one of the paper's files."""
+    with open(path) as file:
+        return [line.rstrip('\n').split('\t') for line in file]
+
+
+def write_rows(path, rows):
+    write(path, ''.join('\t'.join(map(str, row)) + '\n' for row in rows))
+
+
+def set_field(suffix, index, field, value):
+    """A break: field `field` of line `index` (both 0-based) of PREFIX`suffix` set to `value`,
+    or to value(PREFIX) where it is callable."""
+    def breaks(prefix):
+        rows = paper_rows(prefix + suffix)
+        rows[index][field] = str(value(prefix) if callable(value) else value)
+        write_rows(prefix + suffix, rows)
+    return breaks
+
+
+def held_out_item_of(user):
+    return lambda prefix: paper_rows(prefix + '.test.rating')[user][1]
+
+
+def training_item_of(user):
+    return lambda prefix: next(item for u, item, *_ in paper_rows(prefix + '.train.rating')
+                               if u == str(user))
+
+
+def negative_of(user, index):
+    return lambda prefix: paper_rows(prefix + '.test.negative')[user][1 + index]
+
+
+def append(suffix, text):
+    return lambda prefix: write(prefix + suffix, open(prefix + suffix).read() + text)
+
+
+def replace_text(suffix, old, new):
+    return lambda prefix: write(prefix + suffix, open(prefix + suffix).read().replace(old, new))
+
+
+def drop_training_of(user):
+    def breaks(prefix):
+        rows = paper_rows(prefix + '.train.rating')
+        write_rows(prefix + '.train.rating', [row for row in rows if row[0] != str(user)])
+    return breaks
+
+
+def every_negative_line(items):
+    """A break: each user's line lists `items` as its negatives."""
+    def breaks(prefix):
+        rows = paper_rows(prefix + '.test.negative')
+        write_rows(prefix + '.test.negative', [[row[0], *items] for row in rows])
+    return breaks
+
+
+def both(*breaks):
+    return lambda prefix: [each(prefix) for each in breaks]
+
+
+# Each: (how the files are broken, extra arguments, fragments of the one line). paper_split's
+# files: users 0..49, items 0..39, 11 training lines per user (550 in all, shuffled), 20
+# negatives per user; line k (1-based) of the test files is user k - 1's.
 PAPER_CASES = {
     'a test user missing': (lambda p: break_line(p + '.test.rating', 7, ''), [],
                             'toy.test.rating lacks user 7'),
+    'a test user twice': (set_field('.test.rating', 7, 0, 8), [],
+                          'toy.test.rating, line 9: user 8 again (first on line 8)'),
+    'a test user without training ratings': (
+        drop_training_of(3), [],
+        'toy.test.rating, line 4: user 3 has no rating in toy.train.rating'),
+    'a negative test user': (set_field('.test.rating', 2, 0, -2), [],
+                             'toy.test.rating, line 3: user -2 is out of range'),
+    'a test item beyond every training item': (
+        both(set_field('.test.rating', 3, 1, 40), set_field('.test.negative', 3, 0, '(3,40)')),
+        [], 'toy.test.rating, line 4: user 3: test item 40 is outside the catalogue, items '
+            '0..39 (up to the largest item of toy.train.rating'),
+    'a negative beyond every training item': (
+        set_field('.test.negative', 0, 20, 40), [],
+        'toy.test.negative, line 1: user 0: negative 40 is outside the catalogue, items 0..39'),
+    'a negative that is the test item': (
+        set_field('.test.negative', 3, 6, held_out_item_of(3)), [],
+        ('toy.test.negative, line 4: user 3: negative ', ' is their test item')),
+    'a negative the user rated in training': (
+        set_field('.test.negative', 3, 6, training_item_of(3)), [],
+        ('toy.test.negative, line 4: user 3: negative ', ' is an item they rated in '
+                                                         'toy.train.rating')),
+    'a negative listed twice': (
+        set_field('.test.negative', 3, 6, negative_of(3, 0)), [],
+        ('toy.test.negative, line 4: user 3: negative ', ' is listed twice')),
+    'more negatives than the catalogue has items': (
+        every_negative_line(range(40)), [],
+        'toy.test.negative, line 1: user 0 has 40 negatives, but the catalogue has only 39 '
+        'items besides a test item'),
     'a negative line for another item': (
-        lambda p: break_line(p + '.test.negative', 3, '(3,39)\t' + '\t'.join(['1'] * 20) + '\n'),
-        [], 'the line of user 3 is for item 39, but the test rating of user 3'),
-    'a negative id out of range': (
-        lambda p: break_line(p + '.test.negative', 0, open(p + '.test.negative').readline()
-                             .rsplit('\t', 1)[0] + '\t40\n'),
-        [], 'has item ids outside 0..39'),
+        set_field('.test.negative', 3, 0, '(3,39)'), [],
+        'toy.test.negative, line 4: the line of user 3 is for item 39, but the test rating of '
+        'user 3'),
+    'a negative line for a user twice': (
+        set_field('.test.negative', 2, 0, '(7,1)'), [],
+        'toy.test.negative, line 8: user 7 again (first on line 3)'),
+    'a negative line missing': (lambda p: break_line(p + '.test.negative', 7, ''), [],
+                                'toy.test.negative lacks user 7'),
     'a training user out of range': (
-        lambda p: write(p + '.train.rating', open(p + '.train.rating').read() + '50\t1\t5\t1\n'),
-        [], 'has user ids outside 0..49'),
+        append('.train.rating', '50\t1\t5\t1\n'), [],
+        'toy.train.rating, line 551: user 50 is out of range: the users of toy.test.rating are '
+        '0..49'),
+    'an item id beyond int32': (
+        set_field('.train.rating', 10, 1, 2 ** 31), [],
+        ('toy.train.rating, line 11: user ', ': item 2147483648 is outside 0..2147483646')),
+    'a field that is not an integer': (
+        set_field('.train.rating', 10, 2, 'five'), [],
+        "toy.train.rating, line 11: field 3 is not an integer: 'five'"),
     'negative lines of unequal length': (
         lambda p: break_line(p + '.test.negative', 5, '(5,1)\t2\t3\n'), [],
-        'is not one of the NCF paper\'s files'),
+        "toy.test.negative, line 6 has 3 tab-separated fields, not 21: '(5,1)\\t2\\t3'"),
     'a negative line without its pair': (
-        lambda p: break_line(p + '.test.negative', 0, 'x\t' + '\t'.join(['1'] * 20) + '\n'),
-        [], 'does not start with (user,item)'),
+        set_field('.test.negative', 0, 0, 'x'), [],
+        "toy.test.negative, line 1: does not start with (user,item): 'x'"),
+    'a space-separated negatives file': (
+        replace_text('.test.negative', '\t', ' '), [],
+        "toy.test.negative, line 1: no tab in the line (the NCF paper's files are "
+        "tab-separated): '(0,"),
+    'a space-separated training file': (replace_text('.train.rating', '\t', ' '), [],
+                                        'toy.train.rating, line 1: no tab in the line'),
+    'a file of NUL bytes': (lambda p: write(p + '.test.negative', '\0' * 300), [],
+                            "toy.test.negative, line 1: no tab in the line (the NCF paper's "
+                            "files are tab-separated): '\\x00\\x00"),
+    'only empty lines': (lambda p: write(p + '.test.rating', '\n\n'), [],
+                         'toy.test.rating holds only empty lines'),
     'no negatives file': (lambda p: os.remove(p + '.test.negative'), [],
                           'toy.test.negative does not exist'),
     'an option of our own split': (None, ['--valid_negative', '99'],
@@ -731,16 +881,65 @@ PAPER_CASES = {
 
 
 @pytest.mark.parametrize('case', sorted(PAPER_CASES))
-def test_malformed_paper_files_are_one_line_and_write_nothing(case, tmp_path, capsys):
-    breaks, extra, fragment = PAPER_CASES[case]
+def test_malformed_paper_files_are_one_line_and_change_nothing(case, tmp_path, capsys):
+    breaks, extra, fragments = PAPER_CASES[case]
     prefix, *_ = paper_split(tmp_path)
     write(tmp_path / 'ratings.csv', 'user_id,item_id,timestamp\n1,2,3\n')
+    convert.main(['--path', prefix, '--output', str(tmp_path / 'cache')])  # the previous cache
+    capsys.readouterr()
     if breaks:
         breaks(prefix)
     before = snapshot(tmp_path)
+    fragments = (fragments,) if isinstance(fragments, str) else fragments
     fails(convert.main, ['--path', prefix, '--output', str(tmp_path / 'cache'), *extra],
-          capsys, fragment)
+          capsys, *fragments)
     assert snapshot(tmp_path) == before
+
+
+def test_a_fifo_is_refused_as_input(tmp_path, capsys):
+    """A FIFO (or a device) is no file to read twice, for its sha256 and its rows: named so, not
+    'does not exist'. (Outside what snapshot reads: reading a FIFO waits for a writer.)"""
+    prefix, *_ = paper_split(tmp_path)
+    convert.main(['--path', prefix, '--output', str(tmp_path / 'cache')])
+    capsys.readouterr()
+    before = snapshot(tmp_path / 'cache')
+    os.mkfifo(tmp_path / 'ratings.csv')
+    fails(convert.main, ['--path', str(tmp_path / 'ratings.csv'), '--output',
+                         str(tmp_path / 'cache')], capsys, 'ratings.csv is not a regular file')
+    os.remove(prefix + '.test.rating')
+    os.mkfifo(prefix + '.test.rating')
+    fails(convert.main, ['--path', prefix, '--output', str(tmp_path / 'cache')], capsys,
+          'toy.test.rating is not a regular file')
+    assert snapshot(tmp_path / 'cache') == before
+
+
+NULS = b'\0' * 2000
+ESCAPE = b'\x1b[2J'  # a terminal's "clear the screen"
+
+
+@pytest.mark.parametrize('name, contents, extra', [
+    ('ratings.csv', NULS, []),
+    ('ratings.csv', NULS, ['--format', 'ml-20m']),
+    ('ratings.csv', NULS, ['--format', 'ml-1m']),
+    ('ratings.csv', b'user_id,item_id,timestamp\n1,2,3\n1,3,' + ESCAPE + b'\n', []),
+    ('ratings.csv', b'user_id,item_id,timestamp\n1,2,3\n1,' + ESCAPE + b'\n', []),
+    ('ratings.csv', b'user_id,item_id,timestamp\nu' + ESCAPE + b',x,1\nu' + ESCAPE + b',y,2\n',
+     ['--min_ratings', '2', '--valid_negative', '1']),
+    ('toy.train.rating', NULS, []),
+    ('toy.test.negative', b'(0,1)\t2\t' + ESCAPE + b'\n', []),
+    ('toy.test.negative', b'(0,' + ESCAPE + b')\t2\t3\n', []),
+])
+def test_a_quoted_piece_of_a_file_is_escaped_and_short(name, contents, extra, tmp_path, capsys):
+    """A message that quotes the file shows its piece escaped (no control character reaches the
+    terminal) and cut short."""
+    prefix, *_ = paper_split(tmp_path)
+    (tmp_path / name).write_bytes(contents)
+    path = prefix if name.startswith('toy.') else str(tmp_path / name)
+    with pytest.raises(SystemExit):
+        convert.main(['--path', path, '--output', str(tmp_path / 'cache'), *extra])
+    [line] = [line for line in capsys.readouterr().err.splitlines() if 'error' in line]
+    assert line.isprintable(), line
+    assert '\\x00' * 15 not in line and ('\\x00' in line or '\\x1b' in line), line
 
 
 @pytest.mark.parametrize('sampling', ['recipe', 'paper'])
