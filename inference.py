@@ -23,8 +23,8 @@ from logger import Logger  # noqa: E402
 from logger.autologging import log_args, log_hardware  # noqa: E402
 from ncflib import checkpoints, models, runtime  # noqa: E402
 from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS  # noqa: E402
-from ncflib.cli import (ArgumentParser, UsageError, check_log_file, first_line,  # noqa: E402
-                        out_of_memory, run_main, same_file, warn)
+from ncflib.cli import (ArgumentParser, UsageError, check_log_file,  # noqa: E402
+                        check_paths_apart, first_line, out_of_memory, run_main, warn)
 from ncflib.evaluation import NonFiniteScores, Scorer  # noqa: E402
 
 
@@ -55,6 +55,7 @@ def parse_args(argv=None):
                         help='Path for the JSON log')
     parser.add_argument('-s', '--seed', type=int, default=1)
     args = parser.parse_args(argv)
+    args.given = parser.given_flags(argv)
     try:
         args.plan_options = runtime.PlanOptions.from_flags(vars(args))
     except UsageError as error:  # contradicting flags: argparse's kind of error
@@ -77,14 +78,17 @@ def benchmark(args):
     if min(args.n_users, args.n_items) < 1:
         raise UsageError('--n_users and --n_items must be positive')
     check_log_file(args.log_path, '--log_path')
-    if args.load_checkpoint_path and same_file(args.log_path, args.load_checkpoint_path):
-        raise UsageError(f'--log_path {args.log_path} is --load_checkpoint_path, which this run '
-                         'reads: it would be overwritten; write it elsewhere')
+    check_paths_apart({args.load_checkpoint_path: '--load_checkpoint_path'}
+                      if args.load_checkpoint_path else {},
+                      {args.log_path: f'--log_path {args.log_path}'})
     state = None
     if args.load_checkpoint_path:
         state = checkpoints.read(args.load_checkpoint_path)
-        shape, args.n_users, args.n_items = checkpoints.shape_of(state,
-                                                                 args.load_checkpoint_path)
+        shape, n_users, n_items = checkpoints.shape_of(state, args.load_checkpoint_path)
+        checkpoints.check_given_flags(args.load_checkpoint_path, shape, n_users, n_items,
+                                      vars(args), args.given,
+                                      'the benchmark times its model (leave the flag out)')
+        args.n_users, args.n_items = n_users, n_items
     else:
         shape = models.ModelShape(args.model, args.factors, args.layers, args.dropout)
     plan = runtime.resolve(args.plan_options, shape)
@@ -102,7 +106,7 @@ def benchmark(args):
     logger = Logger(args.log_path)
     log_hardware(logger)
     log_args(logger, {name: value for name, value in vars(args).items()
-                      if name != 'plan_options'})
+                      if name not in ('plan_options', 'given')})
     print(f'{shape.describe()}, {args.n_users} users x {args.n_items} items, '
           f'{"random" if state is None else "checkpoint"} weights; {plan.describe()}')
     header = (f'{"batch size":>11} {"throughput avg":>15} {"latency avg":>12} {"p90":>9} '

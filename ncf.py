@@ -30,8 +30,8 @@ from logger.autologging import log_args, log_hardware  # noqa: E402
 from ncflib import checkpoints, models, recommend, runtime  # noqa: E402
 from ncflib.cache import CACHE_FILES, VALID_NEGATIVE, read_id_maps  # noqa: E402
 from ncflib.cli import (ArgumentParser, UsageError, check_log_file,  # noqa: E402
-                        check_output_file, check_writable_directory, first_line, out_of_memory,
-                        run_main, same_file, warn)
+                        check_output_file, check_paths_apart, check_writable_directory,
+                        first_line, out_of_memory, run_main, warn)
 from ncflib.evaluation import Evaluation, NonFiniteScores  # noqa: E402
 from ncflib.recipe import (DEFAULT_BATCH_SIZE, DEFAULT_BETAS, DEFAULT_EPOCHS,  # noqa: E402
                            DEFAULT_EPS, DEFAULT_LEARNING_RATE, DEFAULT_NEGATIVE_SAMPLES)
@@ -93,8 +93,8 @@ def parse_args(argv=None):
                         help='With pretrained branches: the output layer is [alpha * GMF\'s, '
                              "(1 - alpha) * MLP's], its bias likewise")
     parser.add_argument('--metrics_at', nargs='+', type=int, default=[], metavar='K',
-                        help='Also report HR@K and NDCG@K at each of these K, and the mean '
-                             'reciprocal rank (MRR), per epoch and in the log')
+                        help='Also report HR@K and NDCG@K at each of these K (each once), and '
+                             'the mean reciprocal rank (MRR), per epoch and in the log')
     parser.add_argument('--dropout', type=float, default=models.DEFAULT_DROPOUT,
                         help='Dropout probability, if equal to 0 will not use dropout at all')
     parser.add_argument('--checkpoint_dir', default='', type=str,
@@ -150,6 +150,7 @@ def parse_args(argv=None):
                         help='Set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)')
     args = parser.parse_args(argv)
     args.given = parser.given_flags(argv)
+    args.metrics_at = list(dict.fromkeys(args.metrics_at))  # a K given twice is reported once
     try:
         args.plan_options = runtime.PlanOptions.from_flags(vars(args))
     except UsageError as error:  # contradicting flags: argparse's kind of error
@@ -157,25 +158,15 @@ def parse_args(argv=None):
     return args
 
 
-# The flags that shape the model: in test and recommend modes the checkpoint's.
-MODEL_FLAGS = ('model', 'factors', 'layers')
-
-
 def model_shape(args, read):
     """The model to build: the flags' in training, the checkpoint's in test and recommend modes
     (where a model flag given on the command line must agree with it)."""
     if read.load is None or args.mode == 'train':
         return models.ModelShape(args.model, args.factors, args.layers, args.dropout)
-    shape, _, _ = checkpoints.shape_of(read.load, read.load_path)
-    held = {'model': shape.model, 'factors': shape.factors if shape.uses_factors else None,
-            'layers': list(shape.layers) if shape.uses_layers else None}
-    for name in MODEL_FLAGS:
-        given = getattr(args, name)
-        if name in args.given and held[name] is not None and given != held[name]:
-            shown = ' '.join(map(str, given)) if isinstance(given, list) else given
-            raise UsageError(f'--{name} {shown}, but {read.load_path} holds --model '
-                             f'{shape.describe()}: --mode {args.mode} uses the checkpoint\'s '
-                             'model (leave the flag out)')
+    shape, n_users, n_items = checkpoints.shape_of(read.load, read.load_path)
+    checkpoints.check_given_flags(read.load_path, shape, n_users, n_items, vars(args),
+                                  args.given, f"--mode {args.mode} uses the checkpoint's model "
+                                  '(leave the flag out)')
     return shape
 
 
@@ -211,10 +202,16 @@ def check_args(args, processes):
                                  'candidates of each user (--valid_negative + 1)')
     if args.mode != 'recommend' and (args.users or args.users_file or args.output):
         raise UsageError('--users, --users_file and --output are for --mode recommend')
+    if args.mode == 'recommend' and (args.log_path or args.tensorboard):
+        raise UsageError('--mode recommend writes no log: --log_path and --tensorboard are for '
+                         'train and test modes')
     if args.mode == 'recommend' and processes.distributed:
         raise UsageError('--mode recommend runs in one process, not under torchrun')
     if args.resume and not args.checkpoint_dir:
         raise UsageError('--resume needs --checkpoint_dir (it continues from last.pth there)')
+    if args.resume and args.overwrite_checkpoints:
+        raise UsageError('--resume continues the run in --checkpoint_dir, '
+                         '--overwrite_checkpoints replaces it: give one of them')
     if args.resume and args.mode != 'train':
         raise UsageError('--resume is for training; --mode test takes --load_checkpoint_path')
 
@@ -274,30 +271,39 @@ def run_files(args, directory):
 
 
 def check_no_output_is_an_input(args, directory):
-    """No file the run writes is one it reads: the cache's files, a checkpoint to load, the
-    users file (--resume's last.pth is its own to replace)."""
-    inputs = {os.path.join(args.data, name): f"the cache's {name}" for name in CACHE_FILES}
+    """Every file the run writes is apart from every file it reads (the cache's, a checkpoint
+    to load or evaluate, the pretrained branches, the users file), from every other file it
+    writes (checkpoints, their lock, the log, the recommendations) and from the directories it
+    writes into. --resume's last.pth is its own to replace."""
+    reads = {os.path.join(args.data, name): f"the cache's {name}" for name in CACHE_FILES}
     for flag in ('load_checkpoint_path', 'users_file', 'pretrained_gmf', 'pretrained_mlp'):
         if getattr(args, flag):
-            inputs[getattr(args, flag)] = f'--{flag}'
-    outputs = {}
+            reads[getattr(args, flag)] = f'--{flag}'
+    if args.mode != 'train' and not args.load_checkpoint_path:
+        evaluated = checkpoints.CheckpointDirectory(args.checkpoint_dir).best
+        reads[evaluated] = f'the checkpoint it evaluates ({evaluated})'
+    # the flags' files first: the message then names the flag to change
+    writes, directories = [], []
+    log = log_path_of(args, directory, quiet=True) if args.mode != 'recommend' else None
+    if log and args.log_path:
+        writes.append((log, f'--log_path {log}'))
+    elif log and not directory:  # else among run_files
+        writes.append((log, f'the log {log}'))
+    if args.output:
+        writes.append((args.output, f'--output {args.output}'))
+    if args.tensorboard:
+        directories.append((args.tensorboard, f'--tensorboard {args.tensorboard}'))
     if directory:
-        outputs.update({path: f'--checkpoint_dir\'s {os.path.basename(path)}'
-                        for path in run_files(args, directory)})
-    for flag in ('log_path', 'output'):
-        if getattr(args, flag):
-            outputs[getattr(args, flag)] = f'--{flag} {getattr(args, flag)}'
-    for output, label in outputs.items():
-        for path, what in inputs.items():
-            if same_file(output, path):
-                raise UsageError(f'{label} is {what}, which this run reads: it would be '
-                                 'overwritten; write it elsewhere')
+        directories.append((directory.path, f'--checkpoint_dir {directory.path}'))
+        writes += [(path, f"--checkpoint_dir's {os.path.basename(path)}")
+                   for path in run_files(args, directory) + [directory.lock_file]]
+    check_paths_apart(reads, writes, directories)
 
 
-def log_path_of(args, directory):
+def log_path_of(args, directory, quiet=False):
     """Where the JSON log goes: --log_path, or log.json in CHECKPOINT_DIR (or the current
     directory). A test of a trained model appends to the training's log where it may: never
-    does it fail for want of a writable directory (None: not logged)."""
+    does it fail for want of a writable directory (None: not logged; said unless `quiet`)."""
     if args.log_path:
         return args.log_path
     path = checkpoints.CheckpointDirectory(args.checkpoint_dir or '.').log
@@ -305,8 +311,9 @@ def log_path_of(args, directory):
         try:
             check_log_file(path)
         except UsageError:
-            warn(f'{path} is not writable: this evaluation is not logged (--log_path sets '
-                 'another place)')
+            if not quiet:
+                warn(f'{path} is not writable: this evaluation is not logged (--log_path sets '
+                     'another place)')
             return None
     return path
 
@@ -561,7 +568,7 @@ def train(args, setup, trainer, evaluation, report, directory):
     history = History()
     if read.resume is not None:
         history = checkpoints.restore_training_state(read.resume, read.resume_path, trainer,
-                                                     generator)
+                                                     generator, args.seed, say)
         say(f'Resuming after epoch {history.epoch} from {read.resume_path}')
         if history.epoch >= 0:
             directory.saved_epoch = history.epoch

@@ -77,11 +77,30 @@ def read_metadata(data_dir, log=print):
     if version > CACHE_VERSION:
         raise UsageError(f'{path} is of cache version {version}, newer than this ncf reads '
                          f'({CACHE_VERSION}): update ncf')
-    if version < CACHE_VERSION:
+    if not isinstance(tensors, dict):
         log(f'Notice: the cache in {data_dir} records no tensor digests (cache version '
             f'{version}): its tensors are not checked against {METADATA_FILE}; '
             'prepare_dataset.sh or convert.py converts it again')
+    check_fingerprint(metadata, path)
     return metadata
+
+
+def check_fingerprint(metadata, path):
+    """The fingerprint metadata.json records is the one its own digests give (source, id maps
+    and, where recorded, the split): an edited fingerprint would pass a checkpoint of other
+    data as this data's, or refuse this data's own."""
+    recorded = metadata.get('fingerprint')
+    parts = [metadata.get(key) for key in ('source_sha256', 'id_maps_sha256')]
+    if recorded is None or not all(isinstance(part, str) for part in parts):
+        return  # caches before version 2 have none
+    tensors = metadata.get('tensors')
+    split = split_sha256(tensors) if isinstance(tensors, dict) and all(
+        isinstance(tensors.get(name), dict) and 'sha256' in tensors[name]
+        for name in (TRAIN_FILE, TEST_FILE)) else None
+    if recorded != fingerprint(*parts, split):
+        raise UsageError(f'{path} records fingerprint {recorded}, but its source, id maps and '
+                         f'tensors give {fingerprint(*parts, split)}: metadata.json was edited; '
+                         'run prepare_dataset.sh or convert.py again')
 
 
 def check_counts(metadata, path, counts):

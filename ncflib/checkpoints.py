@@ -6,7 +6,7 @@ import os
 import torch
 
 from ncflib.cli import UsageError, first_line
-from ncflib.files import DirectoryLock, atomic_torch_save, lock_holder, torch_load
+from ncflib.files import LOCK_FILE, DirectoryLock, atomic_torch_save, lock_holder, torch_load
 from ncflib.models import DEFAULT_DROPOUT, MODEL_CLASSES, ModelShape
 from ncflib.training import History
 
@@ -31,6 +31,7 @@ class CheckpointDirectory:
         self.best = os.path.join(self.path, BEST_MODEL_FILE)
         self.last = os.path.join(self.path, LAST_CHECKPOINT_FILE)
         self.log = os.path.join(self.path, LOG_FILE)
+        self.lock_file = os.path.join(self.path, LOCK_FILE)
         self.locked = False     # the run holds the directory: from here on it may write there
         self.saved_epoch = None  # the epoch of the last.pth this run wrote or resumed from
 
@@ -60,6 +61,9 @@ class CheckpointDirectory:
 
 def read(path):
     """The object saved at `path`; UsageError (one line) if it is missing or not a checkpoint."""
+    if os.path.isdir(path):
+        raise UsageError(f'checkpoint {path} is a directory, not a checkpoint file (model.pth '
+                         'or last.pth in it?)')
     if not os.path.isfile(path):
         raise UsageError(f'checkpoint {path} does not exist')
     if os.path.getsize(path) == 0:
@@ -143,6 +147,24 @@ def shape_of(state, path):
     except (AttributeError, KeyError, TypeError, ValueError, IndexError, UsageError):
         raise UsageError(f'checkpoint {path} holds no model of the family (neumf, gmf, mlp, mf) '
                          'that ncf.py writes') from None
+
+
+def check_given_flags(path, shape, n_users, n_items, flags, given, why, spelled=None):
+    """Where the checkpoint `path` (holding a model of `shape` over `n_users` and `n_items`)
+    says what the model is, a model flag (model, n_users, n_items, factors, layers) given by
+    the caller (`given`: their names; `flags`: {name: value}) must agree with it (one line,
+    ending with `why` the checkpoint decides). spelled: {name: how the caller writes it}
+    (default: --name)."""
+    held = {'model': shape.model, 'n_users': n_users, 'n_items': n_items,
+            'factors': shape.factors if shape.uses_factors else None,
+            'layers': list(shape.layers) if shape.uses_layers else None}
+    for name, value in held.items():
+        if name in given and value is not None and flags[name] != value:
+            shown = ' '.join(map(str, flags[name])) if isinstance(flags[name], list) \
+                else flags[name]
+            flag = (spelled or {}).get(name, f'--{name}')
+            raise UsageError(f'{flag} {shown}, but {path} holds --model {shape.describe()} '
+                             f'over {n_users} users and {n_items} items: {why}')
 
 
 def save_model(model, path, fingerprint, shape):
@@ -244,15 +266,53 @@ def check_settings(state, path, settings, allow_changed_settings, say):
             '--allow_changed_settings says')
 
 
-def restore_training_state(state, path, trainer, generator):
+def restore_training_state(state, path, trainer, generator, seed, say):
     """The trainer's optimizer and loss scaler, and every random state, from a last.pth (whose
-    model the trainer's model has loaded); returns its training.History."""
+    model the trainer's model has loaded); returns its training.History. What the run may
+    change on resume is taken from this run, with a notice where it cannot continue the
+    checkpoint's: another optimizer (or other parameter groups) starts its state afresh, the
+    hyperparameters are this run's, loss scaling that the checkpoint's precision had not
+    starts afresh, and the data's random state of another device type (CUDA's and the CPU's
+    generators differ) is seeded anew from `seed` and the epoch."""
     try:
-        trainer.optimizer.load_state_dict(state['optimizer'])
-        trainer.scaler.load_state_dict(state['scaler'])
+        history = History(**state['history'])
+        # checkpoints from before --optimizer trained with Adam
+        trained_with = (state.get('settings') or {}).get('optimizer', 'adam')
+        restore_optimizer(trainer.optimizer, state['optimizer'], trained_with, path, say)
+        if state['scaler'] or not trainer.scaler.is_enabled():
+            trainer.scaler.load_state_dict(state['scaler'])
+        else:
+            say(f'Notice: {path} was trained without loss scaling (not in fp16): it starts '
+                'afresh')
         trainer.plan.set_rng_state(state['rng'])
-        generator.set_state(state['rng']['data'].to(generator.get_state().device))
-        return History(**state['history'])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        saved = state['rng']['data']
+        if saved.numel() == generator.get_state().numel():
+            generator.set_state(saved.to(generator.get_state().device))
+        else:
+            generator.manual_seed(seed * 1_000_003 + history.epoch + 1)
+            say(f'Notice: {path} drew its data on another device type: the epochs from here '
+                'draw from a seed of --seed and the epoch (the same on every rerun, not the '
+                "checkpoint's own sequence)")
+        return history
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
         raise UsageError(f'{path} is not a resumable checkpoint of this run: '
                          f'{first_line(error)}') from None
+
+
+def restore_optimizer(optimizer, saved, trained_with, path, say):
+    """The optimizer state of a last.pth, of the optimizer `trained_with` ('adam', 'sgd'),
+    into `optimizer`, keeping `optimizer`'s own hyperparameters (this run's flags: a changed
+    learning rate takes effect). A state of another optimizer or of other parameter groups
+    (--optimizer or --weight_decay changed) is not loaded: the optimizer starts afresh, with a
+    notice."""
+    sizes = [len(group['params']) for group in saved['param_groups']]
+    if trained_with != type(optimizer).__name__.lower() or \
+            sizes != [len(group['params']) for group in optimizer.param_groups]:
+        say(f'Notice: {path} holds the state of another optimizer or of other parameter '
+            'groups (--optimizer or --weight_decay changed): the optimizer starts afresh')
+        return
+    ours = [{name: value for name, value in group.items() if name != 'params'}
+            for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, settings in zip(optimizer.param_groups, ours):
+        group.update(settings)

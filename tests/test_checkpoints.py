@@ -253,7 +253,7 @@ def test_each_models_checkpoint_through_test_recommend_inference_and_hub(model, 
                                   '--log_path', str(tmp_path / 'inference.json')])
     assert benchmarked[0]['batch_size'] == 8
     other = {'neumf': 'gmf', 'gmf': 'mlp', 'mlp': 'mf', 'mf': 'neumf'}[model]
-    with pytest.raises(UsageError, match=f'holds --model {model}'):
+    with pytest.raises(UsageError, match=f'entry point {other}, but .* holds --model {model}'):
         torch.hub.load(ROOT, other, source='local', checkpoint=best)
 
 
@@ -288,3 +288,73 @@ def test_pretrained_branches_of_other_data_or_sizes_are_one_line(family, tiny_da
     fails(ncf.main, flags(data, **start), capsys, '--pretrained_gmf', 'was trained on other data')
     result = ncf.main(flags(tiny_data, **start, optimizer='sgd', learning_rate=0.01))
     assert 'Starting from' in capsys.readouterr().out and result['best_hr'] > 0.5
+
+
+def resumable(tiny_data, tmp_path, **overrides):
+    """A two-epoch run's checkpoint directory (Adam), and the flags that resume it."""
+    run = dict(data=tiny_data, precision='fp32', checkpoint_dir=tmp_path / 'ck')
+    ncf.main(flags(**run, epochs=2))
+    return flags(**run, epochs=3, resume=True, **overrides)
+
+
+def test_resume_with_another_optimizer_starts_it_afresh(tiny_data, tmp_path, capsys):
+    """Adam's state cannot drive SGD (it lacks SGD's settings): --allow_changed_settings
+    resumes with a fresh optimizer, said in a notice."""
+    resumed = ncf.main(resumable(tiny_data, tmp_path, optimizer='sgd',
+                                 allow_changed_settings=True))
+    out = capsys.readouterr().out
+    assert 'holds the state of another optimizer or of other parameter groups' in out
+    assert len(resumed['hrs']) == 3
+    state = torch.load(tmp_path / 'ck' / 'last.pth', weights_only=True)
+    assert 'momentum' in state['optimizer']['param_groups'][0]
+
+
+def test_resume_takes_this_runs_learning_rate(tiny_data, tmp_path):
+    ncf.main(resumable(tiny_data, tmp_path, learning_rate=0.02, allow_changed_settings=True))
+    state = torch.load(tmp_path / 'ck' / 'last.pth', weights_only=True)
+    assert state['optimizer']['param_groups'][0]['lr'] == 0.02
+    assert state['optimizer']['state']  # Adam's moments carried over
+
+
+def test_resume_from_another_device_types_data_generator(tiny_data, tmp_path, capsys):
+    """A CUDA run's generator state (16 bytes) cannot seed a CPU generator (5,056): the run
+    goes on with the data drawn from --seed and the epoch, the same on every rerun."""
+    argv = resumable(tiny_data, tmp_path)
+    state = torch.load(tmp_path / 'ck' / 'last.pth', weights_only=True)
+    state['rng']['data'] = torch.zeros(16, dtype=torch.uint8)  # as torch.cuda's generator's
+    torch.save(state, tmp_path / 'cuda.pth')
+    results = []
+    for _ in range(2):
+        shutil.copy(tmp_path / 'cuda.pth', tmp_path / 'ck' / 'last.pth')
+        results.append(ncf.main(argv))
+        assert 'drew its data on another device type' in capsys.readouterr().out
+    assert results[0]['hrs'] == results[1]['hrs'] and len(results[0]['hrs']) == 3
+
+
+@pytest.mark.parametrize('saved_scaling, scaling', [(False, True), (True, False)])
+def test_resume_where_loss_scaling_starts_or_stops(saved_scaling, scaling):
+    """fp16 scales the loss, bf16 and fp32 do not: a checkpoint's scaler state (empty where it
+    was off) resumes in any precision, a missing one starting afresh."""
+    import types
+
+    from ncflib import runtime
+    from ncflib.training import History
+
+    plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='eager'))
+    generator = plan.generator(1)
+
+    def trainer(scaled):
+        model = torch.nn.Linear(2, 1)
+        return types.SimpleNamespace(
+            plan=plan, optimizer=torch.optim.Adam(model.parameters()),
+            scaler=torch.amp.GradScaler('cpu', enabled=scaled, init_scale=1024.0))
+    saved = trainer(saved_scaling)
+    state = {'history': History().state_dict(), 'optimizer': saved.optimizer.state_dict(),
+             'scaler': saved.scaler.state_dict(), 'settings': {'optimizer': 'adam'},
+             'rng': {**plan.rng_state(), 'data': generator.get_state()}}
+    notices = []
+    resumed = trainer(scaling)
+    checkpoints.restore_training_state(state, 'last.pth', resumed, generator, 1, notices.append)
+    assert bool(notices) == (scaling and not saved_scaling)
+    if scaling:
+        assert resumed.scaler.get_scale() == 1024.0

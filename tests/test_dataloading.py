@@ -14,6 +14,7 @@ from conftest import fails, flags, replace_tensor
 from dataloading import Dataset, ItemExclusion, TrainBatches
 from logger.logger import read_log
 from ncflib import runtime
+from ncflib.cli import UsageError
 
 
 def positives(users, items, n_items):
@@ -256,3 +257,20 @@ def test_a_tampered_cache_is_refused(tiny_data, trained, tmp_path, capsys):
     lines[1], lines[2] = lines[2], lines[1]
     (data / 'user_ids.csv').write_text(''.join(lines))
     refused(data, 'user_ids.csv or item_ids.csv in', mode='recommend')
+
+
+def test_the_notice_of_a_cache_without_digests_is_said_only_where_they_are_missing(
+        tiny_data, tmp_path):
+    """A metadata.json whose version was edited to 2 still holds the tensors' digests, and
+    they are checked: no notice claims otherwise."""
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    metadata = json.loads((data / 'metadata.json').read_text())
+    (data / 'metadata.json').write_text(json.dumps({**metadata, 'version': 2}))
+    said = []
+    dataloading.load_dataset(str(data), torch.device('cpu'), log=said.append)
+    assert not said
+    os.remove(data / 'test_negatives.pt')
+    torch.save(torch.zeros(300, 50, dtype=torch.long), data / 'test_negatives.pt')
+    with pytest.raises(UsageError, match='test_negatives.pt has changed since convert.py'):
+        dataloading.load_dataset(str(data), torch.device('cpu'), log=said.append)

@@ -70,6 +70,9 @@ def replace(path, content):
         file.write(content)
 
 
+# With a checkpoint, the sizes are its own: the flags that would contradict it left out.
+SIZES_FROM_IT = {'n_users': None, 'n_items': None, 'factors': None, 'layers': None}
+
 CASES = {  # name: (flags, setup(world) or None, exit status, fragment)
     'log_path is a directory': ({'log_path': '{world}/data'}, None, 1, 'is a directory'),
     'log_path is the checkpoint': ({'log_path': '{world}/ck/model.pth',
@@ -85,6 +88,15 @@ CASES = {  # name: (flags, setup(world) or None, exit status, fragment)
                                        lambda w: torch.save({'a': torch.zeros(1)},
                                                             f'{w}/foreign.pth'), 1,
                                        'holds no model of the family'),
+    'another model than the checkpoint': ({'load_checkpoint_path': '{world}/ck/model.pth',
+                                           'model': 'gmf', **SIZES_FROM_IT}, None, 1,
+                                          '--model gmf, but {world}/ck/model.pth holds --model '
+                                          'neumf (factors 8, layers [32, 16, 8]) over 300 users'),
+    'other tables than the checkpoint': ({'load_checkpoint_path': '{world}/ck/model.pth',
+                                          **SIZES_FROM_IT, 'n_items': 7}, None, 1,
+                                         '--n_items 7, but'),
+    'a directory as the checkpoint': ({'load_checkpoint_path': '{world}/ck'}, None, 1,
+                                      'is a directory, not a checkpoint file'),
     'bad batch sizes': ({'batch_sizes': '1,x'}, None, 1, 'comma-separated integers'),
     'no batches': ({'num_batches': 0}, None, 1, '--num_batches must be positive'),
     'fp16 on a CPU': ({'precision': 'fp16'}, None, 1, 'fp16 needs CUDA'),
@@ -105,7 +117,7 @@ def test_bad_input_is_one_line_and_changes_nothing(name, tiny_data, trained, tmp
     argv = bench(f'{world}/inference.json', **{
         key: value.format(world=world) if isinstance(value, str) else value
         for key, value in overrides.items()})
-    fails(inference.main, argv, capsys, fragment, code=code)
+    fails(inference.main, argv, capsys, fragment.format(world=world), code=code)
     assert snapshot(world) == before
 
 

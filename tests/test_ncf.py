@@ -44,6 +44,13 @@ def other_data_checkpoint(world):
     torch.save(state, os.path.join(world, 'ck', 'model.pth'))
 
 
+def edited_fingerprint(world):
+    path = os.path.join(world, 'data', 'metadata.json')
+    metadata = json.load(open(path))
+    metadata['fingerprint'] = '0123456789abcdef'
+    replace(path, json.dumps(metadata).encode())
+
+
 def hold_lock(world):
     """Another run holds the checkpoint directory: a process keeping its lock."""
     holder = subprocess.Popen(
@@ -168,6 +175,39 @@ CASES = {  # name: (flags after the world's, setup(world) or None, exit status, 
     'contradicting precision flags': ({'amp': True, 'opt_level': 'O0'}, None, 1, 'contradict'),
     'plain and compile': ({'plain': True, 'impl': 'compile'}, None, 2,
                           '--plain means --impl eager'),
+    'log_path is the checkpoint_dir to make': (
+        {'checkpoint_dir': '{world}/new', 'log_path': '{world}/new'}, None, 1,
+        'is --checkpoint_dir {world}/new, a directory this run writes into'),
+    'log_path is last.pth (resume)': ({'resume': True, 'log_path': '{world}/ck/last.pth'},
+                                      None, 1, "is --checkpoint_dir's last.pth, which this run "
+                                      'writes too'),
+    "log_path is model.pth": ({'log_path': '{world}/ck/model.pth'}, None, 1,
+                              "is --checkpoint_dir's model.pth, which this run writes too"),
+    "log_path is the directory's lock": ({'log_path': '{world}/ck/.lock'}, None, 1,
+                                         "is --checkpoint_dir's .lock"),
+    'log_path inside model.pth to be': (
+        {'checkpoint_dir': '{world}/new', 'log_path': '{world}/new/model.pth/log.json'}, None,
+        1, "would be inside --checkpoint_dir's model.pth, a file this run writes"),
+    'log_path is the tensorboard directory': (
+        {'log_path': '{world}/tb', 'tensorboard': '{world}/tb'}, None, 1,
+        'is --tensorboard {world}/tb, a directory this run writes into'),
+    'test log over the model it evaluates': (
+        {'mode': 'test', 'log_path': '{world}/ck/model.pth'}, None, 1,
+        'is the checkpoint it evaluates ({world}/ck/model.pth), which this run reads'),
+    'recommendations over the model': (
+        {'mode': 'recommend', 'output': '{world}/ck/model.pth'}, None, 1,
+        'is the checkpoint it evaluates ({world}/ck/model.pth), which this run reads'),
+    'a log in recommend mode': ({'mode': 'recommend', 'log_path': '{world}/log.json'}, None,
+                                1, '--mode recommend writes no log'),
+    'resume and overwrite_checkpoints': ({'resume': True, 'overwrite_checkpoints': True},
+                                         None, 1, '--resume continues the run in '
+                                         '--checkpoint_dir, --overwrite_checkpoints replaces it'),
+    'a directory as a pretrained branch': (
+        {'checkpoint_dir': None, 'pretrained_gmf': '{world}/ck',
+         'pretrained_mlp': '{world}/ck/model.pth'}, None, 1,
+        'checkpoint {world}/ck is a directory, not a checkpoint file'),
+    "an edited fingerprint in the cache": ({'mode': 'test'}, edited_fingerprint, 1,
+                                           'metadata.json was edited'),
     'unknown flag': ({'batchsize': 5}, None, 2, 'unrecognized arguments'),
     'no data': ({'data': None}, None, 2, 'the following arguments are required: --data'),
 }
@@ -183,10 +223,10 @@ def test_bad_input_is_one_line_and_changes_nothing(name, tiny_data, trained, tmp
         # the world's ck holds a trained run: a new one may replace it (once every check has
         # passed, which none of these cases does)
         settings = {'data': f'{world}/data', 'checkpoint_dir': f'{world}/ck', 'epochs': 3,
-                    'precision': 'fp32', 'overwrite_checkpoints': True}
+                    'precision': 'fp32', 'overwrite_checkpoints': not overrides.get('resume')}
         settings.update({key: value.format(world=world) if isinstance(value, str) else value
                          for key, value in overrides.items()})
-        fails(ncf.main, flags(**settings), capsys, fragment, code=code)
+        fails(ncf.main, flags(**settings), capsys, fragment.format(world=world), code=code)
         assert snapshot(world) == before  # nothing written, nothing changed
     finally:
         if holder is not None:
@@ -313,3 +353,9 @@ def test_the_log_and_the_startup_line(tiny_data, tmp_path, capsys):
     assert [r['step'] for r in epochs] == [[0], [1]]
     summary = [r for r in records if r['step'] == []][-1]['data']
     assert summary['best_accuracy'] == result['best_hr']
+
+
+def test_a_k_given_twice_is_reported_once(tiny_data, capsys):
+    ncf.main(flags(tiny_data, epochs=1, metrics_at=[5, 5, 10], precision='fp32'))
+    line = next(line for line in capsys.readouterr().out.splitlines() if 'MRR = ' in line)
+    assert line.count('HR@5 = ') == 1 and line.count('HR@10 = ') == 1

@@ -52,6 +52,17 @@ def test_prepare_synthetic_from_any_directory_and_reconverts_what_changed(tmp_pa
     assert 'Using cached preprocessed data' in second.stdout
     assert 'Preprocessing' not in second.stdout
 
+    # A cache changed since convert.py wrote it (ncf.py would refuse it) is converted again.
+    import torch
+    negatives = cache / 'test_negatives.pt'
+    converted = negatives.read_bytes()
+    os.remove(negatives)
+    torch.save(torch.zeros(300, 100, dtype=torch.long), negatives)
+    again = prepare('synthetic', str(raw), str(cache), *SMALL, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert 'it has changed since convert.py wrote it' in again.stdout
+    assert negatives.read_bytes() == converted
+
     # Other options regenerate the file, and the cache follows.
     third = prepare('synthetic', str(raw), str(cache), '--users', '100', '--items', '150',
                     '--rows', '3000', cwd=tmp_path)
@@ -169,16 +180,12 @@ def test_each_newer_preset_extracts_its_ratings_and_converts_them(dataset, tmp_p
                                             (99_057, ' -b 4096 -l 0.002 -b1 0.9 -b2 0.999'),
                                             (2_900, ' -b 512 -l 0.002 -b1 0.9 -b2 0.999')])
 def test_prepare_prints_a_training_command_that_fits(tmp_path, n_train, flags):
-    """ML-20m keeps the reference's command; smaller data gets a batch well under an epoch."""
-    ratings = tmp_path / 'raw' / 'ml-20m' / 'ratings.csv'
-    ratings.parent.mkdir(parents=True)
-    ratings.write_text('userId,movieId,rating,timestamp\n1,2,3.0,4\n')
+    """ML-20m keeps the reference's command; smaller data gets a batch well under an epoch
+    (prepare.py's last step, on a cache of that size)."""
     cache = tmp_path / 'cache'
     cache.mkdir()
-    (cache / 'metadata.json').write_text(json.dumps({
-        'version': 3, 'source_sha256': sha256(ratings), 'min_ratings': 20,
-        'valid_negative': 100, 'seed': 1, 'n_train': n_train}))
-    completed = prepare('ml-20m', str(tmp_path / 'raw'), str(cache), cwd=tmp_path)
+    (cache / 'metadata.json').write_text(json.dumps({'version': 3, 'n_train': n_train}))
+    completed = run_script('prepare.py', 'command', str(cache))
     assert completed.returncode == 0, completed.stderr
     assert f'You can now run the training with: python ncf.py --data {cache}{flags}\n' \
         in completed.stdout
