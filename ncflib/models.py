@@ -17,6 +17,7 @@ parameters, so checkpoints and optimizer states are the same for every implement
 import copy
 import dataclasses
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -34,19 +35,35 @@ DEFAULT_DROPOUT = 0.5
 MF_INIT_STD = 0.1
 
 
+def check_count(value, name):
+    """`value` is a positive integer (numpy's too; not a bool): UsageError naming it if not."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise UsageError(f'{name} must be an integer, not {value!r}')
+    if value < 1:
+        raise UsageError(f'{name} must be positive, not {value}')
+
+
+def check_tables(n_users, n_items):
+    """The tables' rows: as many as there are users and items."""
+    check_count(n_users, 'the number of users')
+    check_count(n_items, 'the number of items')
+
+
 def check_factors(factors):
-    if factors < 1:
-        raise UsageError(f'--factors must be positive, not {factors}')
+    check_count(factors, '--factors')
 
 
 def check_layers(layers, dropout=0.0):
-    if not layers or min(layers) < 1:
-        raise UsageError(f'--layers must be positive sizes, not {list(layers)}')
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise UsageError(f'--layers must be positive sizes, not {layers!r}')
+    for size in layers:
+        check_count(size, '--layers')
     if layers[0] % 2:
         raise UsageError(f'--layers: the first size ({layers[0]}) must be even: it is the user '
                          'and item MLP embeddings side by side')
-    if not (math.isfinite(dropout) and 0 <= dropout < 1):
-        raise UsageError(f'--dropout must be in [0, 1), not {dropout}')
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) \
+            or not (math.isfinite(dropout) and 0 <= dropout < 1):
+        raise UsageError(f'--dropout must be in [0, 1), not {dropout!r}')
 
 
 def check_shape(factors, layers, dropout=0.0):
@@ -67,8 +84,8 @@ class ModelShape:
     def __post_init__(self):
         if self.model not in MODELS:
             raise UsageError(f'--model must be one of {", ".join(MODELS)}, not {self.model!r}')
-        object.__setattr__(self, 'layers', tuple(self.layers))
         check_shape(self.factors, self.layers, self.dropout)
+        object.__setattr__(self, 'layers', tuple(self.layers))
 
     @property
     def uses_factors(self):
@@ -109,6 +126,9 @@ class NCF(nn.Module):
 
     def __init__(self, nb_users, nb_items, mf_dim, mlp_layer_sizes, dropout=0.0):
         super().__init__()
+        # Every model is built here (ncf.py, inference.py, torch.hub): bad sizes end in one line
+        # rather than in torch's errors
+        check_tables(nb_users, nb_items)
         if self.HAS_GMF:
             check_factors(mf_dim)
         if self.HAS_MLP:
@@ -242,18 +262,22 @@ class NCF(nn.Module):
     # The class of the scoring copy (a subclass may score with another forward).
     scoring_class = None
 
-    def fp32_modules(self):
-        """What the scoring copy keeps in fp32: the output layer."""
-        return [self.final]
+    def output_parameters(self):
+        """The output layer's parameters, which the scoring copy keeps in fp32."""
+        return list(self.final.parameters())
 
     def inference_copy(self, dtype):
         """A copy for scoring: eval mode, no gradients, weights cast once to `dtype` (so no
         autocast is needed, and no per-call casts of the weights), but for the output layer,
-        which stays fp32: logits rounded to bf16 (8 bits of mantissa) would tie the positive
-        with negatives it beats, and a tie counts against it."""
-        model = copy.deepcopy(self).to(dtype).eval().requires_grad_(False)
-        for module in model.fp32_modules():
-            module.float()
+        which stays exactly as trained, in fp32: logits rounded to bf16 (8 bits of mantissa)
+        would tie the positive with negatives it beats, and a tie counts against it."""
+        model = copy.deepcopy(self).eval().requires_grad_(False)
+        kept = {id(parameter) for parameter in model.output_parameters()}
+        for parameter in model.parameters():
+            if id(parameter) not in kept:
+                # as Module.to casts: the tensor under the same Parameter. Not the whole model
+                # cast and the output layer cast back: that would round it to `dtype`.
+                parameter.data = parameter.data.to(dtype)
         if self.scoring_class is not None:
             model.__class__ = self.scoring_class  # the same parameters, another forward
         return model
@@ -320,8 +344,9 @@ class MF(NCF):
     def dense_weights(self):
         return []
 
-    def fp32_modules(self):
-        return []
+    def output_parameters(self):
+        """The biases, MF's output: an item's bias rounded to bf16 would reorder close items."""
+        return [self.user_bias.weight, self.item_bias.weight, self.global_bias]
 
     def all_item_scores(self, users):
         assert not self.training

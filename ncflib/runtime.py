@@ -14,6 +14,7 @@ hubconf.py, the benchmarks) takes the resulting frozen `Plan` and asks it, never
 """
 import dataclasses
 import json
+import logging
 import os
 import platform
 import re
@@ -103,9 +104,10 @@ class Plan:
         return self.impl in ('compile', 'fused')
 
     def autocast(self):
-        """Mixed precision for the training forward: the weights stay fp32."""
+        """Mixed precision for the training forward: the weights stay fp32. Off where the
+        compute dtype is fp32 (fp32, and tf32, whose TF32 products are a matmul setting)."""
         return torch.autocast(self.device.type, dtype=self.dtype,
-                              enabled=self.precision != 'fp32')
+                              enabled=self.dtype != torch.float32)
 
     def grad_scaler(self):
         """Dynamic loss scaling, which fp16 needs (bf16 has fp32's range)."""
@@ -142,6 +144,7 @@ class Plan:
         run eager, saying so in one line; where --impl asked for it, that is an error."""
         if not self.compiled:
             return function
+        logging.getLogger('torch._dynamo.convert_frame').addFilter(_not_the_recompile_limit)
         compiled = torch.compile(function, dynamic=dynamic, fullgraph=True)
         if isinstance(function, torch.nn.Module):
             return CompiledModule(function, compiled, self)
@@ -194,15 +197,34 @@ class CompileError(UsageError):
     """torch.compile failed where --impl asked for it (one line, exit status 1)."""
 
 
+def _not_the_recompile_limit(record):
+    """Whether a log record of Dynamo's is not its warning of the recompile limit (five lines),
+    which _compile_failure says in one (added once: Logger.addFilter keeps one of each)."""
+    return not str(record.msg).startswith('torch._dynamo hit config.')
+
+
+def _compiler_failure(error):
+    """'Type: first line' of the compiler's own failure that `error` is, or None where `error`
+    is the code's (which the eager function raises too)."""
+    exc = torch._dynamo.exc
+    if isinstance(error, exc.FailOnRecompileLimitHit):
+        # fullgraph=True past config.recompile_limit shapes (torch/_dynamo/convert_frame.py);
+        # not a TorchDynamoException. Why is in the Unsupported it is raised from.
+        return f'{type(error).__name__}: {first_line(error.__cause__ or error, 300)}'
+    if not isinstance(error, exc.TorchDynamoException):
+        return None
+    # the compiler's own error, which Dynamo wraps (BackendCompilerFailed)
+    cause = getattr(error, 'inner_exception', None) or error
+    return f'{type(cause).__name__}: {first_line(cause, 300)}'
+
+
 def _compile_failure(error, plan, fallen_back):
     """What to do when the compiled function raised `error`: True to run eager instead (auto
     chose to compile; said once), or raise. Errors of the code itself (not of the compiler)
     come back from the eager function too."""
-    if not isinstance(error, torch._dynamo.exc.TorchDynamoException):
+    reason = _compiler_failure(error)
+    if reason is None:
         raise error
-    # the compiler's own error, which Dynamo wraps (BackendCompilerFailed)
-    cause = getattr(error, 'inner_exception', None) or error
-    reason = f'{type(cause).__name__}: {first_line(cause, 300)}'
     if not plan.compile_fallback:
         raise CompileError(f'torch.compile failed ({reason}); --impl eager runs without '
                            'compiling') from None
@@ -211,7 +233,6 @@ def _compile_failure(error, plan, fallen_back):
         warn(f'torch.compile failed ({reason}): running eager instead (--impl compile makes '
              'this an error)')
     return True
-
 
 
 class Compiled:
@@ -270,12 +291,55 @@ def cpu_has_native_bf16():
         return False
 
 
-def resolve_device(requested, local_rank=0):
-    if requested == 'cuda' and not torch.cuda.is_available():
-        raise UsageError('--device cuda, but CUDA is not available')
-    if requested == 'cuda' or (requested == 'auto' and torch.cuda.is_available()):
-        return torch.device('cuda', local_rank % torch.cuda.device_count())
-    return torch.device('cpu')
+@dataclasses.dataclass(frozen=True)
+class Processes:
+    """This process among those of a run (torchrun's RANK, WORLD_SIZE, LOCAL_RANK and
+    LOCAL_WORLD_SIZE: the processes on this machine)."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def resolve_device(requested='auto', processes=Processes()):
+    """This process's device: `requested` is 'auto' (CUDA where there is a GPU, else the CPU)
+    or any device string or torch.device ncf runs on: 'cpu', 'cuda' (a process's own GPU: its
+    local rank's under torchrun), 'cuda:N'. One line (UsageError) for CUDA where there is
+    none, a GPU this machine lacks, more processes on it than GPUs, or another device type."""
+    if requested == 'auto':
+        requested = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):  # not a device string torch knows
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise UsageError(f'device {str(requested)!r}: ncf runs on cpu, cuda or cuda:N')
+    if device.type == 'cpu':
+        return torch.device('cpu')
+    if not torch.cuda.is_available():
+        raise UsageError(f'device {requested} asked for, but CUDA is not available')
+    gpus = torch.cuda.device_count()
+    if device.index is not None and device.index >= gpus:
+        raise UsageError(f'device {requested}, but this machine has {_gpus(gpus)} (cuda:0 to '
+                         f'cuda:{gpus - 1})')
+    # Processes sharing a GPU make NCCL fail later, with an error that does not say why.
+    here = max(processes.local_world_size, processes.local_rank + 1)
+    if device.index is not None and here > 1:
+        raise UsageError(f'device {requested} would put the {here} processes of this machine on '
+                         'one GPU: use cuda (a GPU each)')
+    if here > gpus:
+        raise UsageError(f'local rank {processes.local_rank} of {here} processes on this machine '
+                         f'(LOCAL_WORLD_SIZE), but it has {_gpus(gpus)}: one process per GPU '
+                         f'(torchrun --nproc_per_node {gpus} at most)')
+    return device if device.index is not None else torch.device('cuda', processes.local_rank)
+
+
+def _gpus(count):
+    return f'{count} GPU{"" if count == 1 else "s"}'
 
 
 def cuda_is_ampere_or_newer(device):
@@ -421,7 +485,7 @@ def resolve_impl(device, impl='auto', model='neumf'):
 class PlanOptions:
     """What the user asked of the plan: the flags `add_arguments` defines (--plain is --impl
     eager)."""
-    device: str = 'auto'
+    device: str = 'auto'         # or 'cpu', 'cuda', 'cuda:N', a torch.device (resolve_device)
     precision: str = 'auto'
     impl: str = 'auto'
     opt_level: str = None
@@ -441,25 +505,13 @@ class PlanOptions:
                    compile_cache=flags['compile_cache'])
 
 
-@dataclasses.dataclass(frozen=True)
-class Processes:
-    """This process among those of a run (torchrun's RANK, WORLD_SIZE and LOCAL_RANK)."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-
 def resolve(options=PlanOptions(), model_shape=ModelShape(), valid_batch_size=2 ** 20,
             processes=Processes(), measure=cpu_precision_by_measurement):
     """The plan for one process. Joins no process group (see `start`).
 
     model_shape: the models.ModelShape of the model (default: the reference's), on which a CPU's
     precision is measured by measure(impl, model_shape) -> (precision, note)."""
-    device = resolve_device(options.device, processes.local_rank)
+    device = resolve_device(options.device, processes)
     impl, impl_note = resolve_impl(device, options.impl, model_shape.model)
     precision, precision_note, warning = resolve_precision(
         device, options.precision, options.opt_level, options.amp,
@@ -544,21 +596,27 @@ def add_arguments(parser):
                              f'starts in seconds (None: ${COMPILE_CACHE_ENV} or '
                              '~/.cache/ncf/inductor; TORCHINDUCTOR_CACHE_DIR, if set, wins)')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
-                        help='auto: CUDA when available')
+                        help='auto: CUDA when available. Under torchrun each process takes its '
+                             "local rank's GPU: at most one process per GPU")
 
 
 def join(options=PlanOptions(), local_rank=0):
     """This process among those of a run under torchrun / torch.distributed.launch (or alone),
-    with the process group joined: NCCL on CUDA, gloo on CPU. local_rank: the launcher's
-    --local_rank flag, where it sets no LOCAL_RANK."""
+    with the process group joined: NCCL on CUDA, bound to this process's GPU, gloo on CPU.
+    local_rank: the launcher's --local_rank flag, where it sets no LOCAL_RANK."""
     processes = Processes(rank=int(os.environ.get('RANK', 0)),
                           world_size=int(os.environ.get('WORLD_SIZE', 1)),
-                          local_rank=int(os.environ.get('LOCAL_RANK', local_rank)))
-    device = resolve_device(options.device, processes.local_rank)
-    if device.type == 'cuda':
+                          local_rank=int(os.environ.get('LOCAL_RANK', local_rank)),
+                          local_world_size=int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    device = resolve_device(options.device, processes)
+    cuda = device.type == 'cuda'
+    if cuda:
         torch.cuda.set_device(device)  # before NCCL starts, so that each rank owns its GPU
     if processes.distributed and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+        # device_id: NCCL forms its communicator on this GPU now (an error here, not at the
+        # first collective), and barrier() knows the device
+        dist.init_process_group(backend='nccl' if cuda else 'gloo',
+                                device_id=device if cuda else None)
     return processes
 
 

@@ -10,6 +10,7 @@ import dataloading
 import ncf
 from conftest import flags, load_trained_model
 from logger.logger import read_log
+from ncflib import runtime
 from ncflib.evaluation import (Evaluation, NonFiniteScores, duplicate_mask, rank_sums,
                                sampled_rank)
 
@@ -111,6 +112,29 @@ def test_full_ranking_in_training(tiny_data, tmp_path):
     result = ncf.main(flags(tiny_data, epochs=1, eval_mode='full', log_path=tmp_path / 'log.json',
                             precision='fp32'))
     assert 0 < result['best_hr'] < 1
+
+
+def test_full_ranking_compiled_ranks_as_eager(tiny_data, trained):
+    """--impl compile's full ranking: all_item_scores under torch.compile (fullgraph, static
+    shapes: five chunks of 60 users, compiled once, by warm_up) gives eager's ranks, hence its
+    metrics. A compiler failure would be an error here (--impl compile)."""
+    _, dataset, model = load_trained_model(tiny_data, trained)
+    exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
+                                          dataset.n_users, dataset.n_items)
+    metrics = {}
+    for impl in ('eager', 'compile'):
+        plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl=impl),
+                               valid_batch_size=60 * dataset.n_items)
+        evaluation = Evaluation(plan, dataset, model, 10, 'full', exclusion, metrics_at=(1, 5))
+        assert [last - first for first, last, _, _ in evaluation.chunks] == [60] * 5
+        evaluation.warm_up()
+        metrics[impl] = evaluation()
+        assert isinstance(evaluation.scorer.all_items, runtime.Compiled) == (impl == 'compile')
+    compiled, eager = metrics['compile'], metrics['eager']
+    assert (compiled.hr, compiled.ndcg, compiled.at, compiled.mrr) == \
+        (eager.hr, eager.ndcg, eager.at, eager.mrr)
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-6)
+    assert 0 < eager.hr < 1
 
 
 def test_non_finite_scores_fail_the_evaluation_in_both_modes(tiny_data, trained):

@@ -64,6 +64,22 @@ def test_sizes_are_checked_in_the_flags_names():
     check_shape(8, [16, 8], 0.0)
 
 
+@pytest.mark.parametrize('sizes, fragment', [
+    ((-5, 10, 8, [16, 8], 0.5), 'the number of users must be positive, not -5'),
+    ((10, 0, 8, [16, 8], 0.5), 'the number of items must be positive, not 0'),
+    ((10, 10, 8.5, [16, 8], 0.5), '--factors must be an integer, not 8.5'),
+    ((10, 10, 8, 256, 0.5), '--layers must be positive sizes, not 256'),
+    ((10, 10, 8, [16, -8], 0.5), '--layers must be positive, not -8'),
+    ((10, 10, 8, [16, 8], None), '--dropout must be in [0, 1), not None'),
+])
+def test_every_model_checks_its_sizes_where_it_is_built(sizes, fragment):
+    """Whoever builds it (ncf.py, inference.py, torch.hub): one line, not torch's error."""
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        NeuMF(*sizes)
+    with pytest.raises(UsageError, match='the number of users must be positive'):
+        ModelShape('mf', 8).build(-5, 10)
+
+
 def test_dropout_only_in_training():
     model = NeuMF(10, 10, 4, [16, 8], dropout=0.5)
     users, items = torch.arange(10), torch.arange(10)
@@ -100,6 +116,49 @@ def test_the_scoring_copy_keeps_fp32_logits():
     distinct = len(torch.unique(pairs))
     assert distinct > 0.95 * len(torch.unique(reference))
     assert len(torch.unique(pairs.bfloat16())) < 0.01 * distinct
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_the_scoring_copy_keeps_the_output_layer_exactly(name):
+    """The output layer (MF's: its biases) as trained, not cast to bf16 and back, which would
+    keep its dtype and round its values."""
+    torch.manual_seed(0)
+    model = ModelShape(name, 8, [32, 16, 8]).build(30, 50)
+    with torch.no_grad():
+        for parameter in model.output_parameters():
+            parameter.normal_()  # MF's biases start at zero, which bf16 holds exactly
+    copy = model.inference_copy(torch.bfloat16)
+    for kept, trained in zip(copy.output_parameters(), model.output_parameters()):
+        assert kept.dtype == torch.float32 and torch.equal(kept, trained)
+        assert not torch.equal(trained.bfloat16().float(), trained)
+    assert next(iter(copy.embeddings().values())).weight.dtype == torch.bfloat16
+    assert [name for name, _ in copy.named_parameters()] == \
+        [name for name, _ in model.named_parameters()]
+
+
+@pytest.mark.parametrize('impl', ['eager', 'cpu_fused'])
+def test_inference_scores_with_the_output_layer_as_trained(impl, tmp_path, monkeypatch):
+    """inference.py's path (the scoring copy is never refreshed from the trained weights
+    there, as evaluation's is): the output layer stays the model's fp32 values in bf16."""
+    import inference
+    from ncflib.evaluation import Scorer
+
+    scorers = []
+
+    class Recorded(Scorer):
+        def __init__(self, *args):
+            super().__init__(*args)
+            scorers.append(self)
+    monkeypatch.setattr(inference, 'Scorer', Recorded)
+    inference.main(['--n_users', '30', '--n_items', '20', '-f', '4', '--layers', '8', '4',
+                    '--device', 'cpu', '--precision', 'bf16', '--impl', impl, '--batch_sizes',
+                    '8', '--num_batches', '1', '--warmup', '0', '--log_path',
+                    str(tmp_path / 'log.json')])
+    scorer, = scorers
+    assert scorer.model.mlp[0].weight.dtype == torch.bfloat16
+    for kept, trained in zip(scorer.model.output_parameters(),
+                             scorer.source.output_parameters()):
+        assert kept.dtype == torch.float32 and torch.equal(kept, trained)
 
 
 # The family: GMF, MLP and MF beside NeuMF ----------------------------------------------------

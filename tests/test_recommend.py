@@ -6,8 +6,11 @@ import os
 import pytest
 import torch
 
+import dataloading
 import ncf
 from conftest import fails, flags, load_trained_model
+from ncflib import recommend as recommendations
+from ncflib import runtime
 
 
 def id_map(tiny_data, name):
@@ -97,3 +100,21 @@ def test_recommend_bad_inputs(tiny_data, trained, tmp_path, capsys):
                                              weights_only=True).items()}, other)
     fails(ncf.main, recommend(tiny_data, trained, load_checkpoint_path=other), capsys,
           'does not fit this model and data')
+
+
+def test_recommendations_compiled_equal_eager(tiny_data, trained):
+    """--impl compile's recommendations: all_item_scores under torch.compile (fullgraph,
+    static shapes: two chunks of 60 users, the shape full ranking's test compiles) picks
+    eager's top items."""
+    _, dataset, model = load_trained_model(tiny_data, trained)
+    exclusion = dataloading.ItemExclusion(dataset.train_users, dataset.train_items,
+                                          dataset.n_users, dataset.n_items)
+    users = list(range(dataset.n_users - 1, 0, -2))[:120]  # descending, as a user may ask
+    found = {}
+    for impl in ('eager', 'compile'):
+        plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl=impl),
+                               valid_batch_size=60 * dataset.n_items)
+        found[impl] = recommendations.recommend(plan, model, exclusion, users, 10)
+    (items, logits), (eager_items, eager_logits) = found['compile'], found['eager']
+    assert torch.equal(items, eager_items)
+    assert torch.allclose(logits, eager_logits, rtol=1e-5, atol=1e-6)

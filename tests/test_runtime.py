@@ -2,6 +2,8 @@
 import dataclasses
 import json
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -218,3 +220,139 @@ def test_together_shares_a_failure_and_the_collectives_of_one_process():
 
 
 
+def test_autocast_only_where_the_compute_dtype_is_not_fp32():
+    """tf32 computes in fp32 (its TF32 products are a matmul setting): no autocast around it,
+    which would only cost each operation a dispatch."""
+    plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='eager'))
+    for precision, device, enabled in (('fp32', CPU, False), ('bf16', CPU, True),
+                                       ('tf32', CUDA, False), ('fp32', CUDA, False)):
+        with warnings.catch_warnings():
+            # CUDA's autocast, enabled where there is no CUDA, would warn and disable itself
+            warnings.simplefilter('error')
+            with dataclasses.replace(plan, precision=precision, device=device).autocast():
+                assert torch.is_autocast_enabled(device.type) == enabled, precision
+
+
+def fake_gpus(monkeypatch, count):
+    """torch.cuda as on a machine with `count` GPUs (0: none), for what asks it no more than
+    how many there are."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: count)
+
+
+def test_any_device_string_or_torch_device(monkeypatch):
+    for asked in ('cpu', 'cpu:0', torch.device('cpu')):
+        assert runtime.resolve_device(asked) == CPU
+    fake_gpus(monkeypatch, 0)
+    assert runtime.resolve_device('auto') == CPU
+    for asked in ('cuda', 'cuda:0', torch.device('cuda', 1)):
+        with pytest.raises(UsageError, match='asked for, but CUDA is not available'):
+            runtime.resolve_device(asked)
+    for asked, shown in (('mps', 'mps'), ('meta', 'meta'), ('cdua', 'cdua'),
+                         (torch.device('meta'), 'meta'), ('cuda:x', 'cuda:x'), (None, 'None')):
+        with pytest.raises(UsageError, match=re.escape(
+                f"device '{shown}': ncf runs on cpu, cuda or cuda:N")):
+            runtime.resolve_device(asked)
+    fake_gpus(monkeypatch, 2)
+    cuda1 = torch.device('cuda', 1)
+    assert runtime.resolve_device('auto') == runtime.resolve_device('cuda') == CUDA
+    assert runtime.resolve_device('cuda:1') == runtime.resolve_device(cuda1) == cuda1
+    with pytest.raises(UsageError, match=re.escape(
+            'device cuda:2, but this machine has 2 GPUs (cuda:0 to cuda:1)')):
+        runtime.resolve_device('cuda:2')
+    # under torchrun: each process its local rank's GPU, never two on one
+    assert runtime.resolve_device('cuda', runtime.Processes(1, 2, 1, 2)) == cuda1
+    with pytest.raises(UsageError, match='would put the 2 processes of this machine on one GPU'):
+        runtime.resolve_device('cuda:1', runtime.Processes(1, 2, 1, 2))
+    with pytest.raises(UsageError, match=re.escape(
+            'local rank 0 of 3 processes on this machine (LOCAL_WORLD_SIZE), but it has 2 '
+            'GPUs: one process per GPU (torchrun --nproc_per_node 2 at most)')):
+        runtime.resolve_device('auto', runtime.Processes(0, 3, 0, 3))
+
+
+def test_the_plan_of_a_gpu_asked_for_by_index(monkeypatch):
+    """What torch.hub's device='cuda:1' resolves to (building on it needs the GPU)."""
+    fake_gpus(monkeypatch, 2)
+    asked = []
+
+    class Properties:
+        total_memory = 80 * 2 ** 30
+    monkeypatch.setattr(torch.cuda, 'get_device_properties',
+                        lambda device: asked.append(device) or Properties)
+    monkeypatch.setattr(torch, 'set_float32_matmul_precision', lambda precision: None)
+    plan = runtime.resolve(runtime.PlanOptions(device='cuda:1', precision='fp32', impl='eager'))
+    assert plan.device == torch.device('cuda', 1) == asked[0]
+    assert plan.device_memory == 80 * 2 ** 30
+
+
+def torchrun_environment(monkeypatch, rank, world_size, local_rank, local_world_size):
+    for name, value in (('RANK', rank), ('WORLD_SIZE', world_size), ('LOCAL_RANK', local_rank),
+                        ('LOCAL_WORLD_SIZE', local_world_size)):
+        monkeypatch.setenv(name, str(value))
+
+
+def test_torchrun_binds_each_process_to_its_own_gpu(monkeypatch):
+    """NCCL gets the process's GPU (device_id: it connects at once, on that GPU); more
+    processes on a machine than GPUs is one line, before NCCL would fail on a shared GPU."""
+    import inspect
+
+    import torch.distributed as dist
+    assert 'device_id' in inspect.signature(dist.init_process_group).parameters
+    calls = []
+    fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: calls.append(device))
+    monkeypatch.setattr(dist, 'is_initialized', lambda: False)
+    monkeypatch.setattr(dist, 'init_process_group', lambda **options: calls.append(options))
+    torchrun_environment(monkeypatch, 3, 4, 1, 2)
+    assert runtime.join() == runtime.Processes(3, 4, 1, 2)
+    cuda1 = torch.device('cuda', 1)
+    assert calls == [cuda1, {'backend': 'nccl', 'device_id': cuda1}]
+    calls.clear()
+    runtime.join(runtime.PlanOptions(device='cpu'))
+    assert calls == [{'backend': 'gloo', 'device_id': None}]
+    torchrun_environment(monkeypatch, 3, 8, 3, 4)
+    with pytest.raises(UsageError, match=re.escape(
+            'local rank 3 of 4 processes on this machine (LOCAL_WORLD_SIZE), but it has 2 GPUs')):
+        runtime.join()
+    # the legacy launcher sets LOCAL_RANK (or --local_rank) but no LOCAL_WORLD_SIZE
+    monkeypatch.delenv('LOCAL_WORLD_SIZE')
+    monkeypatch.delenv('LOCAL_RANK')
+    with pytest.raises(UsageError, match='local rank 2 of 3 processes'):
+        runtime.join(local_rank=2)
+
+
+def test_the_recompile_limit_runs_eager_where_auto_chose_to_compile(monkeypatch, capfd):
+    """With fullgraph=True, Dynamo raises FailOnRecompileLimitHit (not a TorchDynamoException)
+    past torch._dynamo.config.recompile_limit shapes: auto's compile goes on eager, in one
+    warning line (Dynamo's own five are not shown); --impl compile says it in one line."""
+    import torch._inductor.compile_fx
+
+    # Dynamo's limit, whatever the backend: Inductor's code generation left out (seconds)
+    monkeypatch.setattr(torch._inductor.compile_fx, 'compile_fx',
+                        lambda graph, example_inputs, **options: graph.forward)
+    compiled = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32',
+                                                   impl='compile'))
+    auto = dataclasses.replace(compiled, compile_fallback=True, failures_said=set())
+
+    def double(x):
+        return x * 2
+
+    def halve(x):
+        return x / 2
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        function = auto.compile(double)
+        assert [function(torch.ones(n)).sum().item() for n in (1, 2, 3)] == [2, 4, 6]
+        assert function.eager
+        lines = capfd.readouterr().err.splitlines()
+        assert len(lines) == 1 and lines[0].endswith(
+            'warning: torch.compile failed (FailOnRecompileLimitHit: Dynamo recompile limit '
+            'exceeded): running eager instead (--impl compile makes this an error)'), lines
+        function = compiled.compile(halve)
+        assert function(torch.ones(1)).item() == 0.5
+        with pytest.raises(runtime.CompileError, match=re.escape(
+                'torch.compile failed (FailOnRecompileLimitHit: Dynamo recompile limit '
+                'exceeded); --impl eager runs without compiling')):
+            function(torch.ones(2))
+        assert capfd.readouterr().err == ''
+    torch._dynamo.reset()
