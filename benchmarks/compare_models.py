@@ -15,16 +15,23 @@ seed (--pretrained_gmf / --pretrained_mlp, alpha 0.5), trained with SGD.
 Per model: mean and standard deviation over the seeds of HR@10, NDCG@10 and MRR under both
 protocols, the best epoch, the training time (the epochs' training, evaluation excluded) and the
 parameter count. Written to OUT: results.md (the Markdown table), results.json (every run's
-figures too), results.png (with matplotlib), and each run's checkpoints and logs in runs/.
-The last line printed is the JSON.
+figures too), results.png (with matplotlib), and each run's checkpoints, logs and figures in
+runs/MODEL-seedN/. The last line printed is the JSON.
+
+Stopped (Ctrl-C, SIGTERM, SIGHUP), it stops the running ncf.py with it, waits for it (that run
+says its own line in its log and keeps its last.pth), and ends in one line naming the runs
+complete and the one stopped. The same command again continues: a run whose result.json holds
+the same flags and data is not trained again, and the stopped one resumes from its last.pth
+(ncf.py --resume), or starts again when it had finished no epoch.
 
 Every model trains with the flags of COMMON_FLAGS and its own of MODEL_FLAGS (both below, and
 in README), which --flags MODEL="FLAGS" extends or overrides (later flags win).
 """
-import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +40,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ncflib import cli  # noqa: E402
+
+PROGRAM = 'compare_models.py'
+if __name__ == '__main__':
+    cli.handle_signals_early(PROGRAM)
+
 from logger.logger import read_log  # noqa: E402
+from ncflib.cache import read_metadata  # noqa: E402
+from ncflib.cli import UsageError  # noqa: E402
+from ncflib.files import DirectoryLock, atomic_write  # noqa: E402
 
 # CPU-sized settings for data of ML-100k's size (the reference's batch of 2^20 is for ML-20m
 # on a GPU): every model trains these many epochs at this batch, with Adam as tuned below. 15
@@ -53,13 +69,18 @@ MODEL_FLAGS = {
     'neumf_pretrained': '--model neumf --optimizer sgd -l 0.01 -e 5',
 }
 MODELS = tuple(MODEL_FLAGS)
+BRANCHES = ('gmf', 'mlp')  # neumf_pretrained starts from these
 TOPK = 10
 PROTOCOLS = ('sampled', 'full')
+# In each run's directory: the run its checkpoints belong to (written before it trains), its
+# figures once it is complete, and ncf.py's checkpoint of its last epoch (which --resume reads).
+STARTED_FILE = 'started.json'
+RESULT_FILE = 'result.json'
+LAST_FILE = 'last.pth'
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument('--data', help='a cache written by convert.py / prepare_dataset.sh')
     source.add_argument('--ratings', help='a ratings file, converted first into OUT/cache')
@@ -73,25 +94,122 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.extra = {}
     for item in args.flags:
-        model, _, flags = item.partition('=')
-        if model not in MODELS or not _:
+        model, equals, flags = item.partition('=')
+        if model not in MODELS or not equals:
             parser.error(f'--flags takes MODEL="FLAGS" with MODEL one of {", ".join(MODELS)}, '
                          f'not {item!r}')
-        args.extra[model] = args.extra.get(model, []) + shlex.split(flags)
+        try:
+            args.extra[model] = args.extra.get(model, []) + shlex.split(flags)
+        except ValueError as error:  # an unbalanced quote
+            parser.error(f'--flags {item!r}: {error}')
+    if len(set(args.seeds)) < len(args.seeds):
+        parser.error(f'--seeds names a seed twice: {" ".join(map(str, args.seeds))}')
     if 'neumf_pretrained' in args.models:
-        args.models = list(dict.fromkeys(['gmf', 'mlp'] + args.models))
+        args.models = list(dict.fromkeys(list(BRANCHES) + args.models))
     return args
 
 
-def ncf(argv, log):
-    """Run ncf.py with `argv`, its output to `log`; exit with its line if it fails."""
-    with open(log, 'w') as output:
-        completed = subprocess.run([sys.executable, os.path.join(ROOT, 'ncf.py'), *argv],
-                                   stdout=output, stderr=subprocess.STDOUT)
-    if completed.returncode:
-        with open(log) as output:
-            last = output.read().strip().splitlines()[-1:] or ['']
-        sys.exit(f'compare_models.py: ncf.py {" ".join(argv)} failed: {last[0]} (see {log})')
+# The recipe's scripts, as children that stop with this process
+
+def run_script(script, argv, log, what, append=False):
+    """Run the recipe's `script` (ncf.py, convert.py) with `argv` as a child that stops with
+    this process, its output to `log` (appended to with `append`). Returns its resource usage
+    (os.wait4's: the kernel's accounting of that process alone); UsageError naming `what` it
+    did, its last line and `log` if it fails."""
+    with open(log, 'a' if append else 'w') as output:
+        with cli.child_process([sys.executable, os.path.join(ROOT, script), *argv],
+                               stdout=output, stderr=subprocess.STDOUT) as child:
+            _, status, usage = os.wait4(child.pid, 0)
+            child.returncode = status = os.waitstatus_to_exitcode(status)
+    if status:
+        with open(log, errors='replace') as output:
+            last = (output.read().strip().splitlines() or [''])[-1]
+        how = (f'was killed by {signal.Signals(-status).name}' if status < 0 else
+               f'failed{": " + last if last else f" (exit status {status})"}')
+        raise UsageError(f'{what}: {script} {how} (see {log})')
+    return usage
+
+
+# How far the runs got
+
+class Progress:
+    """The runs of a comparison, which are complete and which one is under way: what an
+    interrupted comparison leaves, for its line."""
+
+    def __init__(self, args):
+        self.runs_directory = os.path.join(args.out, 'runs')
+        self.planned = [run_name(model, seed) for seed in args.seeds for model in args.models]
+        self.complete = []
+        self.current = None  # (run name, what it is doing)
+
+    def finished(self, name):
+        self.current = None
+        self.complete.append(name)
+
+    def kept(self):
+        left = (f'{len(self.complete)} of {len(self.planned)} runs complete in '
+                f'{self.runs_directory}' + (f' ({", ".join(self.complete)})'
+                                            if self.complete else ''))
+        continues = ['complete runs are reused'] if self.complete else []
+        if self.current is not None:
+            name, doing = self.current
+            if os.path.exists(os.path.join(self.runs_directory, name, LAST_FILE)):
+                left += f'; {name} stopped {doing}, its last.pth kept'
+                continues.append(f'{name} resumes from its last.pth')
+            else:
+                left += f'; {name} stopped {doing} before its first epoch ended'
+                continues.append(f'{name} starts again')
+        return f'{left}; the same command again continues: {", ".join(continues)}' \
+            if continues else f'{left}; the same command again starts them'
+
+
+def run_name(model, seed):
+    return f'{model}-seed{seed}'
+
+
+# One run
+
+def read_json(path):
+    """The JSON object in `path`, or None where there is none (missing, or not JSON)."""
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path, value):
+    def write(temporary):
+        with open(temporary, 'w') as file:
+            json.dump(value, file, indent=1)
+    atomic_write(path, write)
+
+
+def settings_flags(args, valid_negative, model, seed):
+    """ncf.py's flags for one run, but where it reads and writes."""
+    return ['--seed', str(seed), '--device', args.device, '--metrics_at', str(TOPK),
+            '--valid_negative', str(valid_negative), *shlex.split(COMMON_FLAGS),
+            *shlex.split(MODEL_FLAGS[model]), *args.extra.get(model, [])]
+
+
+def identity(args, metadata, model, seed):
+    """What makes two runs the same run: the flags (where it reads and writes aside), the data's
+    fingerprint and, for the pretrained NeuMF, its branches' identities."""
+    same = {'flags': settings_flags(args, metadata['valid_negative'], model, seed),
+            'data': metadata.get('fingerprint')}
+    if model == 'neumf_pretrained':
+        same['branches'] = [identity(args, metadata, branch, seed) for branch in BRANCHES]
+    return same
+
+
+def epoch_figures(log):
+    """Each epoch's figures in a training log, in order; a resumed run logs again an epoch it
+    had logged but not saved: its last record counts."""
+    epochs = {}
+    for record in read_log(log):
+        if isinstance(record.get('step'), list) and record['step']:
+            epochs[record['step'][0]] = record['data']
+    return [epochs[epoch] for epoch in sorted(epochs)]
 
 
 def parameters(path):
@@ -100,42 +218,80 @@ def parameters(path):
     return sum(tensor.numel() for tensor in state.values())
 
 
-def run(args, data, model, seed, valid_negative):
-    """Train one model with one seed, then rank its best model against every item; the cache's
-    test negatives (valid_negative per user) as they are."""
-    directory = os.path.join(args.out, 'runs', f'{model}-seed{seed}')
-    flags = ['--data', data, '--seed', str(seed), '--device', args.device, '--checkpoint_dir',
-             directory, '--overwrite_checkpoints', '--metrics_at', str(TOPK),
-             '--valid_negative', str(valid_negative),
-             *shlex.split(COMMON_FLAGS), *shlex.split(MODEL_FLAGS[model]),
-             *args.extra.get(model, [])]
+def start_flags(data, directory, same, model, seed):
+    """ncf.py's flags that start this run from the beginning."""
+    flags = ['--data', data, '--checkpoint_dir', directory, *same['flags'],
+             '--overwrite_checkpoints']
     if model == 'neumf_pretrained':
-        flags += ['--pretrained_gmf', os.path.join(args.out, 'runs', f'gmf-seed{seed}',
-                                                  'model.pth'),
-                  '--pretrained_mlp', os.path.join(args.out, 'runs', f'mlp-seed{seed}',
-                                                  'model.pth')]
+        runs = os.path.dirname(directory)
+        flags += [item for branch in BRANCHES for item in (
+            f'--pretrained_{branch}', os.path.join(runs, run_name(branch, seed), 'model.pth'))]
+    return flags
+
+
+def train(data, directory, same, model, seed):
+    """Train one run: resumed from its last.pth where the directory holds this same run's (its
+    pretrained start is in it too), else from the beginning. Returns the flags that start it
+    from the beginning, and whether it resumed."""
+    name = run_name(model, seed)
+    flags = start_flags(data, directory, same, model, seed)
+    resume = (read_json(os.path.join(directory, STARTED_FILE)) == same
+              and os.path.exists(os.path.join(directory, LAST_FILE)))
+    if resume:
+        run_script('ncf.py', ['--data', data, '--checkpoint_dir', directory, *same['flags'],
+                              '--resume'], os.path.join(directory, 'train.txt'),
+                   f'resuming {name}', append=True)
+        return flags, True
     os.makedirs(directory, exist_ok=True)
+    for stale in (RESULT_FILE, LAST_FILE):  # another run's: neither reused nor resumed
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, stale))
+    write_json(os.path.join(directory, STARTED_FILE), same)
+    run_script('ncf.py', flags, os.path.join(directory, 'train.txt'), f'training {name}')
+    return flags, False
+
+
+def rank_fully(data, directory, device, name):
+    """The full-ranking figures of the run's best model."""
+    log = os.path.join(directory, 'full.json')
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(log)  # a test appends to its log: only this one's figures
+    run_script('ncf.py', ['--data', data, '--mode', 'test', '--eval_mode', 'full',
+                          '--checkpoint_dir', directory, '--device', device, '--log_path', log,
+                          '--metrics_at', str(TOPK)], os.path.join(directory, 'full.txt'),
+               f'ranking {name} against every item')
+    return [r['data'] for r in read_log(log) if r.get('step') == []][-1]
+
+
+def run(args, data, metadata, model, seed, progress):
+    """One run's figures: its result.json where it holds this same run, else trained (resumed
+    where it stopped) and ranked against every item now, and recorded in result.json."""
+    name = run_name(model, seed)
+    directory = os.path.join(progress.runs_directory, name)
+    same = identity(args, metadata, model, seed)
+    recorded = read_json(os.path.join(directory, RESULT_FILE))
+    if isinstance(recorded, dict) and recorded.get('identity') == same:
+        return recorded, f'reused: {os.path.join(directory, RESULT_FILE)}'
+    progress.current = name, 'in training'
     start = time.perf_counter()
-    ncf(flags, os.path.join(directory, 'train.txt'))
+    flags, resumed = train(data, directory, same, model, seed)
     wall = time.perf_counter() - start
-    epochs = [r['data'] for r in read_log(os.path.join(directory, 'log.json'))
-              if isinstance(r.get('step'), list) and r['step']]
+    progress.current = name, 'in its full-ranking test'
+    full = rank_fully(data, directory, args.device, name)
+    epochs = epoch_figures(os.path.join(directory, 'log.json'))
     best = max(epochs, key=lambda figures: figures[f'hr@{TOPK}'])  # the first best, as saved
-    full_log = os.path.join(directory, 'full.json')
-    ncf(['--data', data, '--mode', 'test', '--eval_mode', 'full', '--checkpoint_dir',
-         directory, '--device', args.device, '--log_path', full_log, '--metrics_at',
-         str(TOPK)], os.path.join(directory, 'full.txt'))
-    full = [r['data'] for r in read_log(full_log) if r.get('step') == []][-1]
-    return {
+    result = {
         'model': model, 'seed': seed,
         'sampled': {'hr': best[f'hr@{TOPK}'], 'ndcg': best[f'ndcg@{TOPK}'], 'mrr': best['mrr']},
         'full': {'hr': full[f'hr@{TOPK}'], 'ndcg': full[f'ndcg@{TOPK}'], 'mrr': full['mrr']},
         'best_epoch': epochs.index(best), 'epochs': len(epochs),
         'train_seconds': sum(figures['train_epoch_time'] for figures in epochs),
-        'wall_seconds': wall,
+        'wall_seconds': wall, 'resumed': resumed,
         'parameters': parameters(os.path.join(directory, 'model.pth')),
-        'flags': flags,
+        'flags': flags, 'identity': same,
     }
+    write_json(os.path.join(directory, RESULT_FILE), result)
+    return result, 'resumed from its last.pth' if resumed else ''
 
 
 def summarise(runs, models):
@@ -181,8 +337,7 @@ def plot(summary, path):
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('compare_models.py: warning: no matplotlib, no plot (pip install matplotlib)',
-              file=sys.stderr)
+        cli.warn('no matplotlib, no plot (pip install matplotlib)')
         return False
     models = list(summary)
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -196,45 +351,75 @@ def plot(summary, path):
         axis.set_title(f'{metric.upper()}@{TOPK}')
         axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format='png', dpi=120))
     return True
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def convert_ratings(args):
+    """--ratings converted into OUT/cache by convert.py (its output in OUT/convert.txt)."""
+    data = os.path.join(args.out, 'cache')
+    log = os.path.join(args.out, 'convert.txt')
+    print(f'Converting {args.ratings} into {data} (convert.py\'s output: {log})',
+          file=sys.stderr, flush=True)
+    run_script('convert.py', ['--path', args.ratings, '--output', data], log,
+               f'converting --ratings {args.ratings}')
+    return data
+
+
+def write_text(path, text):
+    def write(temporary):
+        with open(temporary, 'w') as file:
+            file.write(text)
+    atomic_write(path, write)
+
+
+def compare(args, progress):
+    """Every run (reusing the complete ones), then the summary, written to OUT."""
+    def say(line):
+        print(line, file=sys.stderr, flush=True)
+    # a missing or broken cache, or an --out that cannot be written, before any work
+    metadata = read_metadata(args.data, log=say) if args.data else None
+    cli.check_writable_directory(args.out, '--out')
     os.makedirs(args.out, exist_ok=True)
-    data = args.data
-    if args.ratings:
-        data = os.path.join(args.out, 'cache')
-        subprocess.run([sys.executable, os.path.join(ROOT, 'convert.py'), '--path',
-                        args.ratings, '--output', data], check=True)
-    with open(os.path.join(data, 'metadata.json')) as file:
-        metadata = json.load(file)
-    start = time.perf_counter()
-    runs = []
-    for seed in args.seeds:
-        for model in args.models:
-            runs.append(run(args, data, model, seed, metadata['valid_negative']))
-            result = runs[-1]
-            print(f'{model} seed {seed}: HR@{TOPK} sampled {result["sampled"]["hr"]:.4f} '
-                  f'(epoch {result["best_epoch"]}), full {result["full"]["hr"]:.4f}; '
-                  f'{result["train_seconds"]:.1f} s of training', file=sys.stderr, flush=True)
+    with DirectoryLock(args.out, 'one comparison per --out'):
+        data = args.data or convert_ratings(args)
+        metadata = metadata or read_metadata(data, log=say)
+        start = time.perf_counter()
+        runs = []
+        for seed in args.seeds:
+            for model in args.models:
+                result, how = run(args, data, metadata, model, seed, progress)
+                runs.append(result)
+                progress.finished(run_name(model, seed))
+                say(f'{model} seed {seed}: HR@{TOPK} sampled {result["sampled"]["hr"]:.4f} '
+                    f'(epoch {result["best_epoch"]}), full {result["full"]["hr"]:.4f}; '
+                    f'{result["train_seconds"]:.1f} s of training' + (f' ({how})' if how else ''))
+        return report(args, data, metadata, runs, time.perf_counter() - start)
+
+
+def report(args, data, metadata, runs, seconds):
+    """results.md, results.json and results.png in OUT, each whole or absent; the table on
+    stderr, the summary's JSON on stdout."""
     summary = summarise(runs, args.models)
     dataset = (f'{metadata.get("source_file", data)}: {metadata["n_users"]:,} users, '
                f'{metadata["n_items"]:,} items, {metadata.get("valid_negative")} test negatives '
                f'per user ({metadata.get("test_negative_sampling", "recipe")})')
     table = markdown(summary, dataset)
-    with open(os.path.join(args.out, 'results.md'), 'w') as file:
-        file.write(table)
+    write_text(os.path.join(args.out, 'results.md'), table)
     plotted = plot(summary, os.path.join(args.out, 'results.png'))
     result = {'benchmark': 'compare_models', 'dataset': dataset, 'summary': summary,
               'runs': runs, 'common_flags': COMMON_FLAGS, 'model_flags': MODEL_FLAGS,
-              'seconds': time.perf_counter() - start, 'plot': plotted}
-    with open(os.path.join(args.out, 'results.json'), 'w') as file:
-        json.dump(result, file, indent=1)
+              'seconds': seconds, 'plot': plotted}
+    write_json(os.path.join(args.out, 'results.json'), result)
     print(table, file=sys.stderr)
     print(json.dumps({key: value for key, value in result.items() if key != 'runs'}))
     return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    progress = Progress(args)
+    return cli.run_main(PROGRAM, compare, args, progress, kept=progress.kept)
 
 
 if __name__ == '__main__':

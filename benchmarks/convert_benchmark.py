@@ -8,13 +8,13 @@ The generated file has ML-20m's header and the shape asked for (synthetic.SHAPES
 rows, 138,493 users, 26,744 items; ml-32m, 32M rows, 200,948 users, 87,585 items; no repeated
 pair), from synthetic.py. Each run is a fresh `python convert.py` process, as a user runs it,
 import time included; its peak RSS is the kernel's accounting of that process alone (wait4).
-The last line is JSON.
+Each child's output goes to a log in the work directory. Stopped (Ctrl-C, SIGTERM), it stops the
+running child with it and ends in one line saying what the work directory holds. The last line
+is JSON.
 """
-import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,50 +22,66 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from ncflib import cli  # noqa: E402
+
+PROGRAM = 'convert_benchmark.py'
+if __name__ == '__main__':
+    cli.handle_signals_early(PROGRAM)
+
 import synthetic  # noqa: E402
+# the benchmarks' one way to run a child that stops with them (and to measure it)
+from compare_models import run_script  # noqa: E402
 from ncflib.cache import METADATA_FILE  # noqa: E402
 from ncflib.runtime import cpu_name  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--path', help='ratings file to convert (default: generate one)')
     parser.add_argument('--shape', choices=sorted(synthetic.SHAPES), default='ml-20m',
                         help='of the generated file')
     parser.add_argument('--repeat', type=int, default=3, help='runs; the median is reported')
-    parser.add_argument('--workdir', default=None, help='where to put the generated file and cache')
-    args = parser.parse_args()
+    parser.add_argument('--workdir', default=None,
+                        help='where to put the generated file, the caches and the logs '
+                             '(default: a new temporary directory)')
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error(f'--repeat must be at least 1, not {args.repeat}')
+    return args
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix='convert-benchmark-')
+
+def generate(path, shape, workdir):
+    users, items, rows = synthetic.SHAPES[shape]
+    print(f'Generating an {shape}-shaped file at {path} ...', file=sys.stderr, flush=True)
+    run_script('synthetic.py', ['--output', path, '--layout', 'ml-20m', '--users', str(users),
+                                '--items', str(items), '--rows', str(rows)],
+               os.path.join(workdir, 'generate.txt'), f'generating {path}')
+
+
+def benchmark(args, timed):
+    """Time --repeat conversions; `timed` (a list) collects each one's wall time as it ends."""
+    cli.check_writable_directory(args.workdir, '--workdir')
+    os.makedirs(args.workdir, exist_ok=True)
     path = args.path
     if path is None:
-        path = os.path.join(workdir, f'ratings-{args.shape}.csv')
-        if not os.path.exists(path):
-            users, items, rows = synthetic.SHAPES[args.shape]
-            print(f'Generating an {args.shape}-shaped file at {path} ...', file=sys.stderr)
-            subprocess.run([sys.executable, os.path.join(ROOT, 'synthetic.py'), '--output', path,
-                            '--layout', 'ml-20m', '--users', str(users), '--items', str(items),
-                            '--rows', str(rows)], check=True)
-
-    walls, peaks = [], []
+        path = os.path.join(args.workdir, f'ratings-{args.shape}.csv')
+        if not os.path.exists(path):  # synthetic.py writes it whole or not at all
+            generate(path, args.shape, args.workdir)
+    peaks = []
     for run in range(args.repeat):
-        output = os.path.join(workdir, f'cache{run}')
+        output = os.path.join(args.workdir, f'cache{run}')
         start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, os.path.join(ROOT, 'convert.py'), '--path',
-                                  path, '--output', output])
-        _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage
-        walls.append(time.perf_counter() - start)
-        child.returncode = os.waitstatus_to_exitcode(status)
-        if child.returncode:
-            sys.exit(f'convert.py failed (exit status {child.returncode})')
+        usage = run_script('convert.py', ['--path', path, '--output', output],
+                           os.path.join(args.workdir, f'convert{run}.txt'),
+                           f'converting {path} (run {run + 1})')
+        timed.append(time.perf_counter() - start)
         peaks.append(usage.ru_maxrss / 1e6)  # kB on Linux
-        print(f'run {run + 1}: {walls[-1]:.2f} s wall, peak RSS {peaks[-1]:.2f} GB',
+        print(f'run {run + 1}: {timed[-1]:.2f} s wall, peak RSS {peaks[-1]:.2f} GB',
               file=sys.stderr)
-        with open(os.path.join(output, METADATA_FILE)) as file:
-            metadata = json.load(file)
+    with open(os.path.join(output, METADATA_FILE)) as file:
+        metadata = json.load(file)
 
-    walls.sort()
+    walls = sorted(timed)
     result = {
         'benchmark': 'convert',
         'file': os.path.basename(path),
@@ -82,6 +98,18 @@ def main():
         'python': platform.python_version(),
     }
     print(json.dumps(result))
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix='convert-benchmark-')
+    timed = []
+
+    def kept():
+        return (f'{len(timed)} of {args.repeat} conversions timed; what each step wrote, and '
+                f'its log, is in {args.workdir}')
+    return cli.run_main(PROGRAM, benchmark, args, timed, kept=kept)
 
 
 if __name__ == '__main__':

@@ -3,9 +3,10 @@
 # on an H100 or H200; every step has its own timeout, and a step that fails or times out does not
 # stop the next):
 #
-#   bash benchmarks/gpu_check.sh tests     the CUDA tests (pytest -m "cuda or gpu"): every
-#                                          implementation == eager in fp32 on CUDA, bf16 / fp16 /
-#                                          tf32 within tolerance, the Triton kernels on the GPU
+#   bash benchmarks/gpu_check.sh tests     the CUDA tests (pytest -m cuda): every implementation
+#                                          == eager in fp32 on CUDA, bf16 / fp16 / tf32 within
+#                                          tolerance
+#   bash benchmarks/gpu_check.sh kernels   the Triton kernel tests on the GPU (pytest -m gpu)
 #   bash benchmarks/gpu_check.sh speed     throughput.py at ML-20m's shape, batch 2^20 (the
 #                                          reference's configuration, each knob, compile, fused,
 #                                          the default in fp16), then HR@10 per epoch of the
@@ -17,18 +18,52 @@
 #                                          the peak memory of each part beside the computed one
 #   bash benchmarks/gpu_check.sh summary   OUT/summary.json: every figure, and the ones not taken
 #
-# OUT (default ./gpu-check) collects what each step printed; WORK (default /tmp/ncf-gpu) holds
-# the ML-20m-shaped data, the checkpoints and torch.compile's cache, shared by the stages and by
-# the tests (a stage on a fresh machine makes what it needs again). EPOCHS (default 3) epochs for
-# the HR comparison.
+# The CUDA tests and the Triton kernel tests are two stages: with a cold cache the CUDA tests
+# compile six runs under torch.compile (some 25 s each on an H200) and the kernel tests some 30
+# Triton kernels (a few seconds each), together past one stage's 4 minutes. Each has its own
+# step timeout within them (230 s and 200 s); a rerun on the same machine finds both compilers'
+# caches in WORK.
+#
+# Every stage but summary (which reads only what the others wrote) first checks that torch,
+# triton, pyarrow and gcc (which torch.compile and Triton compile with) are there, and stops in
+# one line naming those missing, before any work. OUT (default ./gpu-check) collects what each
+# step printed; WORK (default /tmp/ncf-gpu) holds the ML-20m-shaped data, the checkpoints and
+# torch.compile's and Triton's caches, shared by the stages and by the tests (a stage on a fresh
+# machine makes what it needs again). EPOCHS (default 3) epochs for the HR comparison.
 set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+STAGES='tests kernels speed serve memory summary'
 STAGE=${1:-}
+if [ -z "${STAGE}" ]; then
+    sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
+    exit 2
+fi
+if [[ " ${STAGES} " != *" ${STAGE} "* ]]; then
+    echo "gpu_check.sh: error: no stage ${STAGE}: one of ${STAGES// /, }" >&2
+    exit 2
+fi
+
+# The tools a stage's work needs: one line naming those missing, exit status 1.
+require_tools() {
+    local missing
+    missing=$(python -c 'import importlib.util
+print(" ".join(name for name in ("torch", "triton", "pyarrow")
+               if importlib.util.find_spec(name) is None))' 2>/dev/null) || missing=python
+    command -v gcc > /dev/null || missing="${missing:+${missing} }gcc"
+    if [ -n "${missing}" ]; then
+        echo "gpu_check.sh: error: the ${STAGE} stage needs ${missing// /, }, not found" \
+            "(python: $(command -v python || echo none)); nothing was run" >&2
+        exit 1
+    fi
+}
+[ "${STAGE}" = summary ] || require_tools
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-./gpu-check}
 WORK=${WORK:-/tmp/ncf-gpu}
 EPOCHS=${EPOCHS:-3}
 DATA="${WORK}/synthetic-ml-20m/cache"
-export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${WORK}/inductor}
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${WORK}/inductor} \
+    TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${WORK}/triton}
 mkdir -p "${OUT}" "${WORK}"
 
 # step NAME SECONDS COMMAND...: run COMMAND with a timeout, its output to OUT/NAME.txt
@@ -64,7 +99,10 @@ case ${STAGE} in
 tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "${OUT}/gpu.txt" 2>&1
     cat "${OUT}/gpu.txt" >&2
-    step tests 220 python -m pytest -q -m "cuda or gpu" tests
+    step tests 230 python -m pytest -q -m cuda tests
+    ;;
+kernels)
+    step kernels 200 python -m pytest -q -m gpu tests
     ;;
 speed)
     data
@@ -116,8 +154,27 @@ def inference(text):
     rows = re.findall(r'^\s*(\d+)\s+([0-9.e+]+)\s', text, re.M)
     return {int(size): float(rate) for size, rate in rows} or None
 
-throughput = [line for line in read('throughput').splitlines() if line.startswith('{')]
-throughput = json.loads(throughput[-1]) if throughput else None
+def throughput_figures(text):
+    """throughput.py's last line, or, where it was stopped before printing it, the rows it
+    printed one per line as each ended (the first is the baseline; default_plan marks the
+    default's)."""
+    printed = []
+    for line in text.splitlines():
+        if line.startswith('{'):
+            try:
+                printed.append(json.loads(line))
+            except ValueError:  # a line cut short by the timeout
+                pass
+    whole = [figures for figures in printed if 'rows' in figures]
+    if whole:
+        return whole[-1]
+    rows = [figures for figures in printed if 'row' in figures]
+    if not rows:
+        return None
+    return {'rows': rows, 'baseline': rows[0]['row'], 'partial': True,
+            'default': next((row['row'] for row in rows if row.get('default_plan')), None)}
+
+throughput = throughput_figures(read('throughput'))
 rows = {row['row']: row for row in throughput['rows']} if throughput else {}
 
 def train(name):
@@ -127,6 +184,7 @@ default, plain = read('hr_default'), read('hr_plain')
 figures = {
     'gpu': (read('gpu').strip().splitlines() or [None])[-1],
     'tests': (read('tests').strip().splitlines() or [None])[-1],
+    'kernels': (read('kernels').strip().splitlines() or [None])[-1],
     'train_baseline_fp16_samples_per_s': train(throughput['baseline']) if throughput else None,
     'train_compile_samples_per_s': train('compile'),
     'train_fused_samples_per_s': train('fused'),
@@ -160,9 +218,5 @@ with open(os.path.join(out, 'summary.json'), 'w') as file:
     json.dump({**figures, 'throughput': throughput}, file, indent=1)
 print(json.dumps(figures, indent=1))
 PY
-    ;;
-*)
-    sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
-    exit 2
     ;;
 esac

@@ -21,13 +21,18 @@ negatives, bf16 (the CUDA default):
 evaluates with ncf's own code, and reports torch.cuda.max_memory_allocated after each part.
 The last line is JSON.
 """
-import argparse
 import json
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from ncflib import cli  # noqa: E402
+
+PROGRAM = 'gpu_memory.py'
+if __name__ == '__main__':
+    cli.handle_signals_early(PROGRAM)  # Ctrl-C while torch loads is one line too
 
 import torch  # noqa: E402
 
@@ -154,14 +159,19 @@ def measured(device, users, items, positives, shape, batch_size, negatives, vali
     return peaks
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--shape', choices=sorted(synthetic.SHAPES), default='ml-32m')
     parser.add_argument('-b', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument('--precision', choices=['fp32', 'fp16', 'bf16'], default='bf16')
     parser.add_argument('--measure', action='store_true', help='also measure it (CUDA)')
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def report(args):
+    """The computed parts (and, with --measure, the measured ones) on stderr, the JSON last."""
+    if args.measure and not torch.cuda.is_available():
+        raise cli.UsageError('--measure needs CUDA')
     users, items, rows = synthetic.SHAPES[args.shape]
     positives = rows - users  # a test positive per user
     shape = models.ModelShape()
@@ -178,15 +188,23 @@ def main(argv=None):
               'positives': positives, 'parameters': parameters, 'batch_size': args.batch_size,
               'precision': args.precision, 'computed_gib': parts, 'computed_peak_gib': total}
     if args.measure:
-        if not torch.cuda.is_available():
-            sys.exit('gpu_memory.py: --measure needs CUDA')
-        result['measured_peak_gib'] = measured('cuda', users, items, positives, shape,
-                                               args.batch_size, DEFAULT_NEGATIVE_SAMPLES,
-                                               VALID_NEGATIVE, args.precision)
+        try:
+            result['measured_peak_gib'] = measured('cuda', users, items, positives, shape,
+                                                   args.batch_size, DEFAULT_NEGATIVE_SAMPLES,
+                                                   VALID_NEGATIVE, args.precision)
+        except Exception as error:  # running out of memory is an answer too, in one line
+            if not cli.out_of_memory(error):
+                raise
+            raise cli.UsageError(f'out of memory measuring {args.shape} at batch '
+                                 f'{args.batch_size:,} ({cli.first_line(error)})') from None
         for name, gib in result['measured_peak_gib'].items():
             print(f'  measured peak after {name:<30} {gib:7.2f} GiB', file=sys.stderr)
     print(json.dumps(result))
     return result
+
+
+def main(argv=None):
+    return cli.run_main(PROGRAM, report, parse_args(argv), kept='nothing was written')
 
 
 if __name__ == '__main__':

@@ -6,29 +6,39 @@ Times dataloading.TrainBatches.epoch (negatives, shuffle and the batch gather) w
 --negative_sampling approximate and exact, and the one-off ItemExclusion build, with device
 synchronisation; the median of --repeat epochs each. The last line is JSON.
 """
-import argparse
 import json
 import os
 import statistics
 import sys
 
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ncflib import cli  # noqa: E402
+
+PROGRAM = 'negative_sampling.py'
+if __name__ == '__main__':
+    cli.handle_signals_early(PROGRAM)  # Ctrl-C while torch loads is one line too
 
 import dataloading  # noqa: E402
 from ncflib import runtime  # noqa: E402
 from ncflib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVE_SAMPLES  # noqa: E402
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None):
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--data', required=True, help='a cache written by convert.py')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
     parser.add_argument('-b', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument('-n', '--negative_samples', type=int, default=DEFAULT_NEGATIVE_SAMPLES)
     parser.add_argument('--repeat', type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ('batch_size', 'negative_samples', 'repeat'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1, not {getattr(args, name)}')
+    return args
+
+
+def benchmark(args):
     plan = runtime.resolve(runtime.PlanOptions(device=args.device, precision='fp32'))
     device = plan.device
     dataset = dataloading.load_dataset(args.data, device)
@@ -54,6 +64,11 @@ def main():
         print(f'{name}: {result[f"{name}_epoch_s"]:.3f} s per epoch', file=sys.stderr)
     result['exact_extra_s'] = round(result['exact_epoch_s'] - result['approximate_epoch_s'], 3)
     print(json.dumps(result))
+    return result
+
+
+def main(argv=None):
+    return cli.run_main(PROGRAM, benchmark, parse_args(argv), kept='nothing was written')
 
 
 if __name__ == '__main__':

@@ -15,10 +15,13 @@ synchronisation:
 a training step (median of --steps after warm-up), a whole epoch (negative sampling and
 shuffling included), one full evaluation, the time from building the model to the end of the
 first step (compilation included), and, on CUDA, the peak memory. Without --data,
-MovieLens-shaped synthetic data is generated and converted first (cached in --workdir). The last
-line is JSON: every row, and train_speedup / eval_speedup of the default against the first row.
+MovieLens-shaped synthetic data is generated and converted first (cached in --workdir).
+
+Each row's figures are printed as one JSON line as soon as it is timed (`default_plan`: whether
+it is the default's configuration), so a run stopped or timed out keeps the rows it finished;
+the last line is JSON: every row, and train_speedup / eval_speedup of the default against the
+first row. Stopped (Ctrl-C, SIGTERM), it ends in one line saying how many rows it printed.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -27,10 +30,16 @@ import statistics
 import sys
 import tempfile
 
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from ncflib import cli  # noqa: E402
+
+PROGRAM = 'throughput.py'
+if __name__ == '__main__':
+    cli.handle_signals_early(PROGRAM)  # Ctrl-C while torch loads is one line too
+
+import torch  # noqa: E402
 
 import convert  # noqa: E402
 import dataloading  # noqa: E402
@@ -148,8 +157,7 @@ def time_row(name, plan, dataset, args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--data', help='a cache to use (None: generate synthetic data)')
     parser.add_argument('--shape', choices=sorted(synthetic.SHAPES),
                         help='generated data shape (None: ml-20m on CUDA, ml-1m on a CPU)')
@@ -169,12 +177,29 @@ def parse_args(argv=None):
     parser.add_argument('-b2', '--beta2', type=float, default=DEFAULT_BETAS[1])
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ('batch_size', 'steps'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1, not {getattr(args, name)}')
+    return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def time_rows(rows, default, dataset, args, results):
+    """Time each row, appending its figures to `results` and printing them as a JSON line as
+    soon as it is done. The default's row is the first with its implementation and precision."""
+    for name, plan in rows:
+        figures = time_row(name, plan, dataset, args)
+        figures['default_plan'] = (plan.impl == default.impl
+                                   and plan.precision == default.precision
+                                   and not any(row['default_plan'] for row in results))
+        results.append(figures)
+        # one write: a stop (run_main's exception) never parts a row from its line's end
+        sys.stdout.write(json.dumps(figures) + '\n')
+        sys.stdout.flush()
 
+
+def benchmark(args, results, planned):
+    """Every row, then the JSON of them all; `results` and `planned` (lists) say how far it got."""
     args.model_shape = models.ModelShape(args.model, args.factors, args.layers, args.dropout)
     default = runtime.resolve(runtime.PlanOptions(device=args.device), args.model_shape)
     on_cuda = default.device.type == 'cuda'
@@ -186,11 +211,10 @@ def main(argv=None):
           f'{len(dataset.train_users):,} training positives, batch {args.batch_size:,}; '
           f'default: {default.describe()}', file=sys.stderr)
 
-    rows = [(row, plan) for row, plan in rows_of(default)
-            if not args.impl or row.startswith(('baseline', '+')) or plan.impl in args.impl]
-    results = [time_row(row, plan, dataset, args) for row, plan in rows]
-    default_row = next(r for r in results if r['impl'] == default.impl
-                       and r['precision'] == default.precision)
+    planned += [(row, plan) for row, plan in rows_of(default)
+                if not args.impl or row.startswith(('baseline', '+')) or plan.impl in args.impl]
+    time_rows(planned, default, dataset, args, results)
+    default_row = next(row for row in results if row['default_plan'])
     baseline_row = results[0]
     result = {
         'benchmark': 'throughput',
@@ -223,6 +247,19 @@ def main(argv=None):
           f'{result["eval_speedup"]}x; against {other_row["row"]}: train '
           f'{result.get("default_over_other_precision")}x', file=sys.stderr)
     print(json.dumps(result))
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    results, planned = [], []
+
+    def kept():
+        if not planned:
+            return 'no row timed yet'
+        return (f'{len(results)} of {len(planned)} rows timed, each printed on stdout as a JSON '
+                'line')
+    return cli.run_main(PROGRAM, benchmark, args, results, planned, kept=kept)
 
 
 if __name__ == '__main__':

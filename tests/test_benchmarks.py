@@ -1,13 +1,22 @@
-"""The benchmarks run: benchmarks/throughput.py times every knob of the plan in one run, and
-benchmarks/compare_models.py compares the NCF family (the figures themselves come from benchmark
-runs, never from tests)."""
+"""The benchmarks run: benchmarks/throughput.py times every knob of the plan in one run (a JSON
+line per row as it ends), benchmarks/compare_models.py compares the NCF family and, stopped,
+stops its child with it and continues when run again; the other benchmarks and gpu_check.sh's
+stages keep the one-line contract (the figures themselves come from benchmark runs, never from
+tests)."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
-from conftest import ROOT
+import pytest
+
+from conftest import ENV, PYTHON, ROOT, assert_one_line_error, fails
 from ncflib import runtime
+
+BENCHMARKS = os.path.join(ROOT, 'benchmarks')
 
 
 def test_throughput_benchmark_attributes_every_knob(tiny_data):
@@ -16,7 +25,11 @@ def test_throughput_benchmark_attributes_every_knob(tiny_data):
          '--device', 'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32',
          '16', '8', '--impl', 'cpu_fused'], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    *row_lines, last = completed.stdout.strip().splitlines()
+    result = json.loads(last)
+    # each row printed as it ended, as the final JSON has it
+    assert [json.loads(line) for line in row_lines] == result['rows']
+    assert [row['row'] for row in result['rows'] if row['default_plan']] == [result['default']]
     assert result['shape']['n_users'] == 300 and result['batch_size'] == 4096
     names = [row['row'] for row in result['rows']]
     chosen = result['default_precision']  # measured faster on this CPU
@@ -33,6 +46,28 @@ def test_throughput_benchmark_attributes_every_knob(tiny_data):
             assert row[key] > 0
     for key in ('train_speedup', 'train_step_speedup', 'eval_speedup'):
         assert result[key] > 0
+
+
+def test_throughput_stopped_keeps_the_rows_it_printed(tiny_data):
+    """SIGTERM (a stage's timeout) once the first row is printed: that row stays on stdout as a
+    JSON line, and the run ends in one line saying how many rows it timed."""
+    process = subprocess.Popen(
+        [PYTHON, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data, '--device',
+         'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32', '16', '8',
+         '--impl', 'cpu_fused'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=ENV)
+    line = process.stdout.readline()
+    assert line, process.communicate()
+    first = json.loads(line)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert first['row'] == 'baseline: eager fp32' and first['train_step_samples_per_s'] > 0
+    assert 'Traceback' not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith('throughput.py: interrupted: ') and ' rows timed, each printed on ' \
+        'stdout as a JSON line' in last
+    assert all('rows' not in json.loads(line) for line in stdout.splitlines())
 
 
 def test_compare_models_trains_each_model_and_reports_both_protocols(tiny_data, tmp_path):
@@ -69,6 +104,184 @@ def test_compare_models_trains_each_model_and_reports_both_protocols(tiny_data, 
     assert bad.returncode == 2 and '--flags takes MODEL="FLAGS"' in bad.stderr
 
 
+def test_compare_models_bad_input_and_a_failing_run_are_one_line(tiny_data, tmp_path,
+                                                                   monkeypatch, capsys):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import compare_models
+
+    fails(compare_models.main, ['--data', str(tmp_path / 'none'), '--out',
+                                str(tmp_path / 'out')], capsys, '--data', 'not a directory')
+    assert not (tmp_path / 'out').exists()
+    fails(compare_models.main, ['--data', tiny_data, '--models', 'gmf', '--seeds', '1',
+                                '--out', str(tmp_path / 'out'), '--flags', 'gmf=--no_such_flag'],
+          capsys, 'training gmf-seed1: ncf.py failed: ', '--no_such_flag',
+          str(tmp_path / 'out' / 'runs' / 'gmf-seed1' / 'train.txt'))
+
+
+# Stopping compare_models: its child ncf.py is frozen (SIGSTOP) once it has saved an epoch, so
+# that the signal finds it training on any machine's speed; it goes on (SIGCONT) once the signal
+# passed on by compare_models is pending.
+
+def proc_status(pid):
+    """{field: value} of /proc/PID/status; {} once the process is gone."""
+    try:
+        with open(f'/proc/{pid}/status') as file:
+            return dict(line.rstrip('\n').split(':\t', 1) for line in file if ':\t' in line)
+    except OSError:
+        return {}
+
+
+def has_signal(pid, field, signum):
+    """Whether bit `signum` is set in the signal mask `field` (SigIgn, ShdPnd) of `pid`."""
+    return bool(int(proc_status(pid).get(field, '0'), 16) >> (signum - 1) & 1)
+
+
+def command_lines():
+    """{pid: argv} of every process this user can see."""
+    lines = {}
+    for name in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{name}/cmdline', 'rb') as file:
+                lines[int(name)] = file.read().decode(errors='replace').split('\0')
+        except (ValueError, OSError):
+            continue
+    return lines
+
+
+def parent_of(pid):
+    return int(proc_status(pid).get('PPid', 0))
+
+
+def wait_until(condition, process, what, deadline=240):
+    start = time.monotonic()
+    while not condition():
+        assert process.poll() is None, (what, process.communicate())
+        assert time.monotonic() - start < deadline, what
+        time.sleep(0.01)
+
+
+def frozen_training(process, checkpoint_dir):
+    """The pid of `process`'s child ncf.py training into `checkpoint_dir`, stopped (SIGSTOP)
+    once it has saved an epoch there (its last.pth: it has epochs to go, --epochs 8)."""
+    if not os.path.isdir(f'/proc/{process.pid}'):
+        pytest.skip('needs /proc to find the child and see its signals')
+    frozen = []
+
+    def stopped_after_an_epoch():
+        if not os.path.exists(os.path.join(checkpoint_dir, 'last.pth')):
+            return False
+        for pid, argv in command_lines().items():
+            if parent_of(pid) != process.pid or str(checkpoint_dir) not in argv \
+                    or '--mode' in argv:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            while proc_status(pid).get('State', 'X')[0] not in 'TtZX':
+                time.sleep(0.001)
+            if proc_status(pid).get('State', 'X')[0] in 'Tt':
+                frozen.append(pid)
+                return True
+        return False
+    wait_until(stopped_after_an_epoch, process, f'a training into {checkpoint_dir}')
+    return frozen[0]
+
+
+SMALL_RUN = '-f 8 --layers 32 16 8 --valid_negative 50 -l 0.01 --precision fp32'
+
+
+def compare_command(tiny_data, out, **epochs):
+    return [PYTHON, os.path.join(BENCHMARKS, 'compare_models.py'), '--data', tiny_data,
+            '--models', *epochs, '--seeds', '3', '--device', 'cpu', '--out', str(out),
+            *[f'--flags={model}={SMALL_RUN} -e {count}' for model, count in epochs.items()]]
+
+
+def assert_stopped_cleanly(stderr, out, child):
+    """compare_models' last line says what is left; its child is gone (compare_models waited
+    for it), as is any other process working in `out`; nothing is half-written."""
+    assert 'Traceback' not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if 'interrupted' in line or 'error' in line]
+    assert len(lines) == 1 and lines[0] == stderr.strip().splitlines()[-1], stderr
+    assert not os.path.exists(f'/proc/{child}')
+    assert not [argv for argv in command_lines().values() if any(str(out) in a for a in argv)]
+    for root, _, names in os.walk(out):
+        assert not [name for name in names if name.endswith('.tmp')], root
+    assert not (out / 'results.json').exists() and not (out / 'results.md').exists()
+    return lines[0]
+
+
+def test_compare_models_stopped_by_sigterm_stops_its_child_and_the_same_command_continues(
+        tiny_data, tmp_path):
+    out = tmp_path / 'out'
+    command = compare_command(tiny_data, out, gmf=1, mlp=8)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=ENV)
+    mlp = out / 'runs' / 'mlp-seed3'
+    child = frozen_training(process, mlp)
+    process.send_signal(signal.SIGTERM)
+    wait_until(lambda: has_signal(child, 'ShdPnd', signal.SIGTERM), process,
+               'SIGTERM passed on to ncf.py')
+    os.kill(child, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr
+    line = assert_stopped_cleanly(stderr, out, child)
+    assert line == (f'compare_models.py: interrupted: 1 of 2 runs complete in {out}/runs '
+                    '(gmf-seed3); mlp-seed3 stopped in training, its last.pth kept; the same '
+                    'command again continues: complete runs are reused, mlp-seed3 resumes from '
+                    'its last.pth')
+    assert (mlp / 'train.txt').read_text().strip().splitlines()[-1].startswith(
+        f'ncf.py: interrupted: {mlp}/last.pth from epoch ')
+    gmf = out / 'runs' / 'gmf-seed3'
+    finished = {name: (gmf / name).read_bytes() for name in ('result.json', 'train.txt',
+                                                             'model.pth')}
+
+    again = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert {name: (gmf / name).read_bytes() for name in finished} == finished  # not retrained
+    assert f'(reused: {gmf}/result.json)' in again.stderr
+    assert 'mlp seed 3: ' in again.stderr and '(resumed from its last.pth)' in again.stderr
+    assert 'Resuming after epoch ' in (mlp / 'train.txt').read_text()
+    runs = json.loads((out / 'results.json').read_text())['runs']
+    assert [(run['model'], run['epochs'], run['resumed']) for run in runs] == [
+        ('gmf', 1, False), ('mlp', 8, True)]
+
+
+def test_compare_models_stopped_by_ctrl_c_says_what_is_left(tiny_data, tmp_path):
+    """Ctrl-C at a terminal: SIGINT to the whole process group, compare_models and its child
+    alike (the child takes the one passed on as part of the first)."""
+    out = tmp_path / 'out'
+    process = subprocess.Popen(compare_command(tiny_data, out, gmf=8), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV,
+                               start_new_session=True)
+    gmf = out / 'runs' / 'gmf-seed3'
+    child = frozen_training(process, gmf)
+    os.killpg(process.pid, signal.SIGINT)
+    wait_until(lambda: has_signal(process.pid, 'SigIgn', signal.SIGINT), process,
+               'compare_models taking Ctrl-C')
+    os.kill(child, signal.SIGCONT)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 130, stderr
+    line = assert_stopped_cleanly(stderr, out, child)
+    assert line == (f'compare_models.py: interrupted: 0 of 1 runs complete in {out}/runs; '
+                    'gmf-seed3 stopped in training, its last.pth kept; the same command again '
+                    'continues: gmf-seed3 resumes from its last.pth')
+    log = (gmf / 'train.txt').read_text()
+    assert log.count('ncf.py: interrupted: ') == 1 and 'Traceback' not in log
+
+
+def test_convert_benchmark_and_negative_sampling_fail_in_one_line(tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import convert_benchmark
+    import negative_sampling
+
+    missing = str(tmp_path / 'ratings.csv')
+    fails(convert_benchmark.main, ['--path', missing, '--workdir', str(tmp_path / 'work'),
+                                   '--repeat', '1'], capsys,
+          'convert.py failed: convert.py: error: ', missing, str(tmp_path / 'work'))
+    fails(negative_sampling.main, ['--data', str(tmp_path / 'none'), '--device', 'cpu'],
+          capsys, '--data', 'not a directory')
+
+
 def test_gpu_memory_adds_up_each_part_and_runs_the_measured_parts(monkeypatch):
     """benchmarks/gpu_memory.py: ML-32m's NeuMF counted by hand, each part's bytes from it, and
     the measured run's parts executed (on a CPU, where no device peak exists) at a tiny size."""
@@ -98,3 +311,77 @@ def test_gpu_memory_adds_up_each_part_and_runs_the_measured_parts(monkeypatch):
                                 layers=(32, 16, 8)), 1024, 4, 100, 'fp32')
     assert peaks == {'data': None, 'model': None, 'epoch drawn': None,
                      '3 training steps': None, 'evaluation': None}
+
+
+def test_gpu_memory_measure_without_cuda_is_one_line(monkeypatch, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('CUDA is here: --measure measures')
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import gpu_memory
+
+    fails(gpu_memory.main, ['--measure'], capsys, '--measure needs CUDA')
+
+
+# gpu_check.sh: what runs without a GPU (the usage, the tools check, the summary)
+
+GPU_CHECK = os.path.join(BENCHMARKS, 'gpu_check.sh')
+
+
+def gpu_check(stage, tmp_path, path=None):
+    env = {**ENV, 'OUT': str(tmp_path / 'gpu-check'), 'WORK': str(tmp_path / 'work')}
+    if path is not None:
+        env['PATH'] = path
+    return subprocess.run(['/bin/bash', GPU_CHECK, *([stage] if stage else [])],
+                          capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_gpu_check_lists_its_stages_and_refuses_others(tmp_path):
+    usage = gpu_check(None, tmp_path)
+    assert usage.returncode == 2
+    for stage in ('tests', 'kernels', 'speed', 'serve', 'memory', 'summary'):
+        assert f'gpu_check.sh {stage} ' in usage.stderr
+    unknown = gpu_check('test', tmp_path)
+    assert unknown.returncode == 2
+    assert_one_line_error(unknown, 'no stage test: one of tests, kernels, speed')
+    assert not (tmp_path / 'gpu-check').exists()
+
+
+def test_gpu_check_stops_before_any_work_without_its_tools(tmp_path):
+    """A PATH without gcc, then a python without its packages (-S: no site-packages): one line
+    naming what is missing, before anything is written (no GPU stage runs here)."""
+    bin_directory = tmp_path / 'bin'
+    bin_directory.mkdir()
+    python = bin_directory / 'python'
+    os.symlink(subprocess.run(['sh', '-c', 'command -v dirname'], capture_output=True,
+                              text=True).stdout.strip(), bin_directory / 'dirname')
+    for options, stage, missing in (('', 'tests', 'needs gcc, not found'),
+                                    ('-S', 'kernels', 'needs torch, triton, pyarrow, gcc,')):
+        python.write_text(f'#!/bin/sh\nexec {PYTHON} {options} "$@"\n')
+        python.chmod(0o755)
+        completed = gpu_check(stage, tmp_path, path=str(bin_directory))
+        assert completed.returncode == 1
+        assert_one_line_error(completed, f'gpu_check.sh: error: the {stage} stage {missing}')
+        assert not (tmp_path / 'gpu-check').exists() and not (tmp_path / 'work').exists()
+
+
+def test_gpu_check_summary_uses_the_rows_a_stopped_throughput_printed(tmp_path):
+    rows = [{'row': 'baseline: eager fp16', 'impl': 'eager', 'precision': 'fp16',
+             'train_epoch_samples_per_s': 7e7, 'eval_samples_per_s': 1e8,
+             'peak_memory_gib': 3.0, 'default_plan': False},
+            {'row': 'compile', 'impl': 'compile', 'precision': 'bf16',
+             'train_epoch_samples_per_s': 1.4e8, 'eval_samples_per_s': 6e8,
+             'peak_memory_gib': 2.0, 'default_plan': True}]
+    out = tmp_path / 'gpu-check'
+    out.mkdir()
+    (out / 'throughput.txt').write_text(
+        'NVIDIA H200: 138,493 users\n' + ''.join(json.dumps(row) + '\n' for row in rows)
+        + '{"row": "fused", "impl": "fu\n(timed out after 200 s)\n')
+    completed = gpu_check('summary', tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads((out / 'summary.json').read_text())
+    assert summary['train_baseline_fp16_samples_per_s'] == 7e7
+    assert summary['train_compile_samples_per_s'] == 1.4e8
+    assert summary['compile_over_plain_fp16'] == 2.0
+    assert summary['eval_default_samples_per_s'] == 6e8
+    assert summary['throughput']['partial'] and len(summary['throughput']['rows']) == 2
