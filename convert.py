@@ -40,7 +40,7 @@ from ncflib.cache import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FI
                           tensor_sha256)
 from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, arrow_reason,
                         check_writable_directory, deferred_signals, disk_full_error, excerpt,
-                        handle_signals_early, import_held, run_main, same_file)
+                        handle_signals_late, import_held, run_main, same_file)
 from ncflib.files import DirectoryLock, FileSet
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
@@ -575,5 +575,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    handle_signals_early('convert.py')  # a signal after the work, too, is one line
+    handle_signals_late('convert.py')  # a signal after the work, too, is one line
     main()

@@ -17,7 +17,7 @@ import zipfile
 
 from ncflib.cache import CACHE_VERSION, METADATA_FILE, MIN_RATINGS, SEED, VALID_NEGATIVE
 from ncflib.cli import (UsageError, check_output_file, check_writable_directory,
-                        handle_signals_early, import_held, run_main)
+                        handle_signals_late, import_held, run_main)
 from ncflib.files import atomic_write, remember_sha256, remembered_sha256
 from ncflib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVE_SAMPLES
 
@@ -150,5 +150,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    handle_signals_early(PROGRAM)  # a signal after the work, too, is one line
+    handle_signals_late(PROGRAM)  # a signal after the work, too, is one line
     main()

@@ -16,7 +16,7 @@ import os
 import sys
 
 from ncflib.cache import ML_20M_ITEMS, ML_20M_USERS
-from ncflib.cli import (ArgumentParser, UsageError, check_output_file, handle_signals_early,
+from ncflib.cli import (ArgumentParser, UsageError, check_output_file, handle_signals_late,
                         import_held, run_main)
 from ncflib.files import atomic_write
 
@@ -197,5 +197,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    handle_signals_early('synthetic.py')  # a signal after the work, too, is one line
+    handle_signals_late('synthetic.py')  # a signal after the work, too, is one line
     main()

@@ -14,7 +14,7 @@ if __package__ in (None, ''):  # run as a script: the repository root, not logge
 
 from logger.logger import read_log  # noqa: E402
 from ncflib.cli import (ArgumentParser, UsageError, check_output_file,  # noqa: E402
-                        handle_signals_early, run_main)
+                        handle_signals_late, run_main)
 from ncflib.files import atomic_write  # noqa: E402
 
 PANELS = (  # (title, metrics drawn in it: a prefix matches hr@10, ndcg@5 ...)
@@ -127,5 +127,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    handle_signals_early('logger.plot')  # a signal after the work, too, is one line
+    handle_signals_late('logger.plot')  # a signal after the work, too, is one line
     main()

@@ -188,11 +188,19 @@ def _on_early_signal(signum, frame):
     os._exit(128 + signum)
 
 
+def handle_signals_late(program):
+    """Ctrl-C, SIGTERM and SIGHUP end the script `program` with one line once run_main has
+    returned, until the process ends, saying what the run kept: for a script that imports
+    nothing heavy before run_main starts (else handle_signals_early)."""
+    _speaker.update(program=program, script=True)
+
+
 def handle_signals_early(program):
     """Ctrl-C, SIGTERM and SIGHUP end `program` with one line from here on, before its heavy
-    imports (the first lines of a command-line script); run_main takes over when it starts.
-    Signals the caller ignores (nohup, a background job) stay ignored."""
-    _speaker['program'] = program
+    imports (the first lines of a command-line script); run_main takes over when it starts,
+    and after it, as handle_signals_late. Signals the caller ignores (nohup, a background
+    job) stay ignored."""
+    handle_signals_late(program)
     if threading.current_thread() is not threading.main_thread():
         return
     for name in ('SIGINT',) + ENDING_SIGNALS:
@@ -215,9 +223,9 @@ def _signal_handlers():
                 continue
             current = signal.getsignal(number)
             if current in (signal.SIG_DFL, signal.default_int_handler, _on_early_signal):
-                # once run_main is done, the handling it found: a script's early handler then
-                # says what the run kept (_speaker's 'kept')
-                installed[number] = current
+                # once run_main is done: in a script, the early handler, which then says what
+                # the run kept (_speaker's 'kept'); else the handling it found
+                installed[number] = _on_early_signal if _speaker['script'] else current
                 signal.signal(number, _on_signal)
     try:
         yield
@@ -253,8 +261,9 @@ def _describe(kept):
 
 # Who speaks while run_main runs: the program's name, whether this process is quiet (the ranks
 # of a distributed run other than 0), and, once run_main has returned, what the run kept (for
-# the line of a signal that arrives as the program ends).
-_speaker = {'program': os.path.basename(sys.argv[0]) or 'ncf', 'quiet': False, 'kept': None}
+# the line of a signal that arrives as the program ends, where it is a script that says so).
+_speaker = {'program': os.path.basename(sys.argv[0]) or 'ncf', 'quiet': False, 'kept': None,
+            'script': False}
 
 
 def warn(message):

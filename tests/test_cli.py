@@ -20,11 +20,12 @@ def test_a_message_quoting_bytes_stays_one_readable_line(capsys):
 
 
 @pytest.mark.parametrize('signum, code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signal_after_the_work_says_what_was_kept(signum, code):
+@pytest.mark.parametrize('handling', ['handle_signals_early', 'handle_signals_late'])
+def test_a_signal_after_the_work_says_what_was_kept(handling, signum, code):
     """Between run_main's return and the process's end (a script's last lines, torch's own
     shutdown), a signal still ends in one line, saying what the finished run left."""
     script = (f'import sys, time; sys.path.insert(0, {ROOT!r}); from ncflib import cli; '
-              "cli.handle_signals_early('demo'); "
+              f"cli.{handling}('demo'); "
               "cli.run_main('demo', lambda: None, kept='the cache in X is complete'); "
               "print('returned', flush=True); time.sleep(120)")
     process = subprocess.Popen([PYTHON, '-c', script], stdout=subprocess.PIPE,
