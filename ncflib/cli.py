@@ -231,7 +231,10 @@ def _signal_handlers():
         yield
     finally:
         for number, previous in installed.items():
-            signal.signal(number, previous)
+            # a script interrupted ends now: one more signal (a terminal's Ctrl-C reaching a
+            # parent and its child, which then passes it on) stays ignored, not a second line
+            if not (_speaker['script'] and signal.getsignal(number) is signal.SIG_IGN):
+                signal.signal(number, previous)
 
 
 def error_chain(error):

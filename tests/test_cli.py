@@ -58,3 +58,15 @@ def test_paths_apart(tmp_path):
     with pytest.raises(UsageError, match='which this run reads'):
         cli.check_paths_apart({str(tmp_path / 'data.pt'): 'the data'},
                               {str(tmp_path / 'link'): 'the log'})
+
+
+def test_an_interrupted_script_says_one_line_however_many_signals_follow():
+    """A terminal's Ctrl-C reaches a benchmark and its child, which the benchmark then passes
+    on: a signal after the first one's line is ignored, not a second line."""
+    script = (f'import atexit, os, signal, sys; sys.path.insert(0, {ROOT!r}); '
+              'from ncflib import cli; cli.handle_signals_late("demo"); '
+              'atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT)); '
+              'cli.run_main("demo", lambda: os.kill(os.getpid(), signal.SIGTERM), kept="X")')
+    done = subprocess.run([PYTHON, '-c', script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143
+    assert done.stderr == 'demo: interrupted: X\n'
