@@ -613,6 +613,10 @@ def join(options=PlanOptions(), local_rank=0):
     if cuda:
         torch.cuda.set_device(device)  # before NCCL starts, so that each rank owns its GPU
     if processes.distributed and not dist.is_initialized():
+        # torch.distributed.nn's functions take group.WORLD as a default argument, bound when
+        # it is imported: imported after the group exists (DDP imports it), it would hold the
+        # group for good, and `stop` could not end the group's threads
+        import torch.distributed.nn.functional  # noqa: F401
         # device_id: NCCL forms its communicator on this GPU now (an error here, not at the
         # first collective), and barrier() knows the device
         dist.init_process_group(backend='nccl' if cuda else 'gloo',
@@ -698,5 +702,11 @@ def peer_failure(error):
 
 
 def stop():
+    """Leave the process group, whose threads end once nothing holds it (DDP's model neither):
+    here, or when Python drops the exception a failed run exits with. They must end before the
+    interpreter does: gloo's thread releases a collective's work, which holds Python's tensors,
+    just after the collective returned (later on a loaded machine), taking the GIL; once the
+    interpreter is exiting, that kills the thread mid-destructor, and the process aborts
+    (std::terminate: 'terminate called without an active exception', SIGABRT)."""
     if dist.is_initialized():
         dist.destroy_process_group()

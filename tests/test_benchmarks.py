@@ -268,8 +268,7 @@ def test_compare_models_stopped_by_ctrl_c_says_what_is_left(tiny_data, tmp_path)
     assert log.count('ncf.py: interrupted: ') == 1 and 'Traceback' not in log
 
 
-def test_convert_benchmark_and_negative_sampling_fail_in_one_line(tmp_path, monkeypatch,
-                                                                   capsys):
+def test_the_other_benchmarks_fail_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(BENCHMARKS)
     import convert_benchmark
     import negative_sampling
@@ -280,6 +279,8 @@ def test_convert_benchmark_and_negative_sampling_fail_in_one_line(tmp_path, monk
           'convert.py failed: convert.py: error: ', missing, str(tmp_path / 'work'))
     fails(negative_sampling.main, ['--data', str(tmp_path / 'none'), '--device', 'cpu'],
           capsys, '--data', 'not a directory')
+    import torchrun_stress
+    fails(torchrun_stress.main, ['--runs', '0'], capsys, '--runs and --timeout must be positive')
 
 
 def test_gpu_memory_adds_up_each_part_and_runs_the_measured_parts(monkeypatch):

@@ -62,7 +62,7 @@ def test_two_process_torchrun_matches_one_process(tiny_data, tmp_path):
 
 def probe_launch(tmp_path, arguments, env=()):
     """tests/torchrun_probe.py under a 2-process torchrun: the completed launch, and what each
-    process's Dynamo counted."""
+    process's Dynamo counted and how many of gloo's threads outlived ncf.main."""
     completed = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
          os.path.join(ROOT, 'tests', 'torchrun_probe.py'), str(tmp_path / 'counts')]
@@ -89,7 +89,7 @@ def test_the_compiled_step_is_one_graph_under_torchrun_and_trains_as_eager_does(
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert 'implementation: compile, device: cpu, processes: 2' in completed.stdout
     # per process: the training step (one micro-batch shape) and the evaluation (one chunk shape)
-    assert counts == [{'unique_graphs': 2, 'graph_breaks': 0}] * 2
+    assert counts == [{'unique_graphs': 2, 'graph_breaks': 0, 'gloo_threads': 0}] * 2
     assert hrs_of(completed.stdout) == pytest.approx(single['hrs'], abs=2 / 300)
 
 
@@ -101,6 +101,19 @@ def test_a_process_failing_stops_every_process_with_one_line(tiny_data, tmp_path
     assert completed.returncode != 0
     assert ('ncf.py: error: process 1 failed: RuntimeError: injected failure while loading\n'
             in completed.stderr), completed.stderr[-3000:]
+
+
+def test_gloo_threads_end_before_the_interpreter_does(tiny_data, tmp_path):
+    """gloo's thread releases an all_reduce's work, which holds tensors of Python's, taking the
+    GIL, just after the all_reduce returned, and on a loaded machine later: where that thread
+    still runs once the interpreter exits, the GIL kills it mid-destructor and the process aborts
+    (SIGABRT, then torchrun stops the other). Here process 1's gloo thread keeps the last work
+    until then, deterministically: stopping the process group ends the thread first."""
+    completed, counts = probe_launch(tmp_path, flags(tiny_data, epochs=1, precision='fp32'),
+                                     env={'NCF_PROBE_LATE_RELEASE': '1'})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert 'terminate called' not in completed.stderr, completed.stderr[-3000:]
+    assert [count['gloo_threads'] for count in counts] == [0, 0]
 
 
 def test_reference_launcher_and_a_one_process_checkpoint_under_two_processes(tiny_data,
