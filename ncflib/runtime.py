@@ -13,6 +13,7 @@ hubconf.py, the benchmarks) takes the resulting frozen `Plan` and asks it, never
     scoring chunks             CUDA: by device memory       CPU: CPU_MICRO_BATCH pairs
 """
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -616,7 +617,7 @@ def join(options=PlanOptions(), local_rank=0):
         # torch.distributed.nn's functions take group.WORLD as a default argument, bound when
         # it is imported: imported after the group exists (DDP imports it), it would hold the
         # group for good, and `stop` could not end the group's threads
-        import torch.distributed.nn.functional  # noqa: F401
+        importlib.import_module('torch.distributed.nn.functional')
         # device_id: NCCL forms its communicator on this GPU now (an error here, not at the
         # first collective), and barrier() knows the device
         dist.init_process_group(backend='nccl' if cuda else 'gloo',
