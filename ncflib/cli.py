@@ -181,7 +181,7 @@ def _on_early_signal(signum, frame):
     """Ctrl-C or SIGTERM outside run_main: before it (while torch imports, say), when nothing
     has been written yet, or after it, when what it kept is whole: the line is all there is to
     do, at once (an import interrupted half-way leaves nothing worth unwinding)."""
-    if not _speaker['quiet']:
+    if not (_speaker['quiet'] or _speaker['said']):  # one line a process, the first
         print(f'{_speaker["program"]}: interrupted: '
               f'{printable(_speaker["kept"] or "nothing was written")}', file=sys.stderr,
               flush=True)
@@ -263,10 +263,11 @@ def _describe(kept):
 
 
 # Who speaks while run_main runs: the program's name, whether this process is quiet (the ranks
-# of a distributed run other than 0), and, once run_main has returned, what the run kept (for
-# the line of a signal that arrives as the program ends, where it is a script that says so).
+# of a distributed run other than 0), whether it is a script that says a signal after run_main
+# too, what the run kept once run_main has returned (for that line), and whether run_main has
+# said its own line (an error, an interruption: then a signal adds none).
 _speaker = {'program': os.path.basename(sys.argv[0]) or 'ncf', 'quiet': False, 'kept': None,
-            'script': False}
+            'script': False, 'said': False}
 
 
 def warn(message):
@@ -300,6 +301,7 @@ def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
     the line (the processes of a distributed run other than rank 0, which say nothing).
     """
     def say(line):
+        _speaker['said'] = True  # the run's line: a signal after it adds none
         if not quiet:
             print(f'{program}: {printable(line)}', file=sys.stderr)
 
@@ -308,7 +310,7 @@ def run_main(program, function, *args, kept=None, quiet=False, **kwargs):
         say(f'interrupted{": " + said if said else ""}')
         sys.exit(128 + (error.signum if isinstance(error, Terminated) else signal.SIGINT))
 
-    _speaker.update(program=program, quiet=quiet, kept=None)
+    _speaker.update(program=program, quiet=quiet, kept=None, said=False)
     try:
         with _signal_handlers():
             result = function(*args, **kwargs)

@@ -70,3 +70,16 @@ def test_an_interrupted_script_says_one_line_however_many_signals_follow():
     done = subprocess.run([PYTHON, '-c', script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 143
     assert done.stderr == 'demo: interrupted: X\n'
+
+
+def test_a_signal_after_an_error_line_adds_no_line():
+    """torchrun stops the other processes of a run whose process failed: the failed one's
+    error line is its only line."""
+    script = (f'import os, signal, sys; sys.path.insert(0, {ROOT!r}); from ncflib import cli; '
+              'cli.handle_signals_late("demo")\n'
+              'def fail(): raise cli.UsageError("bad input")\n'
+              'try: cli.run_main("demo", fail)\n'
+              'finally: os.kill(os.getpid(), signal.SIGTERM)')
+    done = subprocess.run([PYTHON, '-c', script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 143
+    assert done.stderr == 'demo: error: bad input\n'
