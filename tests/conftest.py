@@ -20,6 +20,13 @@ if 'TRITON_INTERPRET' not in os.environ:
     if not torch.cuda.is_available():
         os.environ['TRITON_INTERPRET'] = '1'
 
+# Under pytest -n, the workers share the cores: one thread each (and each process a test
+# starts), else their threads outnumber the cores and spin waiting for each other.
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    import torch
+    os.environ['OMP_NUM_THREADS'] = '1'
+    torch.set_num_threads(1)
+
 # The real MovieLens 100K, kept outside the repository (GroupLens forbids redistribution).
 ML100K = os.path.join(ROOT, '..', 'shared', 'data', 'ml-100k', 'u.data')
 PYTHON = sys.executable
