@@ -5,7 +5,8 @@ import os
 import torch
 
 from ncflib.cache import (METADATA_FILE, TEST_FILE, TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE,
-                          TRAIN_FILE, check_counts, fingerprint, read_metadata, tensor_sha256)
+                          TRAIN_FILE, VALID_FILE, VALID_NEGATIVES_FILE, check_counts,
+                          fingerprint, read_metadata, tensor_sha256, validation_seed)
 from ncflib.cli import UsageError
 from ncflib.files import torch_load
 
@@ -137,7 +138,8 @@ class ItemExclusion:
 
 @dataclasses.dataclass
 class Dataset:
-    """The cached split, on one device: training pairs, test positives and test negatives."""
+    """The cached split, on one device: training pairs, test positives and test negatives, and
+    with a validation holdout its positives and negatives."""
     train_users: torch.Tensor     # [n_train]
     train_items: torch.Tensor     # [n_train]
     test_items: torch.Tensor      # [n_users]: user u's test positive
@@ -145,6 +147,21 @@ class Dataset:
     n_users: int
     n_items: int
     metadata: dict                # metadata.json's
+    valid_items: torch.Tensor = None      # [n_users]: u's validation positive, -1 for none
+    valid_negatives: torch.Tensor = None  # [n_users, valid_negative]: -1 rows for those users
+
+    @property
+    def has_validation(self):
+        return self.valid_items is not None
+
+    def known_pairs(self):
+        """(users, items) of the interactions known before the test: the training pairs and the
+        validation positives (what the test set is ranked outside of)."""
+        if not self.has_validation:
+            return self.train_users, self.train_items
+        users = torch.nonzero(self.valid_items >= 0).flatten()
+        return (torch.cat((self.train_users, users)),
+                torch.cat((self.train_items, self.valid_items[users])))
 
     @property
     def fingerprint(self):
@@ -161,12 +178,13 @@ class Dataset:
 
 
 def test_negative_exclusion(train_users, train_items, test_items, n_items, sampling='recipe'):
-    """The ItemExclusion that test negatives are drawn outside of: the training pairs (recipe),
-    with the test positives too (paper)."""
+    """The ItemExclusion that test (or validation) negatives are drawn outside of: the training
+    pairs (recipe), with the positives too (paper); a positive of -1 is no positive."""
     users, items = train_users, train_items
-    if sampling == 'paper':  # the test positive is an interaction too
-        users = torch.cat((train_users, torch.arange(len(test_items), device=test_items.device)))
-        items = torch.cat((train_items, test_items))
+    if sampling == 'paper':  # the positive is an interaction too
+        held = torch.nonzero(test_items >= 0).flatten()
+        users = torch.cat((train_users, held))
+        items = torch.cat((train_items, test_items[held]))
     return ItemExclusion(users, items, len(test_items), n_items)
 
 
@@ -222,8 +240,8 @@ def _load_tensor(path, device, recorded):
     return tensor.to(device)
 
 
-def _check(tensor, path, shape, high):
-    """int64 of `shape` (None: any length) with values in [0, high) per column."""
+def _check(tensor, path, shape, high, low=0):
+    """int64 of `shape` (None: any length) with values in [low, high) per column."""
     if tensor.dtype != torch.int64 or tensor.dim() != len(shape) or any(
             want is not None and have != want for have, want in zip(tensor.shape, shape)):
         raise UsageError(f'{path} should be int64 of shape '
@@ -232,16 +250,17 @@ def _check(tensor, path, shape, high):
     if tensor.numel():
         # one synchronisation per file at load time, not in any loop
         low_value, high_value = int(tensor.min()), int(tensor.max())
-        if low_value < 0 or high_value >= high:
-            raise UsageError(f'{path} has ids outside [0, {high}): {low_value}..{high_value}')
+        if low_value < low or high_value >= high:
+            raise UsageError(f'{path} has ids outside [{low}, {high}): '
+                             f'{low_value}..{high_value}')
 
 
 def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     """Load and check a cache written by convert.py; everything ends up on `device`.
 
-    valid_negative: test negatives per user; when it differs from the cache, new ones are drawn
-    (as the cache's were: recipe or paper, see cache.TEST_NEGATIVE_SAMPLINGS, with `seed`) and
-    `log` says so.
+    valid_negative: test (and validation) negatives per user; when it differs from the cache,
+    new ones are drawn (as the cache's were: recipe or paper, see cache.TEST_NEGATIVE_SAMPLINGS,
+    with `seed`, and validation_seed(seed) for the validation's) and `log` says so.
     """
     metadata = read_metadata(data_dir, log)
     metadata_path = os.path.join(data_dir, METADATA_FILE)
@@ -255,47 +274,83 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     _check(train, path, (None, 2), max(n_users, n_items))
     _check(train[:, 0], path, (None,), n_users)
     _check(train[:, 1], path, (None,), n_items)
-    path = os.path.join(data_dir, TEST_FILE)
-    test = _load_tensor(path, device, recorded.get(TEST_FILE))
-    _check(test, path, (n_users, 2), max(n_users, n_items))
-    _check(test[:, 1], path, (n_users,), n_items)
-    if not torch.equal(test[:, 0], torch.arange(n_users, device=device)):
-        raise UsageError(f'{path}: row u must hold user u')
-    path = os.path.join(data_dir, TEST_NEGATIVES_FILE)
-    negatives = _load_tensor(path, device, recorded.get(TEST_NEGATIVES_FILE))
-    _check(negatives, path, (n_users, None), n_items)
-    check_counts(metadata, metadata_path, {'n_train': len(train), 'n_test': len(test),
-                                           'valid_negative': negatives.shape[1]})
+    test, negatives = _load_positives(data_dir, TEST_FILE, TEST_NEGATIVES_FILE, device,
+                                      recorded, n_users, n_items)
+    valid_items = valid_negatives = None
+    counts = {'n_train': len(train), 'n_test': len(test), 'valid_negative': negatives.shape[1]}
+    if 'validation' in metadata:
+        valid_items, valid_negatives = _load_positives(
+            data_dir, VALID_FILE, VALID_NEGATIVES_FILE, device, recorded, n_users, n_items,
+            held_out=True, negatives=negatives.shape[1])
+        counts['n_valid'] = int((valid_items >= 0).sum())
+    check_counts(metadata, metadata_path, counts)
     # convert.py numbers the items that occur, so every item is in the training or test pairs:
     # a catalogue larger than that (a hand-edited metadata.json) would train rows nothing uses
-    items = torch.cat((train[:, 1], test[:, 1]))
+    items = torch.cat((train[:, 1], test) + (() if valid_items is None else (valid_items,)))
     seen_items = int(items.max()) + 1 if len(items) else 0
     if seen_items != n_items:
         raise UsageError(f'{metadata_path} says {n_items} items, but the tensors hold '
                          f'{seen_items}: the cache is inconsistent; run convert.py again')
 
-    train_users, train_items = train[:, 0].contiguous(), train[:, 1].contiguous()
-    test_items = test[:, 1].contiguous()
+    dataset = Dataset(train[:, 0].contiguous(), train[:, 1].contiguous(), test, negatives,
+                      n_users, n_items, metadata, valid_items, valid_negatives)
     sampling = metadata.get('test_negative_sampling', 'recipe')
     metadata['test_negatives'] = f'{negatives.shape[1]} per user ({sampling}), from the cache'
-    if valid_negative is not None and valid_negative != negatives.shape[1] and \
-            sampling not in TEST_NEGATIVE_SAMPLINGS:
-        raise UsageError(f'--valid_negative {valid_negative}, but the cache\'s '
-                         f'{negatives.shape[1]} test negatives per user are its source\'s own '
-                         f'({metadata.get("source_format")} files), and others cannot be drawn '
-                         f'as they were: --valid_negative {negatives.shape[1]} evaluates with '
-                         'them')
     if valid_negative is not None and valid_negative != negatives.shape[1]:
+        if sampling not in TEST_NEGATIVE_SAMPLINGS:
+            raise UsageError(f'--valid_negative {valid_negative}, but the cache\'s '
+                             f'{negatives.shape[1]} test negatives per user are its source\'s '
+                             f'own ({metadata.get("source_format")} files), and others cannot '
+                             f'be drawn as they were: --valid_negative {negatives.shape[1]} '
+                             'evaluates with them')
         metadata['test_negatives'] = (f'{valid_negative} per user ({sampling}), drawn at load '
                                       f'time with seed {seed} (the cache has '
                                       f'{negatives.shape[1]})')
         log(f'Drawing {valid_negative} test negatives per user ({sampling}) with seed {seed} '
             f'(the cache has {negatives.shape[1]})')
-        generator = torch.Generator(device=device).manual_seed(seed)
-        exclusion = test_negative_exclusion(train_users, train_items, test_items, n_items,
-                                            sampling)
-        negatives = draw_test_negatives(exclusion, valid_negative, generator, sampling)
-    return Dataset(train_users, train_items, test_items, negatives, n_users, n_items, metadata)
+        redraw_negatives(dataset, valid_negative, seed, sampling)
+    return dataset
+
+
+def redraw_negatives(dataset, count, seed, sampling):
+    """`count` test negatives per user, as convert.py draws them (outside the interactions known
+    before the test), and with a validation holdout its negatives as if the test set did not
+    exist (outside the training pairs, with validation_seed(seed))."""
+    device = dataset.test_items.device
+    users, items = dataset.known_pairs()
+    exclusion = test_negative_exclusion(users, items, dataset.test_items, dataset.n_items,
+                                        sampling)
+    dataset.test_negatives = draw_test_negatives(
+        exclusion, count, torch.Generator(device=device).manual_seed(seed), sampling)
+    if dataset.has_validation:
+        exclusion = test_negative_exclusion(dataset.train_users, dataset.train_items,
+                                            dataset.valid_items, dataset.n_items, sampling)
+        generator = torch.Generator(device=device).manual_seed(validation_seed(seed))
+        negatives = draw_test_negatives(exclusion, count, generator, sampling)
+        negatives[dataset.valid_items < 0] = -1
+        dataset.valid_negatives = negatives
+
+
+def _load_positives(data_dir, positives_file, negatives_file, device, recorded, n_users,
+                    n_items, held_out=False, negatives=None):
+    """A cache's positives (row u: user u and their item; -1 for none where `held_out`) and
+    their negatives ([n_users, `negatives` or any count]; -1 rows for a user without a
+    positive), checked: (items [n_users], negatives)."""
+    path = os.path.join(data_dir, positives_file)
+    rows = _load_tensor(path, device, recorded.get(positives_file))
+    _check(rows, path, (n_users, 2), max(n_users, n_items), low=-1)
+    if not torch.equal(rows[:, 0], torch.arange(n_users, device=device)):
+        raise UsageError(f'{path}: row u must hold user u')
+    items = rows[:, 1].contiguous()
+    _check(items, path, (n_users,), n_items, low=-1 if held_out else 0)
+    path = os.path.join(data_dir, negatives_file)
+    drawn = _load_tensor(path, device, recorded.get(negatives_file))
+    _check(drawn, path, (n_users, negatives), n_items, low=-1 if held_out else 0)
+    held = items >= 0
+    if held_out and not bool(((drawn >= 0) == held[:, None]).all()):
+        raise UsageError(f'{path}: a row has negatives of -1 where its user has a positive, or '
+                         'the reverse')
+    return items, drawn
 
 
 class TrainBatches:

@@ -15,8 +15,14 @@ TEST_NEGATIVES_FILE = 'test_negatives.pt'  # int64 [n_users, valid_negative]
 METADATA_FILE = 'metadata.json'        # written last: a cache without it is not trusted
 USER_IDS_FILE = 'user_ids.csv'         # line k (after the header) holds the original id of user k
 ITEM_IDS_FILE = 'item_ids.csv'
+# With a validation holdout (convert.py --validation_holdout), as the test set's: row u holds
+# user u's validation positive (-1 where the user has too few interactions for one) and their
+# validation negatives (-1 throughout for such a user).
+VALID_FILE = 'valid_ratings.pt'        # int64 [n_users, 2]
+VALID_NEGATIVES_FILE = 'valid_negatives.pt'  # int64 [n_users, valid_negative]
 TENSOR_FILES = (TRAIN_FILE, TEST_FILE, TEST_NEGATIVES_FILE)
-CACHE_FILES = TENSOR_FILES + (METADATA_FILE, USER_IDS_FILE, ITEM_IDS_FILE)
+VALIDATION_FILES = (VALID_FILE, VALID_NEGATIVES_FILE)
+CACHE_FILES = TENSOR_FILES + VALIDATION_FILES + (METADATA_FILE, USER_IDS_FILE, ITEM_IDS_FILE)
 # 3: metadata.json records each tensor's shape and sha256, and the fingerprint covers the split.
 CACHE_VERSION = 3
 # The reference's split and test candidates: users with at least MIN_RATINGS interactions,
@@ -49,9 +55,19 @@ def fingerprint(source_sha256, id_maps_sha256, split_sha256=None):
 
 
 def split_sha256(tensors):
-    """One digest of the split from {file name: {'sha256': ...}}: the training and test tensors."""
-    return hashlib.sha256(f'{tensors[TRAIN_FILE]["sha256"]}:{tensors[TEST_FILE]["sha256"]}'
-                          .encode()).hexdigest()
+    """One digest of the split from {file name: {'sha256': ...}}: the training and test tensors,
+    and the validation positives where the cache holds a validation holdout (not the negatives,
+    as for the test set)."""
+    names = (TRAIN_FILE, TEST_FILE) + ((VALID_FILE,) if VALID_FILE in tensors else ())
+    return hashlib.sha256(':'.join(tensors[name]['sha256'] for name in names).encode()) \
+        .hexdigest()
+
+
+def validation_seed(seed):
+    """The seed of the validation negatives, for the test negatives' `seed`: another stream, so
+    that the test negatives are those of the same cache without a validation holdout and the
+    validation negatives never depend on them."""
+    return (seed + 2 ** 32) % 2 ** 64
 
 
 def read_metadata(data_dir, log=print):

@@ -47,29 +47,34 @@ class NonFiniteScores(UsageError):
                          'model is broken (diverged in training, or its scores overflow)')
 
 
-def rank_sums(rank, ks):
+def rank_sums(rank, ks, weight=None):
     """Sums over users of HR@k and NDCG@k for each k of `ks`, then of the reciprocal rank, for
-    0-based ranks of the test positives: float64 [2 * len(ks) + 1]."""
+    0-based ranks of the test positives: float64 [2 * len(ks) + 1]. weight: 1 for a user who
+    counts, 0 for one who has no positive (None: all count)."""
     rank = rank.double()
     gain = 1.0 / torch.log2(rank + 2.0)
+    reciprocal = 1.0 / (rank + 1.0)
+    if weight is not None:
+        gain, reciprocal = gain * weight, reciprocal * weight
     sums = []
     for k in ks:
         hit = rank < k
-        sums += [hit.sum().double(), torch.where(hit, gain, 0.0).sum()]
-    return torch.stack(sums + [(1.0 / (rank + 1.0)).sum()])
+        sums += [hit.sum().double() if weight is None else (hit * weight).sum(),
+                 torch.where(hit, gain, 0.0).sum()]
+    return torch.stack(sums + [reciprocal.sum()])
 
 
-def sampled_sums(model, users, candidates, mask, ks):
+def sampled_sums(model, users, candidates, mask, ks, weight=None):
     """rank_sums at `ks`, then the sums of the loss, of its count and of the scores that are not
-    finite, for `users` [R] and their `candidates` [R, W] (column 0 the positive): the forward
-    and the metric in one function, so that under torch.compile they run as one pass with no
-    [R, W] scores written out in between."""
+    finite, for `users` [R] and their `candidates` [R, W] (column 0 the positive; `weight` as
+    rank_sums'): the forward and the metric in one function, so that under torch.compile they
+    run as one pass with no [R, W] scores written out in between."""
     width = candidates.shape[1]
     scores = model(users.repeat_interleave(width), candidates.reshape(-1)).float().view(-1, width)
-    metrics = rank_sums(sampled_rank(scores, mask), ks)
+    metrics = rank_sums(sampled_rank(scores, mask), ks, weight)
     labels = torch.zeros_like(scores)
     labels[:, 0] = 1.0
-    counted = ~mask
+    counted = ~mask if weight is None else ~mask & (weight[:, None] > 0)
     losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none') * counted
     return torch.cat([metrics, torch.stack([losses.sum().double(), counted.sum().double(),
                                             (~torch.isfinite(scores)).sum().double()])])
@@ -122,27 +127,38 @@ class Scorer:
 
 
 class Evaluation:
-    """This rank's share of the test users (contiguous chunks) and how they are scored.
+    """This rank's share of the users (contiguous chunks) of the test set, or of the validation
+    holdout (`split`), and how they are scored.
 
-    sampled (the reference's): the test positive against its test negatives, a repeated
-    candidate counted once. full: against every item the user has no training interaction with.
+    sampled (the reference's): the positive against its negatives, a repeated candidate counted
+    once. full: against every item the user has no known interaction with (`exclusion`: the
+    training pairs for validation, and the validation positives too for the test). A user
+    without a validation positive does not count. `scorer`: a Scorer of `model` to share (one
+    scoring copy for both sets).
     """
 
     def __init__(self, plan, dataset, model, topk, eval_mode='sampled', exclusion=None,
-                 metrics_at=()):
+                 metrics_at=(), split='test', scorer=None):
         n_users = dataset.n_users
         first = n_users * plan.rank // plan.world_size
         last = n_users * (plan.rank + 1) // plan.world_size
-        self.plan, self.first_user = plan, first
+        self.plan, self.first_user, self.split = plan, first, split
         # --topk first, then every other K asked for (each once)
         self.ks = tuple(dict.fromkeys((topk, *metrics_at)))
-        self.scorer = Scorer(plan, model)
+        self.scorer = scorer or Scorer(plan, model)
         self.users = torch.arange(first, last, device=plan.device)
-        self.positives = dataset.test_items[first:last]
+        positives, negatives = ((dataset.test_items, dataset.test_negatives) if split == 'test'
+                                else (dataset.valid_items, dataset.valid_negatives))
+        held = positives[first:last] >= 0
+        # one synchronisation at construction: whether every user counts
+        self.weight = None if bool(held.all()) else held.double()
+        # a user without a positive is scored against item 0 and weighs nothing
+        self.positives = positives[first:last].clamp(min=0)
+        self.counted = int((positives >= 0).sum())  # users whose figures count, all ranks
         self.full = eval_mode == 'full'
         if self.full:
             self.exclusion = exclusion
-            self.samples = n_users * dataset.n_items  # (user, item) pairs scored, all ranks
+            self.samples = self.counted * dataset.n_items  # (user, item) pairs that count
             rows = self.scorer.rows_per_chunk(dataset.n_items)
             # Each chunk of users, and where its training pairs lie among the exclusion's keys
             # (sorted by user): read once here, so that the chunk loop never waits on the host.
@@ -152,9 +168,10 @@ class Evaluation:
                            for start in range(0, last - first, rows)]
         else:
             # column 0: the positive
-            self.items = torch.cat((self.positives[:, None], dataset.test_negatives[first:last]), 1)
+            self.items = torch.cat((self.positives[:, None],
+                                    negatives[first:last].clamp(min=0)), 1)
             self.mask = duplicate_mask(self.items)
-            self.samples = n_users * self.items.shape[1]
+            self.samples = self.counted * self.items.shape[1]
 
     def __call__(self):
         """The trained model's Metrics over all ranks' users, reduced as sums; NonFiniteScores
@@ -162,8 +179,8 @@ class Evaluation:
         self.scorer.refresh()
         with torch.no_grad():
             sums = self._full() if self.full else self._sampled()
-        *totals, loss_sum, loss_count, nonfinite, users = all_reduce_sums(
-            [*sums, len(self.users)], self.plan)
+        *totals, loss_sum, loss_count, nonfinite = all_reduce_sums(sums, self.plan)
+        users = max(self.counted, 1)
         if nonfinite:
             raise NonFiniteScores(int(nonfinite), self.samples)
         means = [total / users for total in totals]
@@ -193,7 +210,8 @@ class Evaluation:
                 for first in sorted({0, (len(self.users) - 1) // rows * rows}):
                     chunk = slice(first, first + rows)
                     self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
-                                             self.items[chunk], self.mask[chunk], self.ks)
+                                             self.items[chunk], self.mask[chunk], self.ks,
+                                             self._weight(chunk))
         return self.plan.time() - start
 
     def _sampled(self):
@@ -202,8 +220,12 @@ class Evaluation:
         for start in range(0, len(self.users), rows):
             chunk = slice(start, start + rows)
             sums += self.scorer.sampled_sums(self.scorer.model, self.users[chunk],
-                                             self.items[chunk], self.mask[chunk], self.ks)
+                                             self.items[chunk], self.mask[chunk], self.ks,
+                                             self._weight(chunk))
         return sums.unbind()
+
+    def _weight(self, chunk):
+        return None if self.weight is None else self.weight[chunk]
 
     def _full(self):
         n_items = self.exclusion.n_items
@@ -222,10 +244,13 @@ class Evaluation:
             # As in sampled mode, an item scoring as high as the positive ranks ahead of it, and
             # a row with a score that is not finite ranks its positive last.
             rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
-            metrics = rank_sums(last_if_not_finite(rank, scores), self.ks)
+            weight = self._weight(slice(first, last))
+            metrics = rank_sums(last_if_not_finite(rank, scores), self.ks, weight)
             labels = torch.zeros_like(scores)
             labels[row, positives] = 1.0
             losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')
+            if weight is not None:  # the rows of users who do not count count as trained
+                trained |= (weight == 0)[:, None]
             sums += torch.cat([metrics, torch.stack([
                 losses.masked_fill(trained, 0.0).sum().double(), (~trained).sum().double(),
                 (~torch.isfinite(scores)).sum().double()])])
