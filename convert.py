@@ -2,7 +2,9 @@
 
     python convert.py --path RATINGS --output DIR [--valid_negative 100] [--seed 1]
                       [--min_ratings 20] [--format F] [--test_negative_sampling recipe|paper]
-    python convert.py --path data/ml-1m --output DIR          # the NCF paper's own files
+                      [--validation_holdout]
+    python convert.py --path data/ml-1m --output DIR [--validation_holdout [--seed 1]]
+                                                              # the NCF paper's own files
 
 The reference recipe's split: drop users with fewer than `min_ratings` interactions, map user and
 item ids to 0..n-1 in order of first appearance, order each user's interactions by timestamp
@@ -15,6 +17,13 @@ paper's own files (PREFIX.train.rating, .test.rating, .test.negative; ncflib/pap
 cached as they are instead: their split and their negatives, ids kept (metadata.json's split and
 test_negative_sampling: given).
 
+With --validation_holdout, each user's latest training interaction is also held out, as the
+validation positive (users with under 3 distinct interactions, or in the paper's files a single
+training item, have none and keep their training), with validation negatives drawn as the test
+negatives are, as if the test set did not exist (the paper's files: as the NCF paper draws), from
+a generator of their own. The test positives and negatives stay those of the same conversion
+without it; without it, the cache is as it always was.
+
 The cache's metadata.json records each tensor's shape and sha256, the source file's sha256, a
 sha256 over the id maps and the `fingerprint` derived from the source, the id maps and the split
 (the data's identity, as checkpoints record it). A cache is
@@ -24,6 +33,7 @@ cache or one without metadata.json, which nothing trusts.
 
 Vectorised throughout: an ML-20m-sized file takes seconds (see README, "Preprocessing speed").
 """
+import contextlib
 import csv
 import hashlib
 import io
@@ -36,8 +46,9 @@ import time
 from ncflib import paper_files
 from ncflib.cache import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FILE, MIN_RATINGS,
                           SEED, TEST_FILE, TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE,
-                          TRAIN_FILE, USER_IDS_FILE, VALID_NEGATIVE, fingerprint, split_sha256,
-                          tensor_sha256)
+                          TRAIN_FILE, USER_IDS_FILE, VALID_FILE, VALID_NEGATIVE,
+                          VALID_NEGATIVES_FILE, VALIDATION_FILES, fingerprint, split_sha256,
+                          tensor_sha256, validation_seed)
 from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, arrow_reason,
                         check_writable_directory, deferred_signals, disk_full_error, excerpt,
                         handle_signals_late, import_held, run_main, same_file)
@@ -186,8 +197,10 @@ def factorize(column):
     return pc.index_in(column, values).to_numpy(), values
 
 
-def split(columns, min_ratings):
-    """The reference's split, vectorised. Returns a dict of numpy arrays and id dictionaries.
+def split(columns, min_ratings, validation_holdout=False):
+    """The reference's split, vectorised. Returns a dict of numpy arrays and id dictionaries;
+    with `validation_holdout`, each user's latest training interaction is the validation
+    positive (validation_rows) and the rest is training.
 
     columns: {'user', 'item', 'timestamp'} Arrow arrays (ids of any type, numeric timestamps),
     consumed as they are used, to bound peak memory on ML-20m-sized input.
@@ -251,42 +264,135 @@ def split(columns, min_ratings):
     last = np.empty(len(user), dtype=bool)
     last[:-1] = user[1:] != user[:-1]
     last[-1] = True
-    # The distinct pairs' keys, sorted, and which of them are test positives: the test
-    # negatives are drawn outside them (dataloading.ItemExclusion) without sorting them again.
-    test_rows = torch.from_numpy(last)
-    if duplicates:
-        test_rows = torch.zeros(len(repeat), dtype=torch.bool)
-        test_rows[torch.from_numpy(kept_rows[last])] = True
+    # The distinct pairs' keys, sorted, and which of them are test (and validation) positives:
+    # the negatives are drawn outside them (dataloading.ItemExclusion) without sorting them
+    # again.
     first_copies = ~repeat[by_pair]
-    pair_keys = sorted_pairs[first_copies]
-    test_keys = test_rows[by_pair][first_copies]
-    del sorted_pairs, by_pair, repeat, test_rows, first_copies
-    return dict(train_users=user[~last], train_items=item[~last],
-                test_users=user[last], test_items=item[last],
-                n_users=n_users, n_items=n_items, user_values=user_values,
-                item_values=item_values, duplicates=duplicates,
-                dropped_users=int((~kept_users).sum()), pair_keys=pair_keys,
-                test_keys=test_keys)
+    rows = kept_rows, len(repeat), by_pair, first_copies
+    result = dict(n_users=n_users, n_items=n_items, user_values=user_values,
+                  item_values=item_values, duplicates=duplicates,
+                  dropped_users=int((~kept_users).sum()), pair_keys=sorted_pairs[first_copies],
+                  test_keys=sorted_pair_mask(last, *rows), test_users=user[last],
+                  test_items=item[last])
+    training = ~last
+    if validation_holdout:
+        valid = validation_rows(user, last)
+        result.update(valid_keys=sorted_pair_mask(valid, *rows), valid_users=user[valid],
+                      valid_items=item[valid])
+        training &= ~valid
+    del sorted_pairs, by_pair, repeat, first_copies, rows
+    result.update(train_users=user[training], train_items=item[training])
+    return result
 
 
-def sample_test_negatives(result, count, seed, sampling='recipe'):
-    """`count` test negatives per user of the split `result`, as `sampling` says
-    (dataloading.draw_test_negatives), outside the split's own sorted pair keys, in chunks of
-    users that bound the memory."""
+def sorted_pair_mask(mask, kept_rows, n_rows, by_pair, first_copies):
+    """A mask over the distinct rows (kept_rows of the n_rows, None: all) as a mask over the
+    sorted distinct pair keys (the rows in by_pair order, first copies only)."""
     import torch
 
-    from dataloading import ItemExclusion, draw_test_negatives
+    rows = torch.from_numpy(mask)
+    if kept_rows is not None:
+        rows = torch.zeros(n_rows, dtype=torch.bool)
+        rows[torch.from_numpy(kept_rows[mask])] = True
+    return rows[by_pair][first_copies]
 
-    keys = result.pop('pair_keys')
-    test_keys = result.pop('test_keys')
+
+def validation_rows(user, last):
+    """Which rows hold a validation positive: each user's latest training row (the one before
+    their test row, `last`), for users with 3 rows or more (a training row stays). `user`: the
+    distinct rows' users, in (user, time) order."""
+    import numpy as np
+
+    valid = np.zeros(len(user), dtype=bool)
+    same_user = user[1:] == user[:-1]  # row k + 1 is of row k's user
+    valid[1:-1] = last[2:] & same_user[1:] & same_user[:-1]
+    return valid
+
+
+def sample_test_negatives(result, keys, test_keys, count, seed, sampling='recipe'):
+    """`count` test negatives per user of the split `result`, as `sampling` says
+    (dataloading.draw_test_negatives), outside the split's own sorted pair `keys` (recipe: but
+    the test positives, `test_keys`)."""
+    import torch
+
     if sampling != 'paper':  # the recipe's: outside the training pairs only
         keys = keys[~test_keys]
-    del test_keys
+    return draw_negatives(result, keys, count, torch.Generator().manual_seed(seed), sampling)
+
+
+def sample_validation_negatives(result, keys, test_keys, valid_keys, count, seed, sampling):
+    """The validation negatives, drawn as the test negatives are, as if the test set did not
+    exist: outside the pre-holdout training pairs (paper), or outside the training pairs that
+    remain (recipe); `valid_keys` marks the validation positives among the sorted pair `keys`."""
+    before_test = ~test_keys
+    keys, valid_keys = keys[before_test], valid_keys[before_test]
+    if sampling != 'paper':
+        keys = keys[~valid_keys]
+    return draw_validation_negatives(result, keys, count, seed, sampling)
+
+
+def draw_validation_negatives(result, keys, count, seed, sampling):
+    """`count` validation negatives per user outside the pairs of the sorted `keys`, from a
+    generator of their own (cache.validation_seed: the test negatives' stays as it is); -1
+    throughout for a user without a validation positive."""
+    import torch
+
+    generator = torch.Generator().manual_seed(validation_seed(seed))
+    negatives = draw_negatives(result, keys, count, generator, sampling)
+    negatives[result['valid_positives'][:, 1] < 0] = -1
+    return negatives
+
+
+def pair_keys(users, items, n_items):
+    """The sorted keys (user * n_items + item, int64) of the given pairs."""
+    import numpy as np
+    import torch
+
+    keys = users.astype(np.int64) * n_items
+    keys += items
+    keys.sort()
+    return torch.from_numpy(keys)
+
+
+def draw_negatives(result, keys, count, generator, sampling):
+    """dataloading.draw_test_negatives outside the pairs whose sorted `keys` are given, in
+    chunks of users that bound the memory."""
+    from dataloading import ItemExclusion, draw_test_negatives
+
     exclusion = ItemExclusion.from_sorted_keys(keys, result['n_users'], result['n_items'])
     user_values = result['user_values']
-    return draw_test_negatives(exclusion, count, torch.Generator().manual_seed(seed), sampling,
-                               NEGATIVE_CHUNK_USERS,
+    return draw_test_negatives(exclusion, count, generator, sampling, NEGATIVE_CHUNK_USERS,
                                user_name=lambda user: shown_id(user_values[user].as_py()))
+
+
+def validation_positives(n_users, users, items):
+    """int64 [n_users, 2]: row u holds u and their validation item, or -1 for none."""
+    import numpy as np
+    import torch
+
+    positives = np.full(n_users, -1, dtype=np.int64)
+    positives[users] = items
+    return torch.from_numpy(np.stack([np.arange(n_users), positives], axis=1))
+
+
+def validation_line(result, count, sampling, why_without):
+    """The stage line of a validation holdout: its counts and its negatives."""
+    users = validation_users(result)
+    return (f'validation holdout: {users:,} users with a validation positive, '
+            f'{result["n_users"] - users:,} without ({why_without}); drew {count} validation '
+            f'negatives per user ({sampling})')
+
+
+def validation_metadata(result, sampling, seed):
+    """metadata.json's record of a validation holdout."""
+    users = validation_users(result)
+    return {'holdout': 'latest', 'users': users, 'users_without': result['n_users'] - users,
+            'negatives': sampling, 'seed': validation_seed(seed)}
+
+
+def validation_users(result):
+    """How many users have a validation positive."""
+    return int((result['valid_positives'][:, 1] >= 0).sum())
 
 
 def shown_id(value):
@@ -305,7 +411,25 @@ def id_map_bytes(header, values):
     return text.getvalue().encode('utf-8')
 
 
-def write_cache(output, result, test_negatives, metadata, progress=None):
+def cache_tensors(result, test_negatives, validation_negatives=None):
+    """The cache's tensors by file name, in the order they are written: the validation ones
+    only with a validation holdout."""
+    import numpy as np
+    import torch
+
+    tensors = {}
+    for name, (users, items) in ((TRAIN_FILE, ('train_users', 'train_items')),
+                                 (TEST_FILE, ('test_users', 'test_items'))):
+        tensors[name] = torch.from_numpy(np.stack([result[users], result[items]], axis=1)
+                                         .astype(np.int64))
+    tensors[TEST_NEGATIVES_FILE] = test_negatives.contiguous()
+    if validation_negatives is not None:
+        tensors[VALID_FILE] = result['valid_positives']
+        tensors[VALID_NEGATIVES_FILE] = validation_negatives.contiguous()
+    return tensors
+
+
+def write_cache(output, tensors, result, metadata, progress=None):
     """Write the cache, replacing any previous one in `output` as a whole.
 
     Every file goes to a temporary name beside its place first; only when all are written are
@@ -313,12 +437,13 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
     (files.FileSet). So until then the previous cache stays whole and loadable (an interrupted
     or failed run leaves it as it was), and a process killed outright during the renames leaves
     no metadata.json: a cache is trusted only with a metadata.json written after all its files.
-    Adds each tensor's shape and sha256, id_maps_sha256 and the fingerprint to `metadata`.
+    A previous cache's validation files that the new one lacks are removed after that: nothing
+    trusts them once metadata.json no longer lists them.
+    tensors: cache_tensors'; result: the split's, for the id maps. Adds each tensor's shape and
+    sha256, id_maps_sha256 and the fingerprint to `metadata`.
     progress: a dict whose 'committed' is set once the new cache is in place.
     """
-    import numpy as np
     import torch
-
 
     try:  # whether this run made the directory: one run can, however many start at once
         os.makedirs(output)
@@ -330,36 +455,33 @@ def write_cache(output, result, test_negatives, metadata, progress=None):
         # two conversions into one cache never interleave their files
         lock = DirectoryLock(output, 'one conversion at a time into a cache')
         with FileSet() as files:
-            tensors = {}
-
-            def save(name, tensor):
+            recorded = {}
+            for name, tensor in tensors.items():
                 def write(temporary):
                     with open(temporary, 'wb') as file:
                         torch.save(tensor, file)
                 files.write(os.path.join(output, name), write)
-                tensors[name] = {'shape': list(tensor.shape), 'sha256': tensor_sha256(tensor)}
-            for name, (first, second) in ((TRAIN_FILE, ('train_users', 'train_items')),
-                                          (TEST_FILE, ('test_users', 'test_items'))):
-                save(name, torch.from_numpy(np.stack([result[first], result[second]], axis=1)
-                                            .astype(np.int64)))
-            save(TEST_NEGATIVES_FILE, test_negatives.contiguous())
+                recorded[name] = {'shape': list(tensor.shape), 'sha256': tensor_sha256(tensor)}
             id_maps = hashlib.sha256()
             for name, header, values in ((USER_IDS_FILE, 'user_id', result['user_values']),
                                          (ITEM_IDS_FILE, 'item_id', result['item_values'])):
                 data = id_map_bytes(header, values)
                 id_maps.update(data)
                 files.write_bytes(os.path.join(output, name), data)
-            metadata['tensors'] = tensors
+            metadata['tensors'] = recorded
             metadata['id_maps_sha256'] = id_maps.hexdigest()
             metadata['fingerprint'] = fingerprint(metadata['source_sha256'],
                                                   metadata['id_maps_sha256'],
-                                                  split_sha256(tensors))
+                                                  split_sha256(recorded))
             metadata_path = os.path.join(output, METADATA_FILE)
             files.write_bytes(metadata_path, (json.dumps(metadata, indent=2) + '\n').encode())
             with deferred_signals():  # a signal during the renames is raised after them
                 files.commit(last=metadata_path)
                 if progress is not None:
                     progress['committed'] = True
+                for name in set(VALIDATION_FILES) - set(tensors):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(output, name))
     except BaseException:
         # Leave no empty directory behind, but only one this run created and locked: a run that
         # found another one writing there leaves that one's directory alone.
@@ -413,7 +535,7 @@ def parse_args(argv=None):
                         help="input format (default: detected from the first line; paper: the "
                              "NCF paper's files, from their names)")
     parser.add_argument('--valid_negative', type=int, default=VALID_NEGATIVE,
-                        help='number of test negatives per user')
+                        help='number of test (and validation) negatives per user')
     parser.add_argument('--min_ratings', type=int, default=MIN_RATINGS,
                         help='drop users with fewer interactions than this')
     parser.add_argument('--test_negative_sampling', choices=TEST_NEGATIVE_SAMPLINGS,
@@ -421,7 +543,13 @@ def parse_args(argv=None):
                         help="recipe: the reference's, uniform with replacement over the items "
                              'without a training pair; paper: the NCF paper\'s, distinct items '
                              'the user never interacted with')
-    parser.add_argument('-s', '--seed', type=int, default=SEED, help='seed for the test negatives')
+    parser.add_argument('-s', '--seed', type=int, default=SEED,
+                        help='seed for the test negatives (and, from another stream, the '
+                             'validation negatives)')
+    parser.add_argument('--validation_holdout', action='store_true',
+                        help="hold out each user's latest training interaction as the validation "
+                             'positive, with validation negatives drawn as the test negatives '
+                             "are (the NCF paper's files: cut out of their training ratings)")
     args = parser.parse_args(argv)
     args.given = parser.given_flags(argv)
     return args
@@ -437,13 +565,17 @@ def check_arguments(args):
     if prefix is not None:
         # their own split and negatives: the options that make ours do not apply
         for name in ('valid_negative', 'min_ratings', 'seed', 'test_negative_sampling'):
-            if name in args.given:
+            if name in args.given and not (name == 'seed' and args.validation_holdout):
                 raise UsageError(f'--{name} does not apply to the NCF paper\'s files: they hold '
-                                 'their own split and test negatives')
+                                 'their own split and test negatives'
+                                 + (' (it seeds validation negatives, with --validation_holdout)'
+                                    if name == 'seed' else ''))
         inputs = paper_files.paths(prefix)
     else:
         check_ratings_file(args)
         inputs = [args.path]
+    if not -2 ** 63 <= args.seed < 2 ** 64:
+        raise UsageError(f'--seed {args.seed} is out of range (a 64-bit integer)')
     check_writable_directory(args.output, '--output')
     for path in inputs:
         for name in CACHE_FILES:
@@ -469,8 +601,6 @@ def check_ratings_file(args):
         raise UsageError('--valid_negative must be at least 1')
     if args.min_ratings < 2:
         raise UsageError('--min_ratings must be at least 2 (one test and one training interaction)')
-    if not -2 ** 63 <= args.seed < 2 ** 64:
-        raise UsageError(f'--seed {args.seed} is out of range (a 64-bit integer)')
 
 
 def convert(args, progress=None):
@@ -485,7 +615,7 @@ def convert(args, progress=None):
     columns = read_interactions(args.path, fmt)
     rows = len(columns['user'])
     now = stage(f'read {rows:,} rows of {args.path} as {fmt}', start)
-    result = split(columns, args.min_ratings)
+    result = split(columns, args.min_ratings, args.validation_holdout)
     now = stage(f'split: {result["n_users"]:,} users, {result["n_items"]:,} items, '
                 f'{len(result["train_users"]):,} training rows, {result["dropped_users"]:,} users '
                 f'with under {args.min_ratings} interactions and {result["duplicates"]:,} '
@@ -493,10 +623,25 @@ def convert(args, progress=None):
     if args.valid_negative > result['n_items']:
         raise UsageError(f'--valid_negative {args.valid_negative} is more than the '
                          f'{result["n_items"]:,} items of {args.path}')
-    test_negatives = sample_test_negatives(result, args.valid_negative, args.seed,
-                                           args.test_negative_sampling)
+    if args.validation_holdout and not len(result['valid_users']):
+        raise UsageError(f'--validation_holdout: no user of {args.path} has 3 distinct '
+                         'interactions (a training, a validation and a test one) after '
+                         '--min_ratings and repeated pairs: there is nothing to validate on')
+    keys, test_keys = result.pop('pair_keys'), result.pop('test_keys')
+    test_negatives = sample_test_negatives(result, keys, test_keys, args.valid_negative,
+                                           args.seed, args.test_negative_sampling)
     now = stage(f'drew {args.valid_negative} test negatives per user '
                 f'({args.test_negative_sampling})', now)
+    validation_negatives = None
+    if args.validation_holdout:
+        result['valid_positives'] = validation_positives(
+            result['n_users'], result.pop('valid_users'), result.pop('valid_items'))
+        validation_negatives = sample_validation_negatives(
+            result, keys, test_keys, result.pop('valid_keys'), args.valid_negative, args.seed,
+            args.test_negative_sampling)
+        now = stage(validation_line(result, args.valid_negative, args.test_negative_sampling,
+                                    'under 3 distinct interactions'), now)
+    del keys, test_keys
     metadata = {
         'split': 'recipe',
         'test_negative_sampling': args.test_negative_sampling,
@@ -509,20 +654,36 @@ def convert(args, progress=None):
         'dropped_users': result['dropped_users'],
         'dropped_repeats': result['duplicates'],
     }
-    write(args.output, result, test_negatives, metadata, progress, now, start)
+    if args.validation_holdout:
+        metadata['validation'] = validation_metadata(result, args.test_negative_sampling,
+                                                     args.seed)
+    write(args.output, result, cache_tensors(result, test_negatives, validation_negatives),
+          metadata, progress, now, start)
 
 
 def convert_paper_files(args, prefix, progress, start):
-    """The NCF paper's own files, cached as they are (ncflib/paper_files.py)."""
-    import_held('numpy', 'pyarrow.csv', 'torch')
+    """The NCF paper's own files, cached as they are (ncflib/paper_files.py), with, on request,
+    a validation holdout cut out of their training ratings."""
+    import_held('numpy', 'pyarrow.csv', 'torch', 'dataloading')
     import torch
 
     inputs = paper_files.paths(prefix)
     source_hash = FileHash(*inputs)
     result, negatives = paper_files.read(prefix)
+    source_rows = len(result['train_users']) + len(result['test_users'])
     now = stage(f'read the NCF paper\'s split {prefix}.*: {result["n_users"]:,} users, '
                 f'{result["n_items"]:,} items, {len(result["train_users"]):,} training rows, '
                 f'{negatives.shape[1]} test negatives per user', start)
+    validation_negatives = None
+    if args.validation_holdout:
+        # the training file's pairs, before the holdout: train and validation
+        keys = pair_keys(result['train_users'], result['train_items'], result['n_items'])
+        result['valid_positives'] = validation_positives(
+            result['n_users'], *paper_files.hold_out_latest(result, prefix))
+        validation_negatives = draw_validation_negatives(result, keys, negatives.shape[1],
+                                                         args.seed, 'paper')
+        now = stage(validation_line(result, negatives.shape[1], 'paper',
+                                    'a single item in training'), now)
     metadata = {
         'split': 'given',
         'test_negative_sampling': 'given',
@@ -531,22 +692,28 @@ def convert_paper_files(args, prefix, progress, start):
         'source_file': ', '.join(os.path.basename(path) for path in inputs),
         'source_sha256': source_hash.hexdigest(),
         'source_format': PAPER,
-        'source_rows': len(result['train_users']) + len(result['test_users']),
+        'source_rows': source_rows,
         'dropped_users': 0,
         'dropped_repeats': 0,
     }
-    write(args.output, result, torch.from_numpy(negatives), metadata, progress, now, start)
+    if args.validation_holdout:
+        metadata['validation'] = validation_metadata(result, 'paper', args.seed)
+    write(args.output, result, cache_tensors(result, torch.from_numpy(negatives),
+                                             validation_negatives),
+          metadata, progress, now, start)
 
 
-def write(output, result, test_negatives, metadata, progress, now, start):
+def write(output, result, tensors, metadata, progress, now, start):
     """write_cache, with the counts in front of `metadata` (what the split did), its failures in
     one line, and the closing lines."""
+    counts = {'n_train': len(result['train_users']), 'n_test': len(result['test_users'])}
+    if 'validation' in metadata:
+        counts['n_valid'] = metadata['validation']['users']
     metadata = {'version': CACHE_VERSION, 'n_users': result['n_users'],
-                'n_items': result['n_items'], 'n_train': len(result['train_users']),
-                'n_test': len(result['test_users']), 'valid_negative': test_negatives.shape[1],
-                **metadata}
+                'n_items': result['n_items'], **counts,
+                'valid_negative': tensors[TEST_NEGATIVES_FILE].shape[1], **metadata}
     try:
-        write_cache(output, result, test_negatives, metadata, progress)
+        write_cache(output, tensors, result, metadata, progress)
     except OSError as error:
         if disk_full_error(error):
             raise  # run_main says so, and what was kept

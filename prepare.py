@@ -3,7 +3,8 @@ decision to convert, each ending in one line on failure (exit status 1).
 
     python prepare.py [--kept TEXT] check RAW_DIR CACHE_DIR RATINGS     the directories first
     python prepare.py [--kept TEXT] extract ZIP MEMBER TARGET             unless done already
-    python prepare.py [--kept TEXT] decide RATINGS CACHE_DIR              exit 0: reuse, 3: convert
+    python prepare.py [--kept TEXT] decide RATINGS CACHE_DIR [--validation_holdout]
+                                                                          exit 0: reuse, 3: convert
     python prepare.py [--kept TEXT] command CACHE_DIR                     the training command
 
 --kept: what the script has left as it was, for the line of an interrupted step.
@@ -23,6 +24,7 @@ from ncflib.recipe import DEFAULT_BATCH_SIZE, DEFAULT_NEGATIVE_SAMPLES
 
 PROGRAM = 'prepare_dataset.sh'
 CONVERT = 3  # decide's exit status when the cache must be converted (again)
+HOLDOUT = '--validation_holdout'  # convert.py's option, which decide weighs
 
 
 def check(raw, cache, ratings):
@@ -75,8 +77,14 @@ def extract(archive, member, target):
     atomic_write(stamp, write_stamp)
 
 
-def decide(ratings, cache):
-    """0: the cache was converted from this very ratings file, with these options; 3: convert."""
+def decide(ratings, cache, *options):
+    """0: the cache was converted from this very ratings file, with these options (convert.py's
+    defaults, and a validation holdout where `options` hold --validation_holdout); 3: convert."""
+    unknown = set(options) - {HOLDOUT}
+    if unknown:
+        raise UsageError(f'prepare.py decide takes no option {sorted(unknown)[0]} '
+                         f'(only {HOLDOUT})')
+    holdout = HOLDOUT in options
     digest, _ = remembered_sha256(ratings, log=print)
     try:
         with open(os.path.join(cache, METADATA_FILE)) as file:
@@ -93,11 +101,14 @@ def decide(ratings, cache):
         elif (metadata.get('min_ratings'), metadata.get('valid_negative'),
               metadata.get('seed')) != (MIN_RATINGS, VALID_NEGATIVE, SEED):
             reason = 'the cache was converted with other options'
+        elif ('validation' in metadata) != holdout:
+            reason = (f'the cache was converted {"without" if holdout else "with"} a validation '
+                      'holdout')
         else:
             reason = proof_failure(cache)
             if reason is None:
                 print(f'Using cached preprocessed data in {cache} (converted from {ratings}, '
-                      f'sha256 {digest[:16]}...)')
+                      f'sha256 {digest[:16]}...{", with a validation holdout" * holdout})')
                 return 0
     check_writable_directory(cache, 'CACHE_DIR')
     print(f'Preprocessing {ratings} into {cache} ({reason})')

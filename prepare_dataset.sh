@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Prepare a dataset for ncf.py: fetch (or reuse) the raw ratings, then convert them to cached tensors.
 #
-#   ./prepare_dataset.sh [DATASET] [RAW_DIR] [CACHE_DIR] [SYNTHETIC_OPTIONS...]
+#   ./prepare_dataset.sh [DATASET] [RAW_DIR] [CACHE_DIR] [--validation_holdout] [SYNTHETIC_OPTIONS]
 #
 #   DATASET    ml-20m (default), ml-25m, ml-32m, ml-10m, ml-1m, ml-100k, or synthetic (built in,
 #              no download)
 #   RAW_DIR    where DATASET.zip is kept or downloaded to (default ./data; the Docker image uses /data)
 #   CACHE_DIR  where the tensors go (default RAW_DIR/cache/DATASET)
+#   --validation_holdout  passed to convert.py: each user's latest training interaction is held
+#              out as a validation positive, with validation negatives (any dataset)
 #   SYNTHETIC_OPTIONS  for synthetic only, passed to synthetic.py, e.g. for ML-20m's shape:
 #              --users 138493 --items 26744 --rows 20000000 --layout ml-20m
 #
@@ -30,7 +32,23 @@ SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 DATASET_NAME=${1:-ml-20m}
 RAW_DATADIR=${2:-./data}
 CACHED_DATADIR=${3:-${RAW_DATADIR}/cache/${DATASET_NAME}}
+for positional in "${@:1:3}"; do
+    case ${positional} in
+        -*) fail "${positional} stands where DATASET, RAW_DIR or CACHE_DIR goes:" \
+                 "options come after all three" ;;
+    esac
+done
 shift $(( $# < 3 ? $# : 3 ))
+# convert.py's option, for any dataset; every other option is synthetic.py's
+CONVERT_OPTIONS=()
+SYNTHETIC_OPTIONS=()
+for option in "$@"; do
+    case ${option} in
+        --validation_holdout) CONVERT_OPTIONS=(--validation_holdout) ;;
+        *) SYNTHETIC_OPTIONS+=("${option}") ;;
+    esac
+done
+set -- ${SYNTHETIC_OPTIONS[@]+"${SYNTHETIC_OPTIONS[@]}"}
 if [ -z "${PYTHON:-}" ]; then
     PYTHON=$(command -v python || command -v python3) || fail "no python found: set PYTHON"
 fi
@@ -46,7 +64,7 @@ case ${DATASET_NAME} in
     *) fail "unsupported dataset ${DATASET_NAME} (ml-20m, ml-25m, ml-32m, ml-10m, ml-1m, ml-100k or synthetic)" ;;
 esac
 if [ "${DATASET_NAME}" != synthetic ] && [ $# -gt 0 ]; then
-    fail "options after CACHE_DIR are for the synthetic dataset only: $*"
+    fail "options after CACHE_DIR (but --validation_holdout) are for the synthetic dataset only: $*"
 fi
 RATINGS_PATH=${RAW_DATADIR}/${MEMBER}
 ZIP_PATH=${RAW_DATADIR}/${DATASET_NAME}.zip
@@ -119,10 +137,12 @@ else
 fi
 
 status=0
-helper decide "${RATINGS_PATH}" "${CACHED_DATADIR}" || status=$?
+helper decide "${RATINGS_PATH}" "${CACHED_DATADIR}" ${CONVERT_OPTIONS[@]+"${CONVERT_OPTIONS[@]}"} \
+    || status=$?
 if [ "${status}" -eq 3 ]; then  # prepare.py decide: convert
     t0=$(date +%s)
-    run "${PYTHON}" "${SCRIPT_DIR}/convert.py" --path "${RATINGS_PATH}" --output "${CACHED_DATADIR}"
+    run "${PYTHON}" "${SCRIPT_DIR}/convert.py" --path "${RATINGS_PATH}" \
+        --output "${CACHED_DATADIR}" ${CONVERT_OPTIONS[@]+"${CONVERT_OPTIONS[@]}"}
     echo "Finished preprocessing in $(( $(date +%s) - t0 )) seconds"
 elif [ "${status}" -ne 0 ]; then
     exit "${status}"

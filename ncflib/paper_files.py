@@ -11,7 +11,9 @@ Ids are the files' own (0-based, kept as they are): users 0..n-1, each with one 
 at least one training rating; the catalogue is the paper's (its Dataset.py sizes it from the
 training file): items 0..m-1, m one more than the largest training item. A test item or a
 negative must be in it, and each user's negatives must be distinct items other than their test
-item and the items they rated in training. No re-split, no re-draw. Anything else is a one-line
+item and the items they rated in training. No re-split, no re-draw (convert.py's
+--validation_holdout only cuts each user's latest training rating out: hold_out_latest).
+Anything else is a one-line
 UsageError naming the file and, where it is on one, the line (1-based, as an editor numbers it)
 and its user; the checks are vectorised (Pinterest's files have 55,187 users). No torch here:
 numpy and pyarrow read the files.
@@ -92,6 +94,32 @@ def read(prefix):
                  n_items=n_items, user_values=ids[0], item_values=ids[1], duplicates=0,
                  dropped_users=0)
     return split, negatives
+
+
+def hold_out_latest(split, prefix):
+    """Cut each user's latest training rating (by timestamp; ties: the later line of the file)
+    out of `split`'s training ratings (read's, in place) as their validation positive, as Rendle
+    et al. did; an earlier rating of that same item goes with it (the pair is the validation
+    positive). A user who rated a single item in training keeps their ratings, without a
+    validation positive. Returns the users with one and their validation items."""
+    import numpy as np
+
+    users, items = split['train_users'], split['train_items']  # by user, then time
+    last = np.empty(len(users), dtype=bool)
+    last[:-1] = users[1:] != users[:-1]
+    last[-1] = True
+    latest = np.empty(split['n_users'], dtype=np.int64)  # every user has a training rating
+    latest[users[last]] = items[last]
+    held_out = items == latest[users]
+    validated = np.bincount(users[~held_out], minlength=split['n_users']) > 0
+    if not validated.any():
+        raise UsageError(f'--validation_holdout: no user of {prefix}{SUFFIXES[0]} rated 2 items '
+                         'in training (a validation and a training one): there is nothing to '
+                         'validate on')
+    held_out &= validated[users]
+    split['train_users'], split['train_items'] = users[~held_out], items[~held_out]
+    validated_users = np.nonzero(validated)[0]
+    return validated_users, latest[validated_users]
 
 
 # Reading --------------------------------------------------------------------------------------

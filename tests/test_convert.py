@@ -19,7 +19,8 @@ from conftest import (HOLDING_PYTHON, PYTHON, ROOT, assert_one_line_error, fails
                       read_only, run_script, snapshot, wait_for_handlers)
 from ncflib import files
 from ncflib.cache import (ITEM_IDS_FILE, METADATA_FILE, TEST_FILE, TEST_NEGATIVES_FILE,
-                          TRAIN_FILE, USER_IDS_FILE)
+                          TRAIN_FILE, USER_IDS_FILE, VALID_FILE, VALID_NEGATIVES_FILE,
+                          read_metadata, tensor_sha256, validation_seed)
 
 # Known answers. With --min_ratings 3, u3 (one row) goes; first appearance maps u2 -> 0, u1 -> 1,
 # u4 -> 2 and b -> 0, a -> 1, c -> 2, d -> 3, f -> 4, e -> 5. u1 in time order: c@3, a@5, b@5 (a
@@ -441,6 +442,12 @@ CASES = {
     '--valid_negative 0': ('A', ['--valid_negative', '0'], 1, 'at least 1'),
     '--min_ratings 1': ('A', ['--min_ratings', '1'], 1, 'at least 2'),
     '--seed out of range': ('A', ['--seed', str(2 ** 64)], 1, 'out of range'),
+    'no user to validate on': (HEADER + 'u1,a,1\nu1,b,2\nu2,c,1\nu2,c,2\nu2,a,3\n',
+                               ['--min_ratings', '2', '--valid_negative', '1',
+                                '--validation_holdout'], 1,
+                               'no user of RATINGS has 3 distinct interactions (a training, a '
+                               'validation and a test one) after --min_ratings and repeated '
+                               'pairs: there is nothing to validate on'),
     'a directory as --path': ('DIR', [], 1, 'is a directory'),
     'output is a file': ('A', ['--output', 'FILE'], 1, 'is not a directory'),
     'output under a file': ('A', ['--output', 'FILE/cache'], 1, 'is not a directory'),
@@ -464,7 +471,8 @@ def test_bad_input_is_one_line_and_changes_nothing(case, small, old_cache, tmp_p
     extra = [str(tmp_path / a) if a.startswith('FILE') else a for a in extra]
     output = [] if '--output' in extra else ['--output', old_cache]
     before = snapshot(tmp_path)
-    fails(convert.main, ['--path', path, *output, *extra], capsys, fragment, code=code)
+    fails(convert.main, ['--path', path, *output, *extra], capsys,
+          fragment.replace('RATINGS', path), code=code)
     assert snapshot(tmp_path) == before
 
 
@@ -797,6 +805,13 @@ def every_negative_line(items):
     return breaks
 
 
+def one_training_item_each(prefix):
+    """A break for --validation_holdout: each user keeps one training item, rated twice."""
+    rows = paper_rows(prefix + '.train.rating')
+    first = {row[0]: row for row in reversed(rows)}
+    write_rows(prefix + '.train.rating', [first[row[0]][:3] + row[3:] for row in rows])
+
+
 def both(*breaks):
     return lambda prefix: [each(prefix) for each in breaks]
 
@@ -875,6 +890,16 @@ PAPER_CASES = {
                           'toy.test.negative does not exist'),
     'an option of our own split': (None, ['--valid_negative', '99'],
                                    '--valid_negative does not apply to the NCF paper\'s files'),
+    'a seed without a validation holdout': (
+        None, ['--seed', '3'], "--seed does not apply to the NCF paper's files: they hold their "
+                               'own split and test negatives (it seeds validation negatives, '
+                               'with --validation_holdout)'),
+    'a seed out of range': (None, ['--validation_holdout', '--seed', str(-2 ** 63 - 1)],
+                            'out of range'),
+    'no user to validate on': (
+        one_training_item_each, ['--validation_holdout'],
+        '--validation_holdout: no user of PREFIX.train.rating rated 2 items in training (a '
+        'validation and a training one): there is nothing to validate on'),
     'paper format for other files': (None, ['--path', 'ratings.csv', '--format', 'paper'],
                                      'names none of the NCF paper\'s files'),
 }
@@ -892,7 +917,7 @@ def test_malformed_paper_files_are_one_line_and_change_nothing(case, tmp_path, c
     before = snapshot(tmp_path)
     fragments = (fragments,) if isinstance(fragments, str) else fragments
     fails(convert.main, ['--path', prefix, '--output', str(tmp_path / 'cache'), *extra],
-          capsys, *fragments)
+          capsys, *(fragment.replace('PREFIX', prefix) for fragment in fragments))
     assert snapshot(tmp_path) == before
 
 
@@ -946,12 +971,7 @@ def test_a_quoted_piece_of_a_file_is_escaped_and_short(name, contents, extra, tm
 def test_negatives_avoid_the_right_pairs_when_pairs_repeat(sampling, tmp_path):
     """The negatives are drawn outside the split's own sorted pair keys (no second sort): with
     repeated pairs dropped, recipe avoids every training pair, paper every interaction."""
-    generator = random.Random(1)
-    rows = ['user_id,item_id,timestamp']
-    for user in range(40):
-        for when in range(30):  # about one pair in three repeats an earlier one
-            rows.append(f'u{user},i{generator.randrange(25)},{when}')
-    path = write(tmp_path / 'ratings.csv', '\n'.join(rows) + '\n')
+    path = repeating_ratings(tmp_path / 'ratings.csv')
     convert.main(['--path', path, '--output', str(tmp_path / 'cache'), '--valid_negative', '3',
                   '--test_negative_sampling', sampling, '--min_ratings', '2'])
     metadata = json.loads((tmp_path / 'cache' / METADATA_FILE).read_text())
@@ -962,3 +982,271 @@ def test_negatives_avoid_the_right_pairs_when_pairs_repeat(sampling, tmp_path):
     avoided = train | test if sampling == 'paper' else train
     assert not any((user, item) in avoided for user, row in enumerate(negatives)
                    for item in row)
+
+
+def repeating_ratings(path):
+    """40 users, 30 rows each over 25 items: about one pair in three repeats an earlier one."""
+    generator = random.Random(1)
+    rows = ['user_id,item_id,timestamp']
+    for user in range(40):
+        for when in range(30):
+            rows.append(f'u{user},i{generator.randrange(25)},{when}')
+    return write(path, '\n'.join(rows) + '\n')
+
+
+
+# The validation holdout ---------------------------------------------------------------------
+
+# sha256 of the metadata.json convert.py wrote before the holdout existed, for each of
+# plain_conversions: it records every tensor's shape and sha256 and the id maps' sha256, so an
+# equal one is the same cache.
+METADATA_BEFORE_THE_HOLDOUT = {
+    'hand': 'b3829eb659eaa1a23ee8e7207b87dd3c392e7b2ccbf8ee4d81fed27ab2a012e0',
+    'repeating': 'e6027de19d34ae6697f27953f70c5d63f912a5bc0b57a259a1cf9a274e463a53',
+    'paper': 'a33ed7982fda8face4205eac4f01b5cc126bebb8c9bb358739ee043c7d553fe5',
+}
+PLAIN_CACHE = [TRAIN_FILE, TEST_FILE, TEST_NEGATIVES_FILE, METADATA_FILE, USER_IDS_FILE,
+               ITEM_IDS_FILE]
+
+
+def plain_conversions(directory):
+    """{name: convert.py's arguments but --output}: the hand-written ratings, ratings whose
+    pairs repeat (paper sampling) and the NCF paper's files, in `directory`."""
+    return {
+        'hand': ['--path', write(directory / 'ratings.csv', HAND_WRITTEN), '--min_ratings', '3',
+                 '--valid_negative', '5'],
+        'repeating': ['--path', repeating_ratings(directory / 'repeating.csv'), '--min_ratings',
+                      '2', '--valid_negative', '3', '--test_negative_sampling', 'paper'],
+        'paper': ['--path', paper_split(directory)[0]],
+    }
+
+
+def test_without_the_holdout_the_cache_is_as_before(tmp_path):
+    """Byte for byte what convert.py wrote before --validation_holdout existed; and a cache with
+    a holdout converted again without one is that cache too (no validation file left)."""
+    for name, argv in plain_conversions(tmp_path).items():
+        output = tmp_path / name
+        convert.main(argv + ['--output', str(output)])
+        assert hashlib.sha256((output / METADATA_FILE).read_bytes()).hexdigest() == \
+            METADATA_BEFORE_THE_HOLDOUT[name], name
+        assert sorted(snapshot(output)) == sorted(PLAIN_CACHE)
+        metadata = json.loads((output / METADATA_FILE).read_text())
+        for tensor, recorded in metadata['tensors'].items():
+            assert tensor_sha256(load(output, tensor)) == recorded['sha256']
+        rewritten = tmp_path / f'{name}_rewritten'
+        convert.main(argv + ['--output', str(rewritten), '--validation_holdout'])
+        assert (rewritten / VALID_FILE).exists()
+        convert.main(argv + ['--output', str(rewritten)])
+        assert snapshot(rewritten) == snapshot(output)
+
+
+# Known answers (--min_ratings 2). First appearance maps u1..u4 -> 0..3 and a -> 0, c -> 1,
+# b -> 2, e -> 3, d -> 4, f -> 5. u1 in time order: a@1, c@5, b@5 (a tie: file order), a@8 (a
+# repeat: dropped, the earliest stays), d@9: test d, validation b, training a, c. u2 has two
+# interactions, u3 two once its repeat is dropped: no validation positive, their training kept.
+# u4 in time order: e@1, a@2, b@3: test b, validation a, training e.
+HOLDOUT_RATINGS = """user_id,item_id,timestamp
+u1,a,1
+u1,c,5
+u2,a,3
+u1,b,5
+u3,e,1
+u1,a,8
+u4,a,2
+u1,d,9
+u2,b,4
+u3,e,2
+u3,f,3
+u4,e,1
+u4,b,3
+"""
+HOLDOUT_TRAIN = [[0, 0], [0, 1], [1, 0], [2, 3], [3, 3]]
+HOLDOUT_TEST = [[0, 4], [1, 2], [2, 5], [3, 2]]
+HOLDOUT_VALID = [[0, 2], [1, -1], [2, -1], [3, 0]]
+
+
+def test_validation_holdout_known_answers(tmp_path, capsys):
+    source = write(tmp_path / 'ratings.csv', HOLDOUT_RATINGS)
+    plain, held = tmp_path / 'plain', tmp_path / 'held'
+    argv = ['--path', source, '--min_ratings', '2', '--valid_negative', '3']
+    convert.main(argv + ['--output', str(plain)])
+    capsys.readouterr()
+    convert.main(argv + ['--output', str(held), '--validation_holdout'])
+    assert '[convert] validation holdout: 2 users with a validation positive, 2 without (under 3 ' \
+        'distinct interactions); drew 3 validation negatives per user (recipe)' in \
+        capsys.readouterr().err
+    assert load(held, TRAIN_FILE).tolist() == HOLDOUT_TRAIN
+    assert load(held, TEST_FILE).tolist() == HOLDOUT_TEST
+    assert load(held, VALID_FILE).tolist() == HOLDOUT_VALID
+    negatives = load(held, VALID_NEGATIVES_FILE)
+    assert negatives.dtype == load(held, VALID_FILE).dtype == torch.int64
+    assert negatives.shape == (4, 3) and (negatives[1:3] == -1).all()
+    for user in (0, 3):
+        training = {item for u, item in HOLDOUT_TRAIN if u == user}
+        assert all(0 <= item < 6 and item not in training for item in negatives[user].tolist())
+    # the test set, its negatives and the id maps are those of the cache without the holdout
+    for name in (TEST_FILE, TEST_NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE):
+        assert (held / name).read_bytes() == (plain / name).read_bytes()
+
+    metadata = json.loads((held / METADATA_FILE).read_text())
+    before = json.loads((plain / METADATA_FILE).read_text())
+    assert metadata['validation'] == {'holdout': 'latest', 'users': 2, 'users_without': 2,
+                                      'negatives': 'recipe', 'seed': 2 ** 32 + 1}
+    assert (metadata['n_train'], metadata['n_valid'], metadata['n_test']) == (5, 2, 4)
+    assert list(metadata)[:7] == ['version', 'n_users', 'n_items', 'n_train', 'n_test',
+                                  'n_valid', 'valid_negative']
+    unchanged = set(before) - {'n_train', 'tensors', 'fingerprint'}
+    assert {key: metadata[key] for key in unchanged} == {key: before[key] for key in unchanged}
+    for name, shape in ((VALID_FILE, [4, 2]), (VALID_NEGATIVES_FILE, [4, 3])):
+        assert metadata['tensors'][name] == {'shape': shape,
+                                             'sha256': tensor_sha256(load(held, name))}
+    # the fingerprint covers the validation positives: another split, another fingerprint
+    split = hashlib.sha256(':'.join(metadata['tensors'][name]['sha256'] for name in (
+        TRAIN_FILE, TEST_FILE, VALID_FILE)).encode()).hexdigest()
+    assert metadata['fingerprint'] == hashlib.sha256(
+        f"{metadata['source_sha256']}:{metadata['id_maps_sha256']}:{split}".encode()
+    ).hexdigest()[:16] != before['fingerprint']
+    read_metadata(str(held))  # which checks the fingerprint
+
+
+def few_and_many_ratings(path):
+    """60 users with 2 to 10 rows over 25 items, at times 0..9: ties in time, repeated pairs,
+    and users with under 3 distinct interactions."""
+    generator = random.Random(2)
+    rows = ['user_id,item_id,timestamp']
+    for user in range(60):
+        for _ in range(2 + user % 9):
+            rows.append(f'u{user},i{generator.randrange(25)},{generator.randrange(10)}')
+    return write(path, '\n'.join(rows) + '\n')
+
+
+def by_user(pairs):
+    """{user: [item, ...]} of [user, item] rows, in their order."""
+    items = {}
+    for user, item in pairs:
+        items.setdefault(user, []).append(item)
+    return items
+
+
+@pytest.mark.parametrize('sampling', ['recipe', 'paper'])
+def test_validation_holdout_rules_and_negatives(sampling, tmp_path):
+    """Each user's latest training interaction becomes the validation positive where a training
+    one stays; the test set is untouched; the validation negatives avoid what the sampling
+    says, as if the test set did not exist, and follow the seed."""
+    argv = ['--path', few_and_many_ratings(tmp_path / 'ratings.csv'), '--min_ratings', '2',
+            '--valid_negative', '6', '--test_negative_sampling', sampling]
+    for name, extra in (('plain', []), ('held', ['--validation_holdout']),
+                        ('again', ['--validation_holdout']),
+                        ('seed2', ['--validation_holdout', '--seed', '2'])):
+        convert.main(argv + ['--output', str(tmp_path / name), *extra])
+    plain, held = tmp_path / 'plain', tmp_path / 'held'
+    metadata = json.loads((held / METADATA_FILE).read_text())
+    n_users, n_items = metadata['n_users'], metadata['n_items']
+    assert metadata['dropped_repeats'] > 20
+
+    training_before = by_user(load(plain, TRAIN_FILE).tolist())  # by user, then time
+    valid = load(held, VALID_FILE).tolist()
+    assert [user for user, _ in valid] == list(range(n_users))
+    expected_train = []
+    for user in range(n_users):
+        items = training_before.get(user, [])
+        assert valid[user][1] == (items[-1] if len(items) >= 2 else -1)
+        expected_train += [[user, item] for item in (items[:-1] if len(items) >= 2 else items)]
+    train = load(held, TRAIN_FILE).tolist()
+    assert train == expected_train
+    validated = [user for user, item in valid if item >= 0]
+    assert metadata['validation']['users'] == len(validated) and 0 < len(validated) < n_users
+    training = {tuple(pair) for pair in train}
+    assert not any((user, valid[user][1]) in training for user in validated)
+    for name in (TEST_FILE, TEST_NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE):
+        assert (held / name).read_bytes() == (plain / name).read_bytes()
+
+    negatives = load(held, VALID_NEGATIVES_FILE).tolist()
+    avoided = training | {(user, valid[user][1]) for user in validated} if sampling == 'paper' \
+        else training
+    for user, row in enumerate(negatives):
+        if user not in validated:
+            assert row == [-1] * 6
+            continue
+        assert all(0 <= item < n_items and (user, item) not in avoided for item in row)
+        if sampling == 'paper':
+            assert len(set(row)) == 6
+    assert metadata['validation']['negatives'] == sampling
+    assert snapshot(tmp_path / 'again') == snapshot(held)
+    other_seed = tmp_path / 'seed2'
+    assert (other_seed / VALID_FILE).read_bytes() == (held / VALID_FILE).read_bytes()
+    assert (other_seed / VALID_NEGATIVES_FILE).read_bytes() != \
+        (held / VALID_NEGATIVES_FILE).read_bytes()
+
+
+def ratings_with_test_items(path, choice):
+    """30 users with 6 distinct items out of 20 each, then each one's latest interaction, the
+    test positive: the `choice`-th item they have not rated. The items appear first in the
+    training rows, so the id maps do not depend on `choice`."""
+    generator = random.Random(3)
+    rows, tests = ['user_id,item_id,timestamp'], []
+    for user in range(30):
+        items = generator.sample(range(20), 6)
+        rows += [f'u{user},i{item},{when}' for when, item in enumerate(items)]
+        tests.append(f'u{user},i{[i for i in range(20) if i not in items][choice]},9')
+    return write(path, '\n'.join(rows + tests) + '\n')
+
+
+@pytest.mark.parametrize('sampling', ['recipe', 'paper'])
+def test_validation_never_depends_on_the_test_positives(sampling, tmp_path):
+    caches = []
+    for choice in (0, 1):
+        caches.append(tmp_path / f'choice{choice}')
+        convert.main(['--path', ratings_with_test_items(tmp_path / f'{choice}.csv', choice),
+                      '--output', str(caches[-1]), '--min_ratings', '2', '--valid_negative', '5',
+                      '--test_negative_sampling', sampling, '--validation_holdout'])
+    first, second = (snapshot(cache) for cache in caches)
+    assert first[TEST_FILE] != second[TEST_FILE]
+    for name in (TRAIN_FILE, VALID_FILE, VALID_NEGATIVES_FILE, USER_IDS_FILE, ITEM_IDS_FILE):
+        assert first[name] == second[name], name
+
+
+def test_the_papers_files_with_a_validation_holdout(tmp_path, capsys):
+    """Each user's latest training rating (ties: the later line) is cut out of the training
+    file, with any earlier rating of the same item; a user with a single training item keeps
+    it. The test set stays the files'; the validation negatives are drawn as the paper draws."""
+    prefix, train, test, negative = paper_split(tmp_path)
+    rows = sorted(train, key=lambda row: (row[0], row[3]))  # by user, then time
+    by_user_rows = [rows[11 * user:11 * (user + 1)] for user in range(50)]
+    # user 0: their two latest ratings at one time, the earlier of them on the later line
+    tied = (0, by_user_rows[0][9][1], 5, by_user_rows[0][10][3])
+    rows = [row for row in rows if row != by_user_rows[0][9]] + [tied]
+    rows = [row for row in rows if row[0] != 1] + [by_user_rows[1][0]]  # user 1: one rating
+    rows.append((2, by_user_rows[2][10][1], 1, 1))  # user 2 rated their latest item before
+    write_rows(prefix + '.train.rating', rows)
+    expected = [row[-1][1] for row in by_user_rows]
+    expected[0], expected[1] = tied[1], -1
+    argv = ['--path', prefix, '--validation_holdout', '--seed', '7']
+    convert.main(argv + ['--output', str(tmp_path / 'held')])
+    assert '[convert] validation holdout: 49 users with a validation positive, 1 without (a ' \
+        'single item in training); drew 20 validation negatives per user (paper)' in \
+        capsys.readouterr().err
+    held = tmp_path / 'held'
+    assert load(held, VALID_FILE).tolist() == [[user, item] for user, item in enumerate(expected)]
+    kept = [(user, item) for user, item, *_ in rows if item != expected[user]]
+    assert sorted(map(tuple, load(held, TRAIN_FILE).tolist())) == sorted(kept)
+    assert load(held, TEST_FILE).tolist() == [list(pair) for pair in test]
+    assert load(held, TEST_NEGATIVES_FILE).tolist() == negative
+    metadata = json.loads((held / METADATA_FILE).read_text())
+    assert metadata['validation'] == {'holdout': 'latest', 'users': 49, 'users_without': 1,
+                                      'negatives': 'paper', 'seed': validation_seed(7)}
+    assert (metadata['n_train'], metadata['n_valid'], metadata['source_rows']) == \
+        (len(kept), 49, len(rows) + 50)
+    assert (metadata['split'], metadata['seed'], metadata['valid_negative']) == ('given', None, 20)
+    interactions = {(user, item) for user, item, *_ in rows}
+    for user, row in enumerate(load(held, VALID_NEGATIVES_FILE).tolist()):
+        if user == 1:
+            assert row == [-1] * 20
+            continue
+        assert len(set(row)) == 20 and not any((user, item) in interactions for item in row)
+    convert.main(argv + ['--output', str(tmp_path / 'again')])
+    convert.main(argv[:-1] + ['8', '--output', str(tmp_path / 'seed8')])
+    assert snapshot(tmp_path / 'again') == snapshot(held)
+    assert (tmp_path / 'seed8' / VALID_NEGATIVES_FILE).read_bytes() != \
+        (held / VALID_NEGATIVES_FILE).read_bytes()
+    read_metadata(str(held))

@@ -88,6 +88,59 @@ def test_prepare_synthetic_from_any_directory_and_reconverts_what_changed(tmp_pa
     assert json.loads((cache / 'metadata.json').read_text())['source_sha256'] == sha256(ratings)
 
 
+def test_prepare_converts_again_when_the_validation_holdout_changes(tmp_path):
+    """--validation_holdout goes to convert.py (the other options to synthetic.py, wherever it
+    stands among them); a cache with the holdout is reused only when it is asked for, and one
+    without only when it is not."""
+    raw = tmp_path / 'raw'
+    cache = raw / 'cache' / 'synthetic'
+    ratings = raw / 'synthetic' / 'ratings.csv'
+    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=9000))
+    (raw / 'synthetic' / 'options').write_text(' '.join(SMALL) + '\n')
+    convert.main(['--path', str(ratings), '--output', str(cache)])  # without the holdout
+    first = prepare('synthetic', str(raw), str(cache), '--validation_holdout', *SMALL,
+                    cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert f'Using {ratings}' in first.stdout  # not generated again
+    assert '(the cache was converted without a validation holdout)' in first.stdout
+    metadata = json.loads((cache / 'metadata.json').read_text())
+    assert metadata['validation']['users'] == metadata['n_valid'] > 0
+    assert (cache / 'valid_ratings.pt').exists()
+    second = prepare('synthetic', str(raw), str(cache), *SMALL[:2], '--validation_holdout',
+                     *SMALL[2:], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert 'Using cached preprocessed data' in second.stdout
+    assert ', with a validation holdout)' in second.stdout and 'Preprocessing' not in second.stdout
+    third = prepare('synthetic', str(raw), str(cache), *SMALL, cwd=tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert '(the cache was converted with a validation holdout)' in third.stdout
+    assert 'validation' not in json.loads((cache / 'metadata.json').read_text())
+    assert not (cache / 'valid_ratings.pt').exists()
+
+
+def test_prepare_a_movielens_dataset_with_a_validation_holdout(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    with zipfile.ZipFile(raw / 'ml-100k.zip', 'w') as archive:
+        archive.writestr('ml-100k/u.data', u_data(1))
+    completed = prepare('ml-100k', str(raw), str(raw / 'cache'), '--validation_holdout',
+                        cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    assert 'validation holdout: 300 users with a validation positive' in completed.stderr
+    metadata = json.loads((raw / 'cache' / 'metadata.json').read_text())
+    assert metadata['n_valid'] == 300 and metadata['validation']['negatives'] == 'recipe'
+
+
+def test_prepare_decide_takes_only_the_validation_holdout(tmp_path):
+    ratings = tmp_path / 'ratings.csv'
+    ratings.write_text('user_id,item_id,timestamp\n1,2,3\n')
+    completed = run_script('prepare.py', 'decide', str(ratings), str(tmp_path / 'cache'),
+                           '--seed')
+    assert_one_line_error(completed, 'prepare.py decide takes no option --seed (only '
+                                     '--validation_holdout)')
+    assert completed.returncode == 1 and not (tmp_path / 'cache').exists()
+
+
 def u_data(seed):
     user, item, rating, timestamp = synthetic.generate(users=300, items=200, rows=9000,
                                                        groups=4, seed=seed)
@@ -267,6 +320,9 @@ PREPARE_CASES = {
     'unknown dataset': (['ml-5m', 'raw'], None, 'unsupported dataset ml-5m'),
     'options for a MovieLens dataset': (['ml-1m', 'raw', 'cache', '--users', '3'], None,
                                         'options after CACHE_DIR'),
+    'an option before CACHE_DIR': (['ml-100k', 'raw', '--validation_holdout'], None,
+                                   '--validation_holdout stands where DATASET, RAW_DIR or '
+                                   'CACHE_DIR goes: options come after all three'),
     'RAW_DIR is a file': (['ml-100k', 'FILE'], None, 'RAW_DIR'),
     'CACHE_DIR is a file': (['synthetic', 'raw', 'FILE'], None, 'CACHE_DIR'),
     'CACHE_DIR under a file': (['synthetic', 'raw', 'FILE/cache'], None, 'CACHE_DIR'),
