@@ -255,12 +255,14 @@ def _check(tensor, path, shape, high, low=0):
                              f'{low_value}..{high_value}')
 
 
-def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
+def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print, with_test=True):
     """Load and check a cache written by convert.py; everything ends up on `device`.
 
     valid_negative: test (and validation) negatives per user; when it differs from the cache,
     new ones are drawn (as the cache's were: recipe or paper, see cache.TEST_NEGATIVE_SAMPLINGS,
     with `seed`, and validation_seed(seed) for the validation's) and `log` says so.
+    with_test: False reads nothing of the test set (its tensors are None): a search that selects
+    on the validation holdout cannot look at it.
     """
     metadata = read_metadata(data_dir, log)
     metadata_path = os.path.join(data_dir, METADATA_FILE)
@@ -274,40 +276,44 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print):
     _check(train, path, (None, 2), max(n_users, n_items))
     _check(train[:, 0], path, (None,), n_users)
     _check(train[:, 1], path, (None,), n_items)
-    test, negatives = _load_positives(data_dir, TEST_FILE, TEST_NEGATIVES_FILE, device,
-                                      recorded, n_users, n_items)
+    test = negatives = None
+    counts = {'n_train': len(train)}
+    if with_test:
+        test, negatives = _load_positives(data_dir, TEST_FILE, TEST_NEGATIVES_FILE, device,
+                                          recorded, n_users, n_items)
+        counts.update(n_test=len(test), valid_negative=negatives.shape[1])
     valid_items = valid_negatives = None
-    counts = {'n_train': len(train), 'n_test': len(test), 'valid_negative': negatives.shape[1]}
     if 'validation' in metadata:
         valid_items, valid_negatives = _load_positives(
             data_dir, VALID_FILE, VALID_NEGATIVES_FILE, device, recorded, n_users, n_items,
-            held_out=True, negatives=negatives.shape[1])
-        counts['n_valid'] = int((valid_items >= 0).sum())
+            held_out=True, negatives=None if negatives is None else negatives.shape[1])
+        counts.update(n_valid=int((valid_items >= 0).sum()),
+                      valid_negative=valid_negatives.shape[1])
     check_counts(metadata, metadata_path, counts)
     # convert.py numbers the items that occur, so every item is in the training or test pairs:
     # a catalogue larger than that (a hand-edited metadata.json) would train rows nothing uses
-    items = torch.cat((train[:, 1], test) + (() if valid_items is None else (valid_items,)))
+    # (without the test set, an item of the test alone may be beyond the others)
+    items = torch.cat([part for part in (train[:, 1], test, valid_items) if part is not None])
     seen_items = int(items.max()) + 1 if len(items) else 0
-    if seen_items != n_items:
+    if seen_items > n_items or (with_test and seen_items != n_items):
         raise UsageError(f'{metadata_path} says {n_items} items, but the tensors hold '
                          f'{seen_items}: the cache is inconsistent; run convert.py again')
 
     dataset = Dataset(train[:, 0].contiguous(), train[:, 1].contiguous(), test, negatives,
                       n_users, n_items, metadata, valid_items, valid_negatives)
     sampling = metadata.get('test_negative_sampling', 'recipe')
-    metadata['test_negatives'] = f'{negatives.shape[1]} per user ({sampling}), from the cache'
-    if valid_negative is not None and valid_negative != negatives.shape[1]:
+    drawn = (negatives if with_test else valid_negatives).shape[1]
+    metadata['test_negatives'] = f'{drawn} per user ({sampling}), from the cache'
+    if valid_negative is not None and valid_negative != drawn:
         if sampling not in TEST_NEGATIVE_SAMPLINGS:
-            raise UsageError(f'--valid_negative {valid_negative}, but the cache\'s '
-                             f'{negatives.shape[1]} test negatives per user are its source\'s '
-                             f'own ({metadata.get("source_format")} files), and others cannot '
-                             f'be drawn as they were: --valid_negative {negatives.shape[1]} '
-                             'evaluates with them')
+            raise UsageError(f'--valid_negative {valid_negative}, but the cache\'s {drawn} test '
+                             f'negatives per user are its source\'s own '
+                             f'({metadata.get("source_format")} files), and others cannot be '
+                             f'drawn as they were: --valid_negative {drawn} evaluates with them')
         metadata['test_negatives'] = (f'{valid_negative} per user ({sampling}), drawn at load '
-                                      f'time with seed {seed} (the cache has '
-                                      f'{negatives.shape[1]})')
+                                      f'time with seed {seed} (the cache has {drawn})')
         log(f'Drawing {valid_negative} test negatives per user ({sampling}) with seed {seed} '
-            f'(the cache has {negatives.shape[1]})')
+            f'(the cache has {drawn})')
         redraw_negatives(dataset, valid_negative, seed, sampling)
     return dataset
 
@@ -316,12 +322,13 @@ def redraw_negatives(dataset, count, seed, sampling):
     """`count` test negatives per user, as convert.py draws them (outside the interactions known
     before the test), and with a validation holdout its negatives as if the test set did not
     exist (outside the training pairs, with validation_seed(seed))."""
-    device = dataset.test_items.device
-    users, items = dataset.known_pairs()
-    exclusion = test_negative_exclusion(users, items, dataset.test_items, dataset.n_items,
-                                        sampling)
-    dataset.test_negatives = draw_test_negatives(
-        exclusion, count, torch.Generator(device=device).manual_seed(seed), sampling)
+    device = dataset.train_items.device
+    if dataset.test_items is not None:
+        users, items = dataset.known_pairs()
+        exclusion = test_negative_exclusion(users, items, dataset.test_items, dataset.n_items,
+                                            sampling)
+        dataset.test_negatives = draw_test_negatives(
+            exclusion, count, torch.Generator(device=device).manual_seed(seed), sampling)
     if dataset.has_validation:
         exclusion = test_negative_exclusion(dataset.train_users, dataset.train_items,
                                             dataset.valid_items, dataset.n_items, sampling)

@@ -227,25 +227,52 @@ class Evaluation:
     def _weight(self, chunk):
         return None if self.weight is None else self.weight[chunk]
 
-    def _full(self):
+    def ranks(self):
+        """(users, ranks) of this process's users who count: each positive's 0-based rank, as
+        the metrics count it (for per-user figures: a paired test of two models)."""
+        with torch.no_grad():
+            self.scorer.refresh()
+            if self.full:
+                ranks = torch.cat([self._full_chunk(*chunk)[2] for chunk in self.chunks])
+            else:
+                width = self.items.shape[1]
+                rows = max(1, self.plan.eval_chunk // width)
+                ranks = torch.cat([
+                    sampled_rank(self.scorer.model(
+                        self.users[start:start + rows].repeat_interleave(width),
+                        self.items[start:start + rows].reshape(-1)).float().view(-1, width),
+                        self.mask[start:start + rows]) for start in range(0, len(self.users),
+                                                                            rows)])
+        counted = slice(None) if self.weight is None else self.weight > 0
+        return self.users[counted], ranks[counted]
+
+    def _full_chunk(self, first, last, first_key, last_key):
+        """(scores, the training pairs' mask, ranks) of the users of one chunk against every
+        item."""
         n_items = self.exclusion.n_items
+        users, positives = self.users[first:last], self.positives[first:last]
+        scores = self.scorer.all_items(users)
+        # the chunk's training pairs, a slice of the sorted keys (no host synchronisation)
+        keys = self.exclusion.keys[first_key:last_key]
+        trained = torch.zeros_like(scores, dtype=torch.bool)
+        trained.view(-1)[keys - (self.first_user + first) * n_items] = True
+        row = torch.arange(len(users), device=scores.device)
+        competitors = ~trained
+        competitors[row, positives] = False
+        # As in sampled mode, an item scoring as high as the positive ranks ahead of it, and a
+        # row with a score that is not finite ranks its positive last.
+        rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
+        return scores, trained, last_if_not_finite(rank, scores)
+
+    def _full(self):
         device = self.plan.device
         sums = torch.zeros(self.width, dtype=torch.float64, device=device)
         for first, last, first_key, last_key in self.chunks:
-            users, positives = self.users[first:last], self.positives[first:last]
-            scores = self.scorer.all_items(users)
-            # the chunk's training pairs, a slice of the sorted keys (no host synchronisation)
-            keys = self.exclusion.keys[first_key:last_key]
-            trained = torch.zeros_like(scores, dtype=torch.bool)
-            trained.view(-1)[keys - (self.first_user + first) * n_items] = True
-            row = torch.arange(len(users), device=device)
-            competitors = ~trained
-            competitors[row, positives] = False
-            # As in sampled mode, an item scoring as high as the positive ranks ahead of it, and
-            # a row with a score that is not finite ranks its positive last.
-            rank = ((scores >= scores[row, positives][:, None]) & competitors).sum(1)
+            scores, trained, rank = self._full_chunk(first, last, first_key, last_key)
+            positives = self.positives[first:last]
+            row = torch.arange(len(positives), device=device)
             weight = self._weight(slice(first, last))
-            metrics = rank_sums(last_if_not_finite(rank, scores), self.ks, weight)
+            metrics = rank_sums(rank, self.ks, weight)
             labels = torch.zeros_like(scores)
             labels[row, positives] = 1.0
             losses = F.binary_cross_entropy_with_logits(scores, labels, reduction='none')
