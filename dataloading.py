@@ -266,6 +266,9 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print, with_
     """
     metadata = read_metadata(data_dir, log)
     metadata_path = os.path.join(data_dir, METADATA_FILE)
+    if not with_test and 'validation' not in metadata:
+        raise UsageError(f'{data_dir} has no validation holdout (convert.py '
+                         '--validation_holdout), and its test set is not to be read here')
     n_users, n_items = int(metadata['n_users']), int(metadata['n_items'])
     recorded = metadata.get('tensors') or {}
     if valid_negative is not None and valid_negative > n_items:
