@@ -180,7 +180,8 @@ def run(args, plan, directory, shape, read):
         report.say(f'{sum(p.numel() for p in setup.model.parameters())} parameters')
         report.say(f'{plan.describe()}, {args.eval_mode} evaluation')
         if args.mode == 'test':
-            tested = experiment.evaluate_once(plan, evaluations, report, args.metrics_at)
+            tested = experiment.evaluate_once(plan, evaluations, report, args.metrics_at,
+                                              args.ranks_output)
             return {'hr': tested['test'].hr, 'ndcg': tested['test'].ndcg,
                     'metrics': tested['test'], 'validation': tested.get('validation')}
         trainer = Trainer(plan, setup.model, setup.batches, args.learning_rate,

@@ -6,16 +6,29 @@ dataset with one command.
     python benchmarks/compare_models.py --data DIR --models mf neumf --flags mf="-l 0.01"
 
 For every seed and every model, `ncf.py` trains it (a process of its own, as a user runs it),
-keeping the model of its best epoch under the reference's protocol (HR@10 over each user's test
-positive and sampled test negatives, every epoch); then `ncf.py --mode test --eval_mode full`
-ranks that model's test positive against every item the user has no training interaction
-with. `neumf_pretrained` is the NCF paper's NeuMF: started from the GMF and the MLP of the same
-seed (--pretrained_gmf / --pretrained_mlp, alpha 0.5), trained with SGD.
+keeping the model of its best epoch by sampled HR@10: on the cache's validation holdout where it
+has one (convert.py --validation_holdout; ncf.py selects on it by itself), else on the test set,
+as the reference does (which flatters every model alike). Then `ncf.py --mode test` tests that
+model once under each protocol, writing each test user's rank (--ranks_output): sampled (the
+test positive among its test negatives, the reference's) and full (against every item the user
+has no known interaction with). `neumf_pretrained` is the NCF paper's NeuMF: started from the
+GMF and the MLP of the same seed (--pretrained_gmf / --pretrained_mlp, alpha 0.5), trained with
+SGD.
 
 Per model: mean and standard deviation over the seeds of HR@10, NDCG@10 and MRR under both
-protocols, the best epoch, the training time (the epochs' training, evaluation excluded) and the
-parameter count. Written to OUT: results.md (the Markdown table), results.json (every run's
-figures too), results.png (with matplotlib), and each run's checkpoints, logs and figures in
+protocols, the selected epoch, the training time (the epochs' training, evaluation excluded) and
+the parameter count; the table says which set selected the epoch. Then, for each pair of models
+and each protocol, paired tests over the test users, each user's HR@10 and NDCG@10 being the
+mean over the seeds of that model's runs (`paired_tests`): HR@10 by the exact two-sided sign
+test on the users where the two differ (with one seed, HR@10 is 0 or 1 and this is the exact
+McNemar test on the discordant users), NDCG@10 by the two-sided Wilcoxon signed-rank test (users
+where the two are equal dropped). Each p is given as it is and Holm-adjusted over the pairs of
+its column (one family per protocol and metric). They say whether the gap between two models is
+beyond what the variation between users explains, for these trained models: the spread over
+seeds is the first table's, not theirs.
+
+Written to OUT: results.md (both tables), results.json (every run's figures and the tests too),
+results.png (with matplotlib), and each run's checkpoints, logs, figures and ranks in
 runs/MODEL-seedN/. The last line printed is the JSON.
 
 Stopped (Ctrl-C, SIGTERM, SIGHUP), it stops the running ncf.py with it, waits for it (that run
@@ -28,6 +41,7 @@ Every model trains with the flags of COMMON_FLAGS and its own of MODEL_FLAGS (bo
 in README), which --flags MODEL="FLAGS" extends or overrides (later flags win).
 """
 import contextlib
+import itertools
 import json
 import os
 import shlex
@@ -73,10 +87,15 @@ BRANCHES = ('gmf', 'mlp')  # neumf_pretrained starts from these
 TOPK = 10
 PROTOCOLS = ('sampled', 'full')
 # In each run's directory: the run its checkpoints belong to (written before it trains), its
-# figures once it is complete, and ncf.py's checkpoint of its last epoch (which --resume reads).
+# figures once it is complete, ncf.py's checkpoint of its last epoch (which --resume reads), and
+# each test user's rank under each protocol (ncf.py --ranks_output).
 STARTED_FILE = 'started.json'
 RESULT_FILE = 'result.json'
 LAST_FILE = 'last.pth'
+RANKS_FILE = 'ranks-{protocol}.csv'
+# What selected each run's epoch, as the table says it.
+SELECTED_ON = {'validation': "validation (each user's latest training interaction held out)",
+               'test': "test (the reference's protocol, which flatters every model alike)"}
 
 
 def parse_args(argv=None):
@@ -202,6 +221,12 @@ def identity(args, metadata, model, seed):
     return same
 
 
+def selected_on(metadata):
+    """What selects a run's epoch: the cache's validation holdout where it has one (ncf.py then
+    selects on it by itself), else the test set, as the reference does."""
+    return 'validation' if metadata.get('validation') else 'test'
+
+
 def epoch_figures(log):
     """Each epoch's figures in a training log, in order; a resumed run logs again an epoch it
     had logged but not saved: its last record counts."""
@@ -251,16 +276,30 @@ def train(data, directory, same, model, seed):
     return flags, False
 
 
-def rank_fully(data, directory, device, name):
-    """The full-ranking figures of the run's best model."""
-    log = os.path.join(directory, 'full.json')
+def run_test(data, directory, same, name, protocol, held_out):
+    """The test figures of the run's selected model (its model.pth) under `protocol`, with the
+    training's flags (its test negatives, seed, precision: as its epochs were evaluated);
+    `held_out`: the cache has a validation holdout, which ncf.py tests too. Each test user's
+    rank goes to RANKS_FILE."""
+    log = os.path.join(directory, f'{protocol}.json')
     with contextlib.suppress(FileNotFoundError):
         os.remove(log)  # a test appends to its log: only this one's figures
-    run_script('ncf.py', ['--data', data, '--mode', 'test', '--eval_mode', 'full',
-                          '--checkpoint_dir', directory, '--device', device, '--log_path', log,
-                          '--metrics_at', str(TOPK)], os.path.join(directory, 'full.txt'),
-               f'ranking {name} against every item')
-    return [r['data'] for r in read_log(log) if r.get('step') == []][-1]
+    run_script('ncf.py', ['--data', data, '--mode', 'test', '--checkpoint_dir', directory,
+                          *same['flags'], '--eval_mode', protocol, '--log_path', log,
+                          '--ranks_output',
+                          os.path.join(directory, RANKS_FILE.format(protocol=protocol))],
+               os.path.join(directory, f'{protocol}.txt'), f'testing {name} ({protocol})')
+    figures = [r['data'] for r in read_log(log) if r.get('step') == []][-1]
+    prefix = 'test_' if held_out else ''  # with a holdout, its figures are valid_*
+    return {'hr': figures[f'{prefix}hr@{TOPK}'], 'ndcg': figures[f'{prefix}ndcg@{TOPK}'],
+            'mrr': figures[f'{prefix}mrr']}
+
+
+def complete(recorded, same, directory):
+    """Whether `recorded` (a run's result.json) is this same run's, ranks included."""
+    return (isinstance(recorded, dict) and recorded.get('identity') == same
+            and all(os.path.isfile(os.path.join(directory, RANKS_FILE.format(protocol=p)))
+                    for p in PROTOCOLS))
 
 
 def run(args, data, metadata, model, seed, progress):
@@ -270,20 +309,26 @@ def run(args, data, metadata, model, seed, progress):
     directory = os.path.join(progress.runs_directory, name)
     same = identity(args, metadata, model, seed)
     recorded = read_json(os.path.join(directory, RESULT_FILE))
-    if isinstance(recorded, dict) and recorded.get('identity') == same:
+    if complete(recorded, same, directory):
         return recorded, f'reused: {os.path.join(directory, RESULT_FILE)}'
+    # (a complete run without its ranks, as an older version left it, resumes: no epoch left
+    # to train, then its tests)
     progress.current = name, 'in training'
     start = time.perf_counter()
     flags, resumed = train(data, directory, same, model, seed)
     wall = time.perf_counter() - start
-    progress.current = name, 'in its full-ranking test'
-    full = rank_fully(data, directory, args.device, name)
+    held_out = selected_on(metadata) == 'validation'
+    tested = {}
+    for protocol in PROTOCOLS:
+        progress.current = name, f'in its {protocol} test'
+        tested[protocol] = run_test(data, directory, same, name, protocol, held_out)
     epochs = epoch_figures(os.path.join(directory, 'log.json'))
-    best = max(epochs, key=lambda figures: figures[f'hr@{TOPK}'])  # the first best, as saved
+    # the first best, as ncf.py saved it: by validation HR where the cache holds a holdout
+    chosen = f'{"valid_" if held_out else ""}hr@{TOPK}'
+    best = max(epochs, key=lambda figures: figures[chosen])
     result = {
-        'model': model, 'seed': seed,
-        'sampled': {'hr': best[f'hr@{TOPK}'], 'ndcg': best[f'ndcg@{TOPK}'], 'mrr': best['mrr']},
-        'full': {'hr': full[f'hr@{TOPK}'], 'ndcg': full[f'ndcg@{TOPK}'], 'mrr': full['mrr']},
+        'model': model, 'seed': seed, **tested, 'selected_on': selected_on(metadata),
+        'ranks': {p: RANKS_FILE.format(protocol=p) for p in PROTOCOLS},
         'best_epoch': epochs.index(best), 'epochs': len(epochs),
         'train_seconds': sum(figures['train_epoch_time'] for figures in epochs),
         'wall_seconds': wall, 'resumed': resumed,
@@ -312,13 +357,112 @@ def summarise(runs, models):
     return summary
 
 
-def markdown(summary, dataset):
+# Paired tests: each pair of models over the same test users
+
+def per_user_figures(path):
+    """(users, HR@TOPK, NDCG@TOPK) of each user of a ranks CSV (ncf.py --ranks_output: user,
+    0-based rank), as ncf.py counts them: a hit where rank < TOPK, gain 1 / log2(rank + 2)."""
+    import numpy as np
+    table = np.loadtxt(path, delimiter=',', skiprows=1, dtype=np.int64, ndmin=2)
+    users, ranks = table[:, 0], table[:, 1]
+    hit = ranks < TOPK
+    return users, hit.astype(np.float64), np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
+def seed_means(runs, directory, models, protocol):
+    """{model: (HR@TOPK, NDCG@TOPK)}: each test user's mean over the seeds of that model's runs
+    (arrays in user order), from the runs' ranks under `protocol`; UsageError where two runs
+    ranked other users (they would not pair)."""
+    import numpy as np
+    means, users = {}, None
+    for model in models:
+        figures = []
+        for run in (run for run in runs if run['model'] == model):
+            path = os.path.join(directory, run_name(model, run['seed']), run['ranks'][protocol])
+            mine, hr, ndcg = per_user_figures(path)
+            if users is None:
+                users = mine
+            elif not np.array_equal(users, mine):
+                raise UsageError(f'{path} ranks other test users than the first run\'s: the '
+                                 'runs do not pair')
+            figures.append((hr, ndcg))
+        means[model] = tuple(np.mean([pair[index] for pair in figures], axis=0)
+                             for index in (0, 1))
+    return means
+
+
+def paired_tests(hr_a, hr_b, ndcg_a, ndcg_b):
+    """Two-sided paired tests of model A against model B over the same users (arrays in the
+    same user order; each a user's figure, the mean over seeds).
+
+    HR@K: the exact sign test, binomial with p = 1/2 over the users where A and B differ. With
+    one seed each user's HR is 0 or 1, and this is the exact McNemar test on the discordant
+    users; with more, a user's HR is a fraction of the seeds, and only which model is ahead is
+    counted (its few values tie too much for ranks to add much). NDCG@K: the Wilcoxon
+    signed-rank test, which uses how far apart the two are, without assuming a normal
+    difference (most users differ by 0, the others by graded, skewed amounts); users where the
+    two are equal are dropped (scipy's zero_method 'wilcox'); scipy's 'auto' method (exact,
+    else the normal approximation corrected for ties). No user differs: p = 1.
+    Returns {'hr': {...}, 'ndcg': {...}}, each with A's mean minus B's and the p-value; 'hr' also
+    the users where A is ahead and where B is."""
+    from scipy import stats
+    a_ahead, b_ahead = int((hr_a > hr_b).sum()), int((hr_b > hr_a).sum())
+    hr_p = stats.binomtest(a_ahead, a_ahead + b_ahead).pvalue if a_ahead + b_ahead else 1.0
+    differ = ndcg_a != ndcg_b
+    ndcg_p = float(stats.wilcoxon(ndcg_a[differ], ndcg_b[differ]).pvalue) if differ.any() \
+        else 1.0
+    return {'hr': {'difference': float(hr_a.mean() - hr_b.mean()), 'a_ahead': a_ahead,
+                   'b_ahead': b_ahead, 'p': float(hr_p)},
+            'ndcg': {'difference': float(ndcg_a.mean() - ndcg_b.mean()), 'p': ndcg_p}}
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family's p-values (in their order): the k-th smallest
+    times the m - k + 1 not yet rejected, never below an earlier one's, at most 1."""
+    order = sorted(range(len(p_values)), key=p_values.__getitem__)
+    adjusted, running = [0.0] * len(p_values), 0.0
+    for position, index in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - position) * p_values[index]))
+        adjusted[index] = running
+    return adjusted
+
+
+def significance(runs, directory, models):
+    """Every pair of models under each protocol: paired_tests over the test users, each p
+    Holm-adjusted over the pairs of its protocol and metric (p_holm). A list of {'a', 'b',
+    'protocol', 'users', 'hr', 'ndcg'}."""
+    pairs = []
+    for protocol in PROTOCOLS:
+        means = seed_means(runs, directory, models, protocol)
+        tested = [{'a': a, 'b': b, 'protocol': protocol, 'users': len(means[a][0]),
+                   **paired_tests(means[a][0], means[b][0], means[a][1], means[b][1])}
+                  for a, b in itertools.combinations(models, 2)]
+        for metric in ('hr', 'ndcg'):
+            for pair, adjusted in zip(tested, holm([pair[metric]['p'] for pair in tested])):
+                pair[metric]['p_holm'] = adjusted
+        pairs += tested
+    return pairs
+
+
+def check_scipy():
+    """The paired tests need scipy: said before any work."""
+    try:
+        import scipy.stats  # noqa: F401
+    except ImportError:
+        raise UsageError('the paired tests need scipy: pip install scipy') from None
+
+
+# The report
+
+def markdown(summary, dataset, selection, pairs, seeds):
     def cell(figure, digits=4):
         return f'{figure["mean"]:.{digits}f} ± {figure["std"]:.{digits}f}'
     lines = [f'{dataset}; mean ± standard deviation over {next(iter(summary.values()))["seeds"]} '
              'seeds; sampled: the test positive among its test negatives (the reference\'s '
-             'protocol, best epoch); full: among every item without a training interaction '
-             '(the same model).', '',
+             'protocol); full: among every item without a known interaction (the same model).',
+             '', f'Epoch selected on: {SELECTED_ON[selection]}, by sampled HR@{TOPK}; every '
+             'figure is the selected model\'s' + (', tested once.' if selection == 'validation'
+                                                   else '.'), '',
              f'| model | parameters | HR@{TOPK} sampled | NDCG@{TOPK} sampled | HR@{TOPK} full '
              f'| NDCG@{TOPK} full | MRR full | best epoch | training time (s) |',
              '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
@@ -327,7 +471,28 @@ def markdown(summary, dataset):
                      f'{cell(figures["sampled_ndcg"])} | {cell(figures["full_hr"])} | '
                      f'{cell(figures["full_ndcg"])} | {cell(figures["full_mrr"])} | '
                      f'{cell(figures["best_epoch"], 1)} | {cell(figures["train_seconds"], 1)} |')
-    return '\n'.join(lines) + '\n'
+    return '\n'.join(lines + [''] + significance_lines(pairs, seeds)) + '\n'
+
+
+def significance_lines(pairs, seeds):
+    """The second table: each pair's gaps and p-values."""
+    if not pairs:
+        return ['One model: no pair to test.']
+    lines = [f'Paired tests over the {pairs[0]["users"]:,} test users, each user\'s figure the '
+             f'mean over {seeds} seed{"s" if seeds > 1 else ""}, two-sided: HR@{TOPK} by the '
+             'exact sign test on the users where the two differ (McNemar\'s with one seed), '
+             f'NDCG@{TOPK} by the Wilcoxon signed-rank test; p unadjusted, then Holm-adjusted '
+             'over the pairs of its protocol and metric. A - B: the difference of the means.', '',
+             f'| A | B | protocol | HR@{TOPK} A - B | users A / B ahead | p | Holm p '
+             f'| NDCG@{TOPK} A - B | p | Holm p |',
+             '|---|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    for pair in pairs:
+        hr, ndcg = pair['hr'], pair['ndcg']
+        lines.append(f'| {pair["a"]} | {pair["b"]} | {pair["protocol"]} | '
+                     f'{hr["difference"]:+.4f} | {hr["a_ahead"]} / {hr["b_ahead"]} | '
+                     f'{hr["p"]:.3g} | {hr["p_holm"]:.3g} | {ndcg["difference"]:+.4f} | '
+                     f'{ndcg["p"]:.3g} | {ndcg["p_holm"]:.3g} |')
+    return lines
 
 
 def plot(summary, path):
@@ -379,6 +544,7 @@ def compare(args, progress):
         print(line, file=sys.stderr, flush=True)
     # a missing or broken cache, or an --out that cannot be written, before any work
     metadata = read_metadata(args.data, log=say) if args.data else None
+    check_scipy()
     cli.check_writable_directory(args.out, '--out')
     os.makedirs(args.out, exist_ok=True)
     with DirectoryLock(args.out, 'one comparison per --out'):
@@ -392,7 +558,8 @@ def compare(args, progress):
                 runs.append(result)
                 progress.finished(run_name(model, seed))
                 say(f'{model} seed {seed}: HR@{TOPK} sampled {result["sampled"]["hr"]:.4f} '
-                    f'(epoch {result["best_epoch"]}), full {result["full"]["hr"]:.4f}; '
+                    f'(epoch {result["best_epoch"]}, selected on {result["selected_on"]}), '
+                    f'full {result["full"]["hr"]:.4f}; '
                     f'{result["train_seconds"]:.1f} s of training' + (f' ({how})' if how else ''))
         return report(args, data, metadata, runs, time.perf_counter() - start)
 
@@ -401,15 +568,21 @@ def report(args, data, metadata, runs, seconds):
     """results.md, results.json and results.png in OUT, each whole or absent; the table on
     stderr, the summary's JSON on stdout."""
     summary = summarise(runs, args.models)
+    selection = selected_on(metadata)
+    validation = metadata.get('validation')
     dataset = (f'{metadata.get("source_file", data)}: {metadata["n_users"]:,} users, '
                f'{metadata["n_items"]:,} items, {metadata.get("valid_negative")} test negatives '
-               f'per user ({metadata.get("test_negative_sampling", "recipe")})')
-    table = markdown(summary, dataset)
+               f'per user ({metadata.get("test_negative_sampling", "recipe")})'
+               + (f', a validation holdout of {validation["users"]:,} users'
+                  if validation else ''))
+    pairs = significance(runs, os.path.join(args.out, 'runs'), args.models)
+    table = markdown(summary, dataset, selection, pairs, len(args.seeds))
     write_text(os.path.join(args.out, 'results.md'), table)
     plotted = plot(summary, os.path.join(args.out, 'results.png'))
-    result = {'benchmark': 'compare_models', 'dataset': dataset, 'summary': summary,
-              'runs': runs, 'common_flags': COMMON_FLAGS, 'model_flags': MODEL_FLAGS,
-              'seconds': seconds, 'plot': plotted}
+    result = {'benchmark': 'compare_models', 'dataset': dataset, 'selected_on': selection,
+              'summary': summary, 'significance': pairs, 'runs': runs,
+              'common_flags': COMMON_FLAGS, 'model_flags': MODEL_FLAGS, 'seconds': seconds,
+              'plot': plotted}
     write_json(os.path.join(args.out, 'results.json'), result)
     print(table, file=sys.stderr)
     print(json.dumps({key: value for key, value in result.items() if key != 'runs'}))

@@ -7,10 +7,13 @@ import dataclasses
 import math
 import sys
 
+import torch
+
 from logger import Logger
 from ncflib import checkpoints, runtime
 from ncflib.cli import UsageError
 from ncflib.evaluation import NonFiniteScores
+from ncflib.files import atomic_write
 from ncflib.training import History
 
 # What selects the best epoch (and what --threshold compares): a figure of the metrics.
@@ -64,10 +67,11 @@ def prefixed(figures, prefix):
     return {prefix + name: value for name, value in figures.items()}
 
 
-def evaluate_once(plan, evaluations, report, metrics_at):
+def evaluate_once(plan, evaluations, report, metrics_at, ranks_output=None):
     """--mode test: one evaluation of the loaded model on each of `evaluations` ({'validation':
-    Evaluation, 'test': ...}; the test set alone prints the reference's lines). Returns
-    {split: Metrics}."""
+    Evaluation, 'test': ...}; the test set alone prints the reference's lines), and with
+    `ranks_output` the test users' ranks written there (write_ranks). Returns {split:
+    Metrics}."""
     compile_time = sum(evaluation.warm_up() for evaluation in evaluations.values())
     if plan.compiled:
         report.say(f'Compiled the evaluation in {compile_time:.1f} s')
@@ -92,7 +96,36 @@ def evaluate_once(plan, evaluations, report, metrics_at):
         else:
             logged.update({**metrics.figures(metrics_at), 'validation_loss': metrics.loss})
     report.logger.log((), {'best_eval_throughput': max(throughputs), **logged})
+    if ranks_output:
+        write_ranks(plan, evaluations['test'], ranks_output, report)
     return results
+
+
+def write_ranks(plan, evaluation, path, report):
+    """CSV `user,rank` at `path`: each counted user of `evaluation` (every process's, in user
+    order) and the 0-based rank of their positive, as the metrics count it; written by rank 0,
+    atomically (its directory made if missing, as check_output_file allows)."""
+    users, ranks = evaluation.ranks()
+    # One slot per user holding rank + 1 (0: another process's user, or one who does not
+    # count). Each user is one process's, so a sum over the processes gathers them all, in one
+    # all-reduce of known size (the processes' shares differ in size: no all_gather padding).
+    n_users = int(runtime.all_reduce_sums([len(evaluation.users)], plan)[0])
+    slots = torch.zeros(n_users, dtype=torch.int64, device=plan.device)
+    slots[users] = ranks.long() + 1
+    if plan.distributed:
+        torch.distributed.all_reduce(slots)
+    if plan.rank != 0:
+        return
+    slots = slots.cpu()
+    counted = torch.nonzero(slots).flatten()
+    rows = ''.join(f'{user},{rank}\n' for user, rank in zip(counted.tolist(),
+                                                           (slots[counted] - 1).tolist()))
+
+    def write(temporary):
+        with open(temporary, 'w') as file:
+            file.write('user,rank\n' + rows)
+    atomic_write(path, write, make_parents=True)
+    report.say(f'Ranks of the {len(counted)} test users written to {path}')
 
 
 @dataclasses.dataclass

@@ -123,6 +123,11 @@ def parse_args(argv=None):
                         help='recommend mode: a file of user ids, one per line')
     parser.add_argument('--output', default=None,
                         help='recommend mode: CSV file to write (None: stdout)')
+    parser.add_argument('--ranks_output', default=None, metavar='CSV',
+                        help='test mode: write each counted test user\'s 0-based rank of their '
+                             'test positive, as HR@K and NDCG@K count it, to this CSV (user,rank; '
+                             'the mapped user index): per-user figures for a paired test of two '
+                             'models')
     parser.add_argument('--tensorboard', default=None, metavar='DIR',
                         help='also write the per-epoch figures as TensorBoard scalars to DIR')
     parser.add_argument('--local_rank', '--local-rank', default=0, type=int,
@@ -179,6 +184,9 @@ def check_args(args, processes):
             if k > args.valid_negative + 1:
                 raise UsageError(f'--{name} {k} is larger than the {args.valid_negative + 1} '
                                  'candidates of each user (--valid_negative + 1)')
+    if args.ranks_output and args.mode != 'test':
+        raise UsageError('--ranks_output is for --mode test (the ranks of the model it '
+                         f'evaluates), not --mode {args.mode}')
     if args.mode != 'recommend' and (args.users or args.users_file or args.output):
         raise UsageError('--users, --users_file and --output are for --mode recommend')
     if args.mode == 'recommend' and (args.log_path or args.tensorboard):
@@ -240,6 +248,8 @@ def check_outputs(args, processes, directory):
         check_writable_directory(args.tensorboard, '--tensorboard')
     if args.output:
         check_output_file(args.output, '--output')
+    if args.ranks_output:
+        check_output_file(args.ranks_output, '--ranks_output')
     check_no_output_is_an_input(args, directory)
 
 
@@ -252,8 +262,8 @@ def run_files(args, directory):
 def check_no_output_is_an_input(args, directory):
     """Every file the run writes is apart from every file it reads (the cache's, a checkpoint
     to load or evaluate, the pretrained branches, the users file), from every other file it
-    writes (checkpoints, their lock, the log, the recommendations) and from the directories it
-    writes into. --resume's last.pth is its own to replace."""
+    writes (checkpoints, their lock, the log, the recommendations, the ranks) and from the
+    directories it writes into. --resume's last.pth is its own to replace."""
     reads = {os.path.join(args.data, name): f"the cache's {name}" for name in CACHE_FILES}
     for flag in ('load_checkpoint_path', 'users_file', 'pretrained_gmf', 'pretrained_mlp'):
         if getattr(args, flag):
@@ -270,6 +280,8 @@ def check_no_output_is_an_input(args, directory):
         writes.append((log, f'the log {log}'))
     if args.output:
         writes.append((args.output, f'--output {args.output}'))
+    if args.ranks_output:
+        writes.append((args.ranks_output, f'--ranks_output {args.ranks_output}'))
     if args.tensorboard:
         directories.append((args.tensorboard, f'--tensorboard {args.tensorboard}'))
     if directory:

@@ -5,6 +5,7 @@ stages keep the one-line contract (the figures themselves come from benchmark ru
 tests)."""
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 import pytest
 
 from conftest import ENV, PYTHON, ROOT, assert_one_line_error, fails
+from logger.logger import read_log
 from ncflib import runtime
 
 BENCHMARKS = os.path.join(ROOT, 'benchmarks')
@@ -70,10 +72,46 @@ def test_throughput_stopped_keeps_the_rows_it_printed(tiny_data):
     assert all('rows' not in json.loads(line) for line in stdout.splitlines())
 
 
+def ranks_figures(path):
+    """HR@10 and NDCG@10 of a ranks CSV (ncf.py --ranks_output), as ncf.py counts them."""
+    with open(path) as file:
+        ranks = [int(line.split(',')[1]) for line in file.read().splitlines()[1:]]
+    return (sum(rank < 10 for rank in ranks) / len(ranks),
+            sum(1 / math.log2(rank + 2) for rank in ranks if rank < 10) / len(ranks))
+
+
+def assert_runs_match_their_ranks(out, runs):
+    """Each run's figures under both protocols are those of its ranks, its test users' all."""
+    for run in runs:
+        for protocol in ('sampled', 'full'):
+            path = out / 'runs' / f'{run["model"]}-seed{run["seed"]}' / run['ranks'][protocol]
+            hr, ndcg = ranks_figures(path)
+            assert hr == pytest.approx(run[protocol]['hr'], abs=1e-12)
+            assert ndcg == pytest.approx(run[protocol]['ndcg'], abs=1e-12)
+
+
+def assert_significance(out, result, pairs):
+    """The second table and results.json's tests: one row per pair and protocol, p in [0, 1]
+    and Holm's never below it."""
+    tests = result['significance']
+    assert [(t['a'], t['b'], t['protocol']) for t in tests] == [
+        (a, b, protocol) for protocol in ('sampled', 'full') for a, b in pairs]
+    for test in tests:
+        assert test['users'] == 300
+        for metric in ('hr', 'ndcg'):
+            assert 0 <= test[metric]['p'] <= test[metric]['p_holm'] <= 1
+    table = (out / 'results.md').read_text()
+    assert 'Paired tests over the 300 test users' in table
+    assert '| A | B | protocol | HR@10 A - B | users A / B ahead | p | Holm p |' in table
+    assert table.count('| sampled |') == table.count('| full |') == len(pairs)
+    return table
+
+
 def test_compare_models_trains_each_model_and_reports_both_protocols(tiny_data, tmp_path):
     """benchmarks/compare_models.py end to end on the tiny data, briefly: GMF and MLP, then the
-    paper's NeuMF from them (one seed: each run is two ncf.py processes); a table, JSON with
-    every run, and a plot."""
+    paper's NeuMF from them (one seed: each run is three ncf.py processes); a table, JSON with
+    every run, the paired tests, and a plot. No validation holdout: the epoch is selected on
+    the test set, as the reference does, and the tables say so."""
     small = '-e 2 -f 8 --layers 32 16 8 --valid_negative 50 -l 0.01 --precision fp32'
     completed = subprocess.run(
         [sys.executable, os.path.join(ROOT, 'benchmarks', 'compare_models.py'), '--data',
@@ -90,13 +128,96 @@ def test_compare_models_trains_each_model_and_reports_both_protocols(tiny_data, 
     for run in runs:
         assert run['epochs'] == 2 and 0 < run['full']['hr'] <= run['sampled']['hr'] <= 1
         assert 0 < run['full']['mrr'] <= 1 and run['train_seconds'] > 0
+        assert run['selected_on'] == 'test'
+        # the best epoch's own figures: its test is that of the saved model
+        logged = [r['data'] for r in read_log(
+            tmp_path / 'out' / 'runs' / f'{run["model"]}-seed3' / 'log.json')
+            if isinstance(r['step'], list) and r['step']]
+        assert logged[run['best_epoch']]['hr@10'] == max(figures['hr@10'] for figures in logged)
+        assert run['sampled']['hr'] == pytest.approx(logged[run['best_epoch']]['hr@10'],
+                                                     abs=1e-12)
+    assert_runs_match_their_ranks(tmp_path / 'out', runs)
+    assert result['selected_on'] == 'test'
     gmf, mlp, neumf = (result['summary'][name]['parameters']
                        for name in ('gmf', 'mlp', 'neumf_pretrained'))
     assert neumf == gmf + mlp - 1  # one output layer (8 + 8 + 1) for two (8 + 1 each)
     assert 'pretrained_gmf' in ' '.join(runs[2]['flags'])
-    table = (tmp_path / 'out' / 'results.md').read_text()
+    table = assert_significance(tmp_path / 'out', result, [
+        ('gmf', 'mlp'), ('gmf', 'neumf_pretrained'), ('mlp', 'neumf_pretrained')])
     assert '| neumf_pretrained | ' in table and ' ± ' in table
+    assert "Epoch selected on: test (the reference's protocol" in table
+    assert 'validation' not in table
     assert (tmp_path / 'out' / 'results.png').stat().st_size > 0
+
+
+def test_compare_models_selects_on_a_validation_holdout(tmp_path, monkeypatch, capsys):
+    """A cache with a validation holdout: each run's epoch is the one ncf.py selected on
+    validation, every figure is that model's test (the training's own test of it, and the full
+    ranking of its model.pth), and the tables say so."""
+    import convert
+    import synthetic
+
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import compare_models
+
+    ratings = tmp_path / 'ratings.csv'
+    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=12000,
+                                                         groups=4, seed=3))
+    convert.main(['--path', str(ratings), '--output', str(tmp_path / 'cache'),
+                  '--valid_negative', '50', '--validation_holdout'])
+    out = tmp_path / 'out'
+    small = '-e 2 -f 8 --layers 32 16 8 --valid_negative 50 -l 0.01 --precision fp32'
+    result = compare_models.main(['--data', str(tmp_path / 'cache'), '--models', 'gmf', 'mf',
+                                  '--seeds', '3', '--device', 'cpu', '--out', str(out),
+                                  *[f'--flags={model}={small}' for model in ('gmf', 'mf')]])
+    capsys.readouterr()
+    assert result['selected_on'] == 'validation'
+    for run in result['runs']:
+        directory = out / 'runs' / f'{run["model"]}-seed3'
+        assert run['selected_on'] == 'validation'
+        summary = [r['data'] for r in read_log(directory / 'log.json') if r['step'] == []][-1]
+        assert run['best_epoch'] == summary['selected_epoch']
+        for metric, key in (('hr', 'test_hr@10'), ('ndcg', 'test_ndcg@10'), ('mrr', 'test_mrr')):
+            assert run['sampled'][metric] == pytest.approx(summary[key], abs=1e-12)
+        full = [r['data'] for r in read_log(directory / 'full.json') if r['step'] == []][-1]
+        assert run['full']['hr'] == full['test_hr@10'] and 'valid_hr@10' in full
+    assert_runs_match_their_ranks(out, result['runs'])
+    table = assert_significance(out, result, [('gmf', 'mf')])
+    assert ("Epoch selected on: validation (each user's latest training interaction held out), "
+            'by sampled HR@10; every figure is the selected model\'s, tested once.') in table
+    assert 'a validation holdout of 300 users' in table
+
+
+def test_compare_models_paired_tests_on_known_cases(tmp_path, monkeypatch):
+    """The statistics alone: equal models, a clearly better one, McNemar's exact p and Holm's
+    adjustment by hand, a ranks file's per-user figures."""
+    np = pytest.importorskip('numpy')
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import compare_models
+
+    hr = np.array([1.0, 0.0, 1.0, 0.0] * 10)
+    ndcg = np.array([0.5, 0.0, 1 / 3, 0.0] * 10)
+    same = compare_models.paired_tests(hr, hr.copy(), ndcg, ndcg.copy())
+    assert same == {'hr': {'difference': 0.0, 'a_ahead': 0, 'b_ahead': 0, 'p': 1.0},
+                    'ndcg': {'difference': 0.0, 'p': 1.0}}
+    better = compare_models.paired_tests(np.ones(40), hr, ndcg + 0.2 + np.arange(40) / 1000,
+                                         ndcg)
+    assert better['hr'] == {'difference': 0.5, 'a_ahead': 20, 'b_ahead': 0, 'p': 2 * 0.5 ** 20}
+    assert better['ndcg']['difference'] > 0.2 and better['ndcg']['p'] < 1e-6
+    # one seed: 8 users hit by A alone, 2 by B alone: McNemar's exact p, 2 x P(X <= 2), X ~
+    # Binomial(10, 1/2) = 2 x 56 / 1024; the concordant users count for nothing
+    a = np.array([1.0] * 8 + [0.0] * 2 + [1.0] * 5 + [0.0] * 30)
+    b = np.array([0.0] * 8 + [1.0] * 2 + [1.0] * 5 + [0.0] * 30)
+    mcnemar = compare_models.paired_tests(a, b, a, b)['hr']
+    assert (mcnemar['a_ahead'], mcnemar['b_ahead']) == (8, 2)
+    assert mcnemar['p'] == pytest.approx(112 / 1024, rel=1e-12)
+    assert compare_models.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert compare_models.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    path = tmp_path / 'ranks.csv'
+    path.write_text('user,rank\n0,0\n1,9\n2,10\n4,3\n')
+    users, hits, gains = compare_models.per_user_figures(str(path))
+    assert users.tolist() == [0, 1, 2, 4] and hits.tolist() == [1, 1, 0, 1]
+    assert gains.tolist() == pytest.approx([1, 1 / math.log2(11), 0, 1 / math.log2(5)])
 
 
 def test_compare_models_bad_input_and_a_failing_run_are_one_line(tiny_data, tmp_path,
@@ -109,6 +230,12 @@ def test_compare_models_bad_input_and_a_failing_run_are_one_line(tiny_data, tmp_
     fails(compare_models.main, ['--data', tiny_data, '--flags', 'ncf=-e 1', '--out',
                                 str(tmp_path / 'out')], capsys, '--flags takes MODEL="FLAGS"',
           code=2)
+    assert not (tmp_path / 'out').exists()
+    with monkeypatch.context() as patch:  # no scipy: said before any work
+        patch.setitem(sys.modules, 'scipy', None)
+        patch.setitem(sys.modules, 'scipy.stats', None)
+        fails(compare_models.main, ['--data', tiny_data, '--out', str(tmp_path / 'out')],
+              capsys, 'the paired tests need scipy: pip install scipy')
     assert not (tmp_path / 'out').exists()
     fails(compare_models.main, ['--data', tiny_data, '--models', 'gmf', '--seeds', '1',
                                 '--out', str(tmp_path / 'out'), '--flags', 'gmf=--no_such_flag'],

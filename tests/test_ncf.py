@@ -3,6 +3,7 @@ exit and every file as it was; faults (signals, a full log device, an output ove
 likewise; what only a process shows (exit status on signals, Ctrl-C while torch loads, a
 traceback-free failure) in subprocesses, the rest in this process through ncf.main."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -208,6 +209,19 @@ CASES = {  # name: (flags after the world's, setup(world) or None, exit status, 
         'checkpoint {world}/ck is a directory, not a checkpoint file'),
     "an edited fingerprint in the cache": ({'mode': 'test'}, edited_fingerprint, 1,
                                            'metadata.json was edited'),
+    'ranks_output in train mode': ({'ranks_output': '{world}/ranks.csv'}, None, 1,
+                                   '--ranks_output is for --mode test'),
+    'ranks_output over the model it evaluates': (
+        {'mode': 'test', 'ranks_output': '{world}/ck/model.pth'}, None, 1,
+        '--ranks_output {world}/ck/model.pth is the checkpoint it evaluates'),
+    'ranks_output over the cache': (
+        {'mode': 'test', 'ranks_output': '{world}/data/test_ratings.pt'}, None, 1,
+        "--ranks_output {world}/data/test_ratings.pt is the cache's test_ratings.pt"),
+    'ranks_output is the log': ({'mode': 'test', 'ranks_output': '{world}/ck/log.json'}, None,
+                                1, 'is --ranks_output {world}/ck/log.json, which this run '
+                                'writes too'),
+    'ranks_output is a directory': ({'mode': 'test', 'ranks_output': '{world}/data'}, None, 1,
+                                    '--ranks_output {world}/data is a directory'),
     'unknown flag': ({'batchsize': 5}, None, 2, 'unrecognized arguments'),
     'no data': ({'data': None}, None, 2, 'the following arguments are required: --data'),
 }
@@ -359,3 +373,51 @@ def test_a_k_given_twice_is_reported_once(tiny_data, capsys):
     ncf.main(flags(tiny_data, epochs=1, metrics_at=[5, 5, 10], precision='fp32'))
     line = next(line for line in capsys.readouterr().out.splitlines() if 'MRR = ' in line)
     assert line.count('HR@5 = ') == 1 and line.count('HR@10 = ') == 1
+
+
+def figures_of_ranks(path):
+    """HR@10 and NDCG@10 from a --ranks_output CSV, as the metric counts them; and its users."""
+    with open(path) as file:
+        header, *rows = file.read().splitlines()
+    assert header == 'user,rank'
+    users, ranks = zip(*[map(int, row.split(',')) for row in rows])
+    hr = sum(rank < 10 for rank in ranks) / len(ranks)
+    ndcg = sum(1 / math.log2(rank + 2) for rank in ranks if rank < 10) / len(ranks)
+    return list(users), hr, ndcg
+
+
+@pytest.mark.parametrize('eval_mode', ['sampled', 'full'])
+def test_ranks_output_agrees_with_the_printed_figures(eval_mode, tiny_data, trained, tmp_path,
+                                                      capsys):
+    """--ranks_output: every test user's rank, from which HR@10 and NDCG@10 are those printed
+    and returned (its directory made where missing)."""
+    path = tmp_path / 'made' / 'ranks.csv'
+    result = ncf.main(flags(tiny_data, mode='test', checkpoint_dir=trained, precision='fp32',
+                            eval_mode=eval_mode, log_path=tmp_path / 'log.json',
+                            ranks_output=path))
+    out = capsys.readouterr().out
+    users, hr, ndcg = figures_of_ranks(path)
+    assert users == list(range(300))
+    assert hr == pytest.approx(result['hr'], abs=1e-12)
+    assert ndcg == pytest.approx(result['ndcg'], abs=1e-12)
+    assert f'HR@10 = {hr:.4f}, NDCG@10 = {ndcg:.4f}' in out
+    assert f'Ranks of the 300 test users written to {path}' in out
+    assert os.listdir(tmp_path / 'made') == ['ranks.csv']  # nothing half-written left
+
+
+def test_ranks_output_under_torchrun_gathers_every_process(tiny_data, trained, tmp_path):
+    """Two processes rank their halves of the users; rank 0 writes them all, as one process
+    does."""
+    single = tmp_path / 'one.csv'
+    ncf.main(flags(tiny_data, mode='test', checkpoint_dir=trained, precision='fp32',
+                   eval_mode='full', log_path=tmp_path / 'log.json', ranks_output=single))
+    loopback = {'GLOO_SOCKET_IFNAME': 'lo'} if os.path.exists('/sys/class/net/lo') else {}
+    completed = subprocess.run(
+        [PYTHON, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+         os.path.join(ROOT, 'ncf.py')] + flags(
+             tiny_data, mode='test', checkpoint_dir=trained, precision='fp32', eval_mode='full',
+             log_path=tmp_path / 'log.json', ranks_output=tmp_path / 'two.csv'),
+        capture_output=True, text=True, env={**ENV, 'PYTHONPATH': ROOT, **loopback},
+        timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / 'two.csv').read_text() == single.read_text()
