@@ -39,6 +39,12 @@ the same flags and data is not trained again, and the stopped one resumes from i
 
 Every model trains with the flags of COMMON_FLAGS and its own of MODEL_FLAGS (both below, and
 in README), which --flags MODEL="FLAGS" extends or overrides (later flags win).
+
+--tune N (a cache with a validation holdout): each model is first tuned with the same budget,
+N trials of tune.py (its default space; COMMON_FLAGS' epochs and Adam betas, the first seed),
+its study in OUT/tuning/MODEL (a rerun continues it); each model's best parameters
+(best.json) then follow its flags in every seed's run, so the models are compared each at its
+own tuned best, selected on validation, and tested once per run.
 """
 import contextlib
 import itertools
@@ -110,6 +116,9 @@ def parse_args(argv=None):
                         help="more ncf.py flags for one model, after its defaults (repeatable)")
     parser.add_argument('--out', default='compare-models', help='where everything is written')
     parser.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto')
+    parser.add_argument('--tune', type=int, default=0, metavar='TRIALS',
+                        help='tune each model first with this many tune.py trials on the '
+                             "validation holdout, then run it with its best parameters")
     args = parser.parse_args(argv)
     args.extra = {}
     for item in args.flags:
@@ -123,9 +132,53 @@ def parse_args(argv=None):
             parser.error(f'--flags {item!r}: {error}')
     if len(set(args.seeds)) < len(args.seeds):
         parser.error(f'--seeds names a seed twice: {" ".join(map(str, args.seeds))}')
+    if args.tune < 0:
+        parser.error(f'--tune must be a number of trials, not {args.tune}')
+    if args.tune and 'neumf_pretrained' in args.models:
+        parser.error('--tune tunes models trained from scratch: not neumf_pretrained (its '
+                     'branches are the runs of gmf and mlp)')
     if 'neumf_pretrained' in args.models:
         args.models = list(dict.fromkeys(list(BRANCHES) + args.models))
     return args
+
+
+def tune_flags(args, metadata, model):
+    """tune.py's flags for one model: the budget, the fixed flags of every run but those its
+    search space varies (batch size, negatives, learning rate...), where the study goes."""
+    fixed = shlex.split(COMMON_FLAGS)
+    kept = []
+    for flag, value in zip(fixed[::2], fixed[1::2]):
+        if flag in ('-e', '-b1', '-b2'):
+            kept += [flag, value]
+    return ['--model', model, '--trials', str(args.tune), '--seed', str(args.seeds[0]),
+            '--device', args.device, '--valid_negative', str(metadata['valid_negative']),
+            *kept, '--output', os.path.join(args.out, 'tuning', model)]
+
+
+def tune(args, data, metadata, say):
+    """--tune: each model's study run (or continued) to its N trials; its best parameters
+    become flags of its runs (args.extra). Returns {model: best.json's summary}."""
+    if not metadata.get('validation'):
+        raise UsageError(f'--tune selects on a validation holdout, and {data} has none: convert '
+                         'it with convert.py --validation_holdout')
+    from ncflib.tuning import flag_argv
+
+    tuned = {}
+    for model in args.models:
+        output = os.path.join(args.out, 'tuning', model)
+        os.makedirs(output, exist_ok=True)
+        say(f'Tuning {model}: {args.tune} trials of tune.py (its output: '
+            f'{os.path.join(output, "tune.txt")})')
+        run_script('tune.py', ['--data', data, *tune_flags(args, metadata, model)],
+                   os.path.join(output, 'tune.txt'), f'tuning {model}')
+        best = read_json(os.path.join(output, 'best.json'))
+        if best is None:
+            raise UsageError(f'tuning {model}: tune.py left no {output}/best.json')
+        tuned[model] = best
+        args.extra[model] = flag_argv(best['params']) + args.extra.get(model, [])
+        say(f'{model} tuned: trial {best["best_trial"]} of {best["trials"]}, validation '
+            f'HR@{TOPK} {best["best_value"]:.4f}: {" ".join(flag_argv(best["params"]))}')
+    return tuned
 
 
 # The recipe's scripts, as children that stop with this process
@@ -474,6 +527,20 @@ def markdown(summary, dataset, selection, pairs, seeds):
     return '\n'.join(lines + [''] + significance_lines(pairs, seeds)) + '\n'
 
 
+def tuned_lines(tuned, trials):
+    """What --tune chose for each model, above the tables."""
+    lines = [f'Each model tuned first with the same budget: {trials} trials of tune.py (its '
+             f'default space, selected on validation HR@{TOPK}); its runs use the best trial\'s '
+             'parameters:', '']
+    for model, best in tuned.items():
+        params = ', '.join(f'{flag} {value:.3g}' if isinstance(value, float) else
+                           f'{flag} {value}' for flag, value in best['params'].items())
+        lines.append(f'- {model}: trial {best["best_trial"]} ({best["pruned"]} of '
+                     f'{best["trials"]} pruned), validation HR@{TOPK} '
+                     f'{best["best_value"]:.4f}: {params}')
+    return '\n'.join(lines + ['', ''])
+
+
 def significance_lines(pairs, seeds):
     """The second table: each pair's gaps and p-values."""
     if not pairs:
@@ -551,6 +618,7 @@ def compare(args, progress):
         data = args.data or convert_ratings(args)
         metadata = metadata or read_metadata(data, log=say)
         start = time.perf_counter()
+        tuned = tune(args, data, metadata, say) if args.tune else None
         runs = []
         for seed in args.seeds:
             for model in args.models:
@@ -561,10 +629,10 @@ def compare(args, progress):
                     f'(epoch {result["best_epoch"]}, selected on {result["selected_on"]}), '
                     f'full {result["full"]["hr"]:.4f}; '
                     f'{result["train_seconds"]:.1f} s of training' + (f' ({how})' if how else ''))
-        return report(args, data, metadata, runs, time.perf_counter() - start)
+        return report(args, data, metadata, runs, time.perf_counter() - start, tuned)
 
 
-def report(args, data, metadata, runs, seconds):
+def report(args, data, metadata, runs, seconds, tuned=None):
     """results.md, results.json and results.png in OUT, each whole or absent; the table on
     stderr, the summary's JSON on stdout."""
     summary = summarise(runs, args.models)
@@ -577,11 +645,14 @@ def report(args, data, metadata, runs, seconds):
                   if validation else ''))
     pairs = significance(runs, os.path.join(args.out, 'runs'), args.models)
     table = markdown(summary, dataset, selection, pairs, len(args.seeds))
+    if tuned:
+        table = tuned_lines(tuned, args.tune) + table
     write_text(os.path.join(args.out, 'results.md'), table)
     plotted = plot(summary, os.path.join(args.out, 'results.png'))
     result = {'benchmark': 'compare_models', 'dataset': dataset, 'selected_on': selection,
               'summary': summary, 'significance': pairs, 'runs': runs,
               'common_flags': COMMON_FLAGS, 'model_flags': MODEL_FLAGS, 'seconds': seconds,
+              'tuned': tuned,
               'plot': plotted}
     write_json(os.path.join(args.out, 'results.json'), result)
     print(table, file=sys.stderr)

@@ -176,6 +176,8 @@ def train(trainer, selection, report, epochs, threshold, seed, saving, started, 
         return steps
 
     held_out = test is not None
+    # validation figures say so, in print and in the log (a tune.py trial has no test set)
+    validating = selection.split == 'validation'
     topk = selection.ks[0]
     for epoch in range(history.epoch + 1, epochs):
         begin = plan.time()
@@ -199,7 +201,7 @@ def train(trainer, selection, report, epochs, threshold, seed, saving, started, 
         train_throughput = batches.steps * batches.batch_size / train_time
         eval_throughput = selection.samples / val_time
 
-        which = 'validation ' if held_out else ''
+        which = 'validation ' if validating else ''
         say(f'Epoch {epoch}: {which}HR@{topk} = {metrics.hr:.4f}, NDCG@{topk} = '
             f'{metrics.ndcg:.4f}, train_time = {train_time:.2f}, val_time = {val_time:.2f}')
         say(f'         train_loss = {train_loss:.4f}, validation_loss = {metrics.loss:.4f}, '
@@ -209,7 +211,7 @@ def train(trainer, selection, report, epochs, threshold, seed, saving, started, 
             say(f'         {more_metrics(metrics, metrics_at)}')
         figures = metrics.figures(metrics_at)
         report.epoch(epoch, {'train_throughput': train_throughput,
-                             **(prefixed(figures, 'valid_') if held_out else figures),
+                             **(prefixed(figures, 'valid_') if validating else figures),
                              'train_epoch_time': train_time, 'validation_epoch_time': val_time,
                              'eval_throughput': eval_throughput, 'train_loss': train_loss,
                              'validation_loss': metrics.loss})

@@ -188,6 +188,47 @@ def test_compare_models_selects_on_a_validation_holdout(tmp_path, monkeypatch, c
     assert 'a validation holdout of 300 users' in table
 
 
+def test_compare_models_tunes_each_model_with_the_same_budget(tiny_data, tmp_path,
+                                                             monkeypatch, capsys):
+    """--tune: each model's study of N trials (tune.py, on validation), then its runs with the
+    best trial's parameters; refused on a cache without a validation holdout."""
+    import convert
+    import optuna
+    import synthetic
+
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import compare_models
+
+    # short trials: two epochs each
+    monkeypatch.setattr(compare_models, 'COMMON_FLAGS', '-e 2 -b 2048 -b1 0.9 -b2 0.999 -n 4')
+    fails(compare_models.main, ['--data', tiny_data, '--models', 'mf', '--tune', '2', '--out',
+                                str(tmp_path / 'plain')], capsys, '--tune', 'no',
+          '--validation_holdout')
+    ratings = tmp_path / 'ratings.csv'
+    synthetic.write_csv(str(ratings), synthetic.generate(users=150, items=100, rows=5000,
+                                                         groups=4, seed=3))
+    convert.main(['--path', str(ratings), '--output', str(tmp_path / 'cache'),
+                  '--valid_negative', '30', '--validation_holdout'])
+    out = tmp_path / 'out'
+    result = compare_models.main(['--data', str(tmp_path / 'cache'), '--models', 'mf',
+                                  '--seeds', '3', '4', '--device', 'cpu', '--tune', '2',
+                                  '--out', str(out), '--flags=mf=--precision fp32'])
+    capsys.readouterr()
+    best = result['tuned']['mf']
+    study = optuna.load_study(study_name='ncf-mf',
+                              storage=f'sqlite:///{out}/tuning/mf/study.db')
+    assert len(study.trials) == 2 and best['best_trial'] == study.best_trial.number
+    from ncflib.flags import parse_args
+    for run in result['runs']:  # the tuned values are the ones that count (given last)
+        flags = vars(parse_args(['--data', 'x', *run['flags']]))
+        assert {flag: flags[flag] for flag in best['params']} == best['params']
+    assert (out / 'results.md').read_text().startswith('Each model tuned first with the same '
+                                                       'budget: 2 trials')
+    with pytest.raises(SystemExit):
+        compare_models.parse_args(['--data', 'x', '--tune', '2', '--models',
+                                   'neumf_pretrained'])
+
+
 def test_compare_models_paired_tests_on_known_cases(tmp_path, monkeypatch):
     """The statistics alone: equal models, a clearly better one, McNemar's exact p and Holm's
     adjustment by hand, a ranks file's per-user figures."""

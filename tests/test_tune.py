@@ -87,6 +87,12 @@ def test_search_leaves_its_tables_and_the_best_trial_trains_again_with_ncf(
     assert again['test'].hr == pytest.approx(written['test']['hr@10'], abs=1e-12)
     assert again['test'].ndcg == pytest.approx(written['test']['ndcg@10'], abs=1e-12)
     assert written['validation']['hr@10'] == pytest.approx(best.value, abs=1e-12)
+    # the trial's log holds validation figures, named so
+    from logger.logger import read_log
+    epochs = [entry['data'] for entry in read_log(output / 'trials' / f'{best.number:04d}' /
+                                                  'log.json') if entry['step']]
+    assert [figures['valid_hr@10'] for figures in epochs] == again['hrs']
+    assert not any('hr@10' in figures for figures in epochs)
     # the trial's checkpoint is its best epoch's model
     assert torch.load(output / 'best_model.pth', weights_only=True).keys() == \
         torch.load(output / 'trials' / f'{best.number:04d}' / 'model.pth',
