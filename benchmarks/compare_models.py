@@ -213,6 +213,7 @@ class Progress:
         self.planned = [run_name(model, seed) for seed in args.seeds for model in args.models]
         self.complete = []
         self.current = None  # (run name, what it is doing)
+        self.tuning = os.path.join(args.out, 'tuning') if args.tune else None
 
     def finished(self, name):
         self.current = None
@@ -231,6 +232,9 @@ class Progress:
             else:
                 left += f'; {name} stopped {doing} before its first epoch ended'
                 continues.append(f'{name} starts again')
+        if self.tuning:  # tune.py's studies keep their finished trials
+            left += f'; the studies in {self.tuning} keep their finished trials'
+            continues.insert(0, 'the studies continue')
         return f'{left}; the same command again continues: {", ".join(continues)}' \
             if continues else f'{left}; the same command again starts them'
 
