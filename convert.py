@@ -38,6 +38,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import sys
 import threading
@@ -49,28 +50,31 @@ from ncflib.cache import (CACHE_FILES, CACHE_VERSION, ITEM_IDS_FILE, METADATA_FI
                           TRAIN_FILE, USER_IDS_FILE, VALID_FILE, VALID_NEGATIVE,
                           VALID_NEGATIVES_FILE, VALIDATION_FILES, fingerprint, split_sha256,
                           tensor_sha256, validation_seed)
-from ncflib.cli import (DISK_FULL, ArgumentParser, UsageError, arrow_reason,
-                        check_writable_directory, deferred_signals, disk_full_error, excerpt,
-                        handle_signals_late, import_held, run_main, same_file)
+from ncflib.cli import (ArgumentParser, UsageError, check_writable_directory, deferred_signals,
+                        disk_full_error, excerpt, handle_signals_late, import_held, run_main,
+                        same_file)
 from ncflib.files import DirectoryLock, FileSet
+from ncflib.interactions import (RATIO_ORDERS, SEPARATORS, SPLITS, factorize, header_line,
+                                 header_names, validation_rows)
 
 # numpy, pyarrow and torch (and dataloading, which imports it) load where they are first needed:
 # a bad input or output is reported at once, and Ctrl-C or SIGTERM find run_main's handlers in
 # place almost from the start.
 
-BOM = '\ufeff'  # a UTF-8 byte order mark, as some editors write at the start of a CSV
 NEGATIVE_CHUNK_USERS = 16384
 PAPER = 'paper'  # --format of the NCF paper's own files (ncflib/paper_files.py)
 
-# Each format: how to read it, and which of its columns hold user, item and timestamp.
+# Each MovieLens layout (and the generic CSV): how to read it (interactions.read_text) and which
+# of its columns hold user, item, rating (where it has one) and timestamp.
 FORMATS = {
-    'ml-20m': dict(delimiter=',', header=True, columns=('userId', 'movieId', 'timestamp')),
-    'ml-1m': dict(delimiter=':', header=False,  # '::'-separated: every other column is empty
-                  names=('user', 'gap1', 'item', 'gap2', 'rating', 'gap3', 'timestamp'),
-                  columns=('user', 'item', 'timestamp')),
+    'ml-20m': dict(delimiter=',', header=True, roles=dict(
+        user='userId', item='movieId', rating='rating', timestamp='timestamp')),
+    'ml-1m': dict(delimiter='::', header=False, names=('user', 'item', 'rating', 'timestamp'),
+                  roles=dict(user='user', item='item', rating='rating', timestamp='timestamp')),
     'ml-100k': dict(delimiter='\t', header=False, names=('user', 'item', 'rating', 'timestamp'),
-                    columns=('user', 'item', 'timestamp')),
-    'csv': dict(delimiter=',', header=True, columns=('user_id', 'item_id', 'timestamp')),
+                    roles=dict(user='user', item='item', rating='rating', timestamp='timestamp')),
+    'csv': dict(delimiter=',', header=True,
+                roles=dict(user='user_id', item='item_id', timestamp='timestamp')),
 }
 
 
@@ -81,16 +85,6 @@ def stage(message, since):
     return now
 
 
-def header_line(path):
-    """The first line of `path`, decoded, without a byte order mark or surrounding blanks."""
-    try:
-        with open(path, 'rb') as file:
-            line = file.readline(1 << 16)
-    except OSError as error:
-        raise UsageError(f'cannot read {path}: {error.strerror or error}') from None
-    return line.decode('utf-8', errors='replace').removeprefix(BOM).strip()
-
-
 def detect_format(path):
     """Name the format of `path` from its first line (see FORMATS)."""
     first = header_line(path)
@@ -99,9 +93,9 @@ def detect_format(path):
     names = header_names(first, ',')
     if '::' in first:
         return 'ml-1m'
-    if set(FORMATS['ml-20m']['columns']) <= set(names):
+    if set(FORMATS['ml-20m']['roles'].values()) <= set(names):
         return 'ml-20m'
-    if set(FORMATS['csv']['columns']) <= set(names):
+    if set(FORMATS['csv']['roles'].values()) <= set(names):
         return 'csv'
     fields = first.split('\t')
     if len(fields) == 4 and all(field.strip().lstrip('-').isdigit() for field in fields):
@@ -109,92 +103,6 @@ def detect_format(path):
     raise UsageError(f'cannot tell the format of {path} from its first line {excerpt(first)}: '
                      'expected ML-20m ratings.csv, ML-1m ratings.dat, ML-100k u.data or a CSV '
                      'whose header has user_id,item_id,timestamp (or name one with --format)')
-
-
-def read_interactions(path, fmt):
-    """Return {'user', 'item', 'timestamp'}: Arrow arrays, in file order."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-
-    spec = FORMATS[fmt]
-    read_options = pacsv.ReadOptions(block_size=1 << 24)
-    if not spec['header']:
-        read_options.column_names = list(spec['names'])
-    else:
-        # The header as read here (no byte order mark, blanks and quotes around names removed:
-        # 'user_id, item_id' names user_id and item_id), not as Arrow would read it.
-        header = header_line(path)
-        names = header_names(header, spec['delimiter'])
-        missing = [column for column in spec['columns'] if column not in names]
-        if missing:
-            raise UsageError(f'{path} ({fmt}) lacks the column(s) {", ".join(missing)} '
-                             f'in its header: {excerpt(header)}')
-        if len(set(names)) != len(names):
-            raise UsageError(f'{path} ({fmt}) names a column twice in its header: '
-                             f'{excerpt(header)}')
-        read_options.column_names = names
-        read_options.skip_rows = 1
-    user_column, item_column, time_column = spec['columns']
-    # Explicit types read fastest and leanest (inference holds twice the memory); a column that
-    # does not parse as such is read again: ids as strings, timestamps as floats.
-    column_types = {name: pa.int64() for name in spec['columns']}
-    while True:
-        convert_options = pacsv.ConvertOptions(include_columns=list(spec['columns']),
-                                               column_types=column_types)
-        try:
-            table = pacsv.read_csv(path, read_options,
-                                   pacsv.ParseOptions(delimiter=spec['delimiter']),
-                                   convert_options)
-            break
-        except pa.ArrowInvalid as error:
-            message = arrow_reason(error)
-            failed = [name for name in spec['columns'] if 'conversion error' in message
-                      and f'column #{_csv_column_index(path, spec, name)}:' in message]
-            if failed == [time_column] and column_types[time_column] == pa.int64():
-                column_types[time_column] = pa.float64()
-            elif failed == [time_column]:
-                raise UsageError(f'non-numeric timestamp in {path}: {message}') from None
-            elif failed and column_types[failed[0]] == pa.int64():
-                column_types[failed[0]] = pa.string()
-            else:
-                raise UsageError(f'cannot read {path} as {fmt}: {message}') from None
-        except OSError as error:
-            if error.errno in DISK_FULL:
-                raise
-            raise UsageError(f'cannot read {path}: {error.strerror or error}') from None
-    if table.num_rows == 0:
-        raise UsageError(f'{path} holds no interactions')
-    columns = dict(zip(('user', 'item', 'timestamp'), table.columns))
-    for name, column in columns.items():
-        missing = column.null_count
-        if pa.types.is_string(column.type):  # 'u1, a' holds the ids u1 and a, not ' a'
-            columns[name] = column = pc.utf8_trim_whitespace(column)
-            # a blank id is no id, as a blank number is (Arrow reads '' as a string, not null)
-            missing += pc.sum(pc.equal(column, '')).as_py() or 0
-        if missing:
-            raise UsageError(f'{path} has {missing} rows without a {name}')
-    return columns
-
-
-def _csv_column_index(path, spec, name):
-    """Index of column `name` in the file, as Arrow's error messages count columns."""
-    if not spec['header']:
-        return spec['names'].index(name)
-    return header_names(header_line(path), spec['delimiter']).index(name)
-
-
-def header_names(header, delimiter):
-    """Column names of a header line, without blanks or quotes around them."""
-    return [name.strip().strip('"').strip() for name in header.split(delimiter)]
-
-
-def factorize(column):
-    """int32 codes 0..n-1 in order of first appearance, and the original values in that order."""
-    import pyarrow.compute as pc
-
-    values = pc.unique(column)  # Arrow keeps first-appearance order
-    return pc.index_in(column, values).to_numpy(), values
 
 
 def split(columns, min_ratings, validation_holdout=False):
@@ -208,6 +116,8 @@ def split(columns, min_ratings, validation_holdout=False):
     import numpy as np
     import pyarrow as pa
     import torch
+
+    from ncflib.interactions import user_time_order
 
     user, user_values = factorize(columns.pop('user'))
     counts = np.bincount(user)
@@ -227,21 +137,8 @@ def split(columns, min_ratings, validation_holdout=False):
     del items
     n_users, n_items = len(user_values), len(item_values)
 
-    # Order by (user, timestamp), stable so that ties keep file order: one sort of one key.
-    if np.issubdtype(timestamps.dtype, np.integer):
-        first = timestamps.min()
-        span = int(timestamps.max()) - int(first) + 1
-    if not np.issubdtype(timestamps.dtype, np.integer) or n_users * span >= 2 ** 62:
-        # Float or far-spread timestamps: their dense rank orders them the same way.
-        distinct, timestamps = np.unique(timestamps, return_inverse=True)
-        first, span = 0, len(distinct)
-    key = user.astype(np.int64)
-    key *= span
-    key += timestamps
-    key -= first
+    order = user_time_order(user, timestamps, n_users)
     del timestamps
-    order = torch.sort(torch.from_numpy(key), stable=True).indices.numpy()
-    del key
     user, item = user[order], item[order]
     del order
 
@@ -295,18 +192,6 @@ def sorted_pair_mask(mask, kept_rows, n_rows, by_pair, first_copies):
         rows = torch.zeros(n_rows, dtype=torch.bool)
         rows[torch.from_numpy(kept_rows[mask])] = True
     return rows[by_pair][first_copies]
-
-
-def validation_rows(user, last):
-    """Which rows hold a validation positive: each user's latest training row (the one before
-    their test row, `last`), for users with 3 rows or more (a training row stays). `user`: the
-    distinct rows' users, in (user, time) order."""
-    import numpy as np
-
-    valid = np.zeros(len(user), dtype=bool)
-    same_user = user[1:] == user[:-1]  # row k + 1 is of row k's user
-    valid[1:-1] = last[2:] & same_user[1:] & same_user[:-1]
-    return valid
 
 
 def sample_test_negatives(result, keys, test_keys, count, seed, sampling='recipe'):
@@ -472,7 +357,8 @@ def write_cache(output, tensors, result, metadata, progress=None):
             metadata['id_maps_sha256'] = id_maps.hexdigest()
             metadata['fingerprint'] = fingerprint(metadata['source_sha256'],
                                                   metadata['id_maps_sha256'],
-                                                  split_sha256(recorded))
+                                                  split_sha256(recorded,
+                                                               metadata.get('split_parameters')))
             metadata_path = os.path.join(output, METADATA_FILE)
             files.write_bytes(metadata_path, (json.dumps(metadata, indent=2) + '\n').encode())
             with deferred_signals():  # a signal during the renames is raised after them
@@ -550,9 +436,85 @@ def parse_args(argv=None):
                         help="hold out each user's latest training interaction as the validation "
                              'positive, with validation negatives drawn as the test negatives '
                              "are (the NCF paper's files: cut out of their training ratings)")
+    own = parser.add_argument_group(
+        "one's own data (README, \"Your own data\"): filters, in this order, then the split")
+    own.add_argument('--columns', nargs='+', metavar='ROLE=COLUMN', default=None,
+                     help='read --path through this mapping of its columns (header names, or '
+                          '0-based positions with --no_header): user=... item=... and optionally '
+                          'rating=... timestamp=... (without a timestamp, the file order is the '
+                          'time order). CSV, TSV, ::-separated or Parquet (.parquet, .pq)')
+    own.add_argument('--separator', default=None,
+                     help='field separator of a text file read with --columns: a character or '
+                          f'one of {", ".join(SEPARATORS)} (default: tab for .tsv, :: for .dat, '
+                          'else a comma)')
+    own.add_argument('--no_header', action='store_true',
+                     help='the text file read with --columns has no header line')
+    own.add_argument('--rating_threshold', type=float, default=None, metavar='R',
+                     help='keep only interactions rated R or more (explicit ratings as implicit '
+                          'feedback)')
+    own.add_argument('--k_core', type=int, default=None, metavar='K',
+                     help='drop users and items with fewer than K interactions, repeatedly '
+                          'until none is left (users: fewer than max(K, --min_ratings))')
+    own.add_argument('--split', choices=SPLITS, default='leave_one_out',
+                     help="leave_one_out: each user's latest interaction is the test (the "
+                          "reference's); ratio: --ratios of each user's interactions; time: "
+                          'train before --time_cutoff, test from it')
+    own.add_argument('--ratios', nargs='+', type=float, default=[0.8, 0.1, 0.1],
+                     metavar='R', help='--split ratio: TRAIN [VALIDATION] TEST shares of each '
+                                       "user's interactions, summing to 1")
+    own.add_argument('--ratio_order', choices=RATIO_ORDERS, default='random',
+                     help="--split ratio: which of a user's interactions are held out: drawn "
+                          'at random (stratified per user, from --seed) or the latest')
+    own.add_argument('--time_cutoff', nargs='+', default=None, metavar='T',
+                     help='--split time: test from T on (a timestamp, or an ISO date); two '
+                          'cutoffs T1 T2: validation from T1, test from T2')
     args = parser.parse_args(argv)
     args.given = parser.given_flags(argv)
     return args
+
+
+OWN_DATA_FLAGS = ('columns', 'separator', 'no_header', 'rating_threshold', 'k_core', 'split',
+                  'ratios', 'ratio_order', 'time_cutoff')
+
+
+def check_split_arguments(args):
+    """The flags of one's own data, alone and together; normalises --ratios to three."""
+    if args.columns and args.format:
+        raise UsageError('--columns reads the file through its own mapping: leave out --format')
+    for name in ('separator', 'no_header'):
+        if name in args.given and not args.columns:
+            raise UsageError(f'--{name} is for a file read with --columns')
+    if not args.columns and args.path.lower().endswith(('.parquet', '.pq')):
+        raise UsageError(f'{args.path}: name the columns of a Parquet file with --columns '
+                         'user=... item=... [rating=...] [timestamp=...]')
+    if args.rating_threshold is not None and not math.isfinite(args.rating_threshold):
+        raise UsageError(f'--rating_threshold must be a finite number, not '
+                         f'{args.rating_threshold}')
+    if args.k_core is not None and args.k_core < 1:
+        raise UsageError(f'--k_core must be at least 1, not {args.k_core}')
+    for name, split in (('ratios', 'ratio'), ('ratio_order', 'ratio'), ('time_cutoff', 'time')):
+        if name in args.given and args.split != split:
+            raise UsageError(f'--{name} is for --split {split}')
+    if args.split != 'leave_one_out' and args.validation_holdout:
+        raise UsageError(f'--validation_holdout is for --split leave_one_out: --split '
+                         f'{args.split} holds out its validation part itself (three --ratios, '
+                         'or two --time_cutoff)')
+    if args.split == 'ratio':
+        ratios = args.ratios
+        if len(ratios) not in (2, 3) or not all(math.isfinite(r) and r >= 0 for r in ratios) \
+                or abs(sum(ratios) - 1) > 1e-6 or ratios[0] <= 0 or ratios[-1] <= 0:
+            raise UsageError(f'--ratios {" ".join(map(str, ratios))}: two or three shares '
+                             '(train [validation] test), train and test above 0, summing to 1')
+        args.ratios = [ratios[0], 0.0, ratios[1]] if len(ratios) == 2 else list(ratios)
+    if args.split == 'time':
+        if not args.time_cutoff or len(args.time_cutoff) > 2:
+            raise UsageError('--split time needs --time_cutoff T (test from T) or T1 T2 '
+                             '(validation from T1, test from T2)')
+        from ncflib.interactions import parse_time
+        cutoffs = [parse_time(text) for text in args.time_cutoff]
+        if len(cutoffs) == 2 and not cutoffs[0] < cutoffs[1]:
+            raise UsageError(f'--time_cutoff {" ".join(args.time_cutoff)}: the validation '
+                             'cutoff comes before the test cutoff')
 
 
 def check_arguments(args):
@@ -564,7 +526,8 @@ def check_arguments(args):
                          f'PREFIX{", PREFIX".join(paper_files.SUFFIXES)})')
     if prefix is not None:
         # their own split and negatives: the options that make ours do not apply
-        for name in ('valid_negative', 'min_ratings', 'seed', 'test_negative_sampling'):
+        for name in ('valid_negative', 'min_ratings', 'seed', 'test_negative_sampling',
+                     *OWN_DATA_FLAGS):
             if name in args.given and not (name == 'seed' and args.validation_holdout):
                 raise UsageError(f'--{name} does not apply to the NCF paper\'s files: they hold '
                                  'their own split and test negatives'
@@ -573,6 +536,7 @@ def check_arguments(args):
         inputs = paper_files.paths(prefix)
     else:
         check_ratings_file(args)
+        check_split_arguments(args)
         inputs = [args.path]
     if not -2 ** 63 <= args.seed < 2 ** 64:
         raise UsageError(f'--seed {args.seed} is out of range (a 64-bit integer)')
@@ -599,8 +563,10 @@ def check_ratings_file(args):
         raise UsageError(f'{args.path} is empty')
     if args.valid_negative < 1:
         raise UsageError('--valid_negative must be at least 1')
-    if args.min_ratings < 2:
+    if args.min_ratings < 2 and args.split == 'leave_one_out':
         raise UsageError('--min_ratings must be at least 2 (one test and one training interaction)')
+    if args.min_ratings < 1:
+        raise UsageError('--min_ratings must be at least 1')
 
 
 def convert(args, progress=None):
@@ -608,13 +574,17 @@ def convert(args, progress=None):
     prefix = check_arguments(args)
     if prefix is not None:
         return convert_paper_files(args, prefix, progress, start)
-    fmt = args.format or detect_format(args.path)
+    fmt = args.format or (None if args.columns else detect_format(args.path))
     import_held('numpy', 'pyarrow.csv', 'pyarrow.compute', 'torch', 'dataloading')
     source_hash = FileHash(args.path)
 
-    columns = read_interactions(args.path, fmt)
+    columns, label = read_input(args, fmt)
     rows = len(columns['user'])
-    now = stage(f'read {rows:,} rows of {args.path} as {fmt}', start)
+    now = stage(f'read {rows:,} rows of {args.path} as {label}'
+                + ('' if 'timestamp' in columns else
+                   " (no timestamp column: the file's order is the time order)"), start)
+    if not reference_split(args):
+        return convert_own(args, columns, label, source_hash, progress, start, now)
     result = split(columns, args.min_ratings, args.validation_holdout)
     now = stage(f'split: {result["n_users"]:,} users, {result["n_items"]:,} items, '
                 f'{len(result["train_users"]):,} training rows, {result["dropped_users"]:,} users '
@@ -649,7 +619,7 @@ def convert(args, progress=None):
         'seed': args.seed,
         'source_file': os.path.basename(args.path),
         'source_sha256': source_hash.hexdigest(),
-        'source_format': fmt,
+        'source_format': label,
         'source_rows': rows,
         'dropped_users': result['dropped_users'],
         'dropped_repeats': result['duplicates'],
@@ -659,6 +629,194 @@ def convert(args, progress=None):
                                                      args.seed)
     write(args.output, result, cache_tensors(result, test_negatives, validation_negatives),
           metadata, progress, now, start)
+
+
+def reference_split(args):
+    """Whether the reference's split applies: leave-one-out without the filters of one's own
+    data (which keep a pair's latest copy and filter items too)."""
+    return args.split == 'leave_one_out' and args.rating_threshold is None and not args.k_core
+
+
+def read_input(args, fmt):
+    """({role: Arrow array}, what the file was read as): through --columns where given, else
+    as the MovieLens layout or generic CSV `fmt`."""
+    from ncflib import interactions
+
+    if args.columns:
+        mapping = interactions.parse_column_mapping(args.columns)
+        if args.rating_threshold is not None and 'rating' not in mapping:
+            raise UsageError('--rating_threshold needs the rating column: add rating=COLUMN to '
+                             '--columns')
+        if interactions.is_parquet(args.path):
+            return interactions.read_parquet(args.path, mapping), 'Parquet'
+        delimiter = interactions.delimiter_of(args.path, args.separator)
+        spec = interactions.text_spec(args.path, mapping, delimiter, not args.no_header)
+        return (interactions.read_text(args.path, spec, f'{delimiter!r}-separated'),
+                f'{delimiter!r}-separated, columns ' + ', '.join(
+                    f'{role}={column}' for role, column in mapping.items()))
+    spec = dict(FORMATS[fmt])
+    roles = dict(spec['roles'])
+    if args.rating_threshold is None:
+        roles.pop('rating', None)
+    elif 'rating' not in roles:
+        raise UsageError(f'--rating_threshold: {args.path} ({fmt}) has no rating column; name '
+                         'its columns with --columns user=... item=... rating=...')
+    return interactions.read_text(args.path, dict(spec, roles=roles), fmt), fmt
+
+
+def convert_own(args, columns, label, source_hash, progress, start, now):
+    """One's own data: the filters, then leave-one-out, a per-user ratio split or a global time
+    cutoff (ncflib/interactions.py); test (and validation) negatives drawn as the reference's
+    are, outside the interactions known before them."""
+    import numpy as np
+
+    from ncflib import interactions
+
+    rows = len(columns['user'])
+    has_time = 'timestamp' in columns
+    user_minimum, item_minimum = max(args.k_core or 1, args.min_ratings), args.k_core or 1
+    data = interactions.filtered(args.path, columns, args.rating_threshold, user_minimum,
+                                 item_minimum)
+    removed = data['removed']
+    now = stage(filters_line(args, data, user_minimum, item_minimum), now)
+    user, item, when = data['user'], data['item'], data['time']
+    user_values, item_values = data['user_values'], data['item_values']
+    parameters = {}
+    if args.split == 'leave_one_out':
+        parts = interactions.leave_one_out_parts(user, args.validation_holdout)
+    elif args.split == 'ratio':
+        parts, n_train = interactions.ratio_parts(user, args.ratios, args.ratio_order, args.seed)
+        short = np.flatnonzero(n_train < 1)
+        if len(short):
+            count = int(np.sum(user == short[0]))
+            raise UsageError(f'--ratios {" ".join(map(str, args.ratios))} leaves user '
+                             f'{shown_id(user_values[int(short[0])].as_py())} ({count} '
+                             'interactions) nothing to train on: raise the training ratio, '
+                             '--min_ratings or --k_core')
+        parameters = {'ratios': list(args.ratios), 'order': args.ratio_order,
+                      'seed': args.seed, 'order_of_rows': 'timestamp' if has_time else 'file'}
+    else:
+        if not has_time:
+            raise UsageError('--split time needs a timestamp column (--columns timestamp=...)')
+        cutoffs = [interactions.parse_time(text) for text in args.time_cutoff]
+        first, last = when.min(), when.max()
+        if not (first < cutoffs[0] and cutoffs[-1] <= last):
+            raise UsageError(f'--time_cutoff {" ".join(args.time_cutoff)} is outside the time '
+                             f'range of {args.path}, {first:g} to {last:g}: a cutoff must leave '
+                             'interactions before it to train on and after it to test on')
+        parts = interactions.time_parts(when, cutoffs)
+        trained = np.zeros(data['n_users'], dtype=bool)
+        trained[user[parts == 0]] = True
+        kept = trained[user]
+        removed['rows_of_users_without_training'] = int((~kept).sum())
+        user, user_values = interactions.compact(user, kept, user_values)
+        item, item_values = interactions.compact(item, kept, item_values)
+        parts = parts[kept]
+        parameters = {'cutoffs': cutoffs}
+    del when
+    n_users, n_items = len(user_values), len(item_values)
+    if args.valid_negative > n_items:
+        raise UsageError(f'--valid_negative {args.valid_negative} is more than the '
+                         f'{n_items:,} items left of {args.path}')
+    if not (parts == 2).any():
+        raise UsageError(f'--split {args.split} leaves no test interaction of {args.path}')
+    validating = args.validation_holdout or (args.split == 'ratio' and args.ratios[1] > 0) \
+        or (args.split == 'time' and len(args.time_cutoff) == 2)
+    if validating and not (parts == 1).any():
+        raise UsageError(f'--split {args.split} leaves no validation interaction of '
+                         f'{args.path}: there is nothing to validate on')
+    result = dict(n_users=n_users, n_items=n_items, user_values=user_values,
+                  item_values=item_values)
+    for part, name in enumerate(('train', 'valid', 'test')):
+        result[f'{name}_users'], result[f'{name}_items'] = user[parts == part], item[parts == part]
+    one_per_user = args.split == 'leave_one_out'
+    negatives = own_negatives(result, args, one_per_user, validating)
+    now = stage(f'split ({args.split}): {len(result["train_users"]):,} training, '
+                f'{len(result["valid_users"]):,} validation and {len(result["test_users"]):,} '
+                f'test interactions of {n_users:,} users on {n_items:,} items; drew '
+                f'{args.valid_negative} negatives per user ({args.test_negative_sampling})', now)
+    metadata = {
+        'split': args.split,
+        'test_negative_sampling': args.test_negative_sampling,
+        'min_ratings': args.min_ratings,
+        'seed': args.seed,
+        'source_file': os.path.basename(args.path),
+        'source_sha256': source_hash.hexdigest(),
+        'source_format': label,
+        'source_rows': rows,
+        'filters': {'rating_threshold': args.rating_threshold, 'k_core': args.k_core,
+                    'user_minimum': user_minimum, 'item_minimum': item_minimum, **removed},
+        'split_parameters': parameters,
+        'test_users': len(np.unique(result['test_users'])),
+    }
+    if validating:
+        metadata['validation'] = (
+            validation_metadata(result, args.test_negative_sampling, args.seed)
+            if one_per_user else
+            {'holdout': args.split, 'users': len(np.unique(result['valid_users'])),
+             'positives': len(result['valid_users']), 'negatives': args.test_negative_sampling,
+             'seed': validation_seed(args.seed)})
+    write(args.output, result, cache_tensors(result, *negatives), metadata, progress, now, start)
+
+
+def filters_line(args, data, user_minimum, item_minimum):
+    """The stage line of the filters: what each removed, in order, and what is left."""
+    removed = data['removed']
+    parts = []
+    if args.rating_threshold is not None:
+        parts.append(f'{removed["below_rating_threshold"]:,} rows rated under '
+                     f'{args.rating_threshold:g}')
+    parts.append(f'{removed["repeated_pairs"]:,} repeated pairs (the latest copy kept)')
+    rounds = removed['k_core_rounds']
+    parts.append(f'{len(rounds)} round(s) of users under {user_minimum} and items under '
+                 f'{item_minimum} interactions' + (': ' + '; '.join(
+                     f'{step["users"]:,} users, {step["items"]:,} items ({step["rows"]:,} rows)'
+                     for step in rounds) if rounds else ''))
+    return (f'filters dropped {", then ".join(parts)}; left: {data["n_users"]:,} users, '
+            f'{data["n_items"]:,} items, {len(data["user"]):,} interactions')
+
+
+def own_negatives(result, args, one_per_user, validating):
+    """(test negatives, validation negatives or None): [n_users, --valid_negative] each, drawn
+    as the reference's (cache.TEST_NEGATIVE_SAMPLINGS) outside the interactions known before
+    them (test: training and validation; validation: training), the paper's outside all of
+    the user's; -1 rows for a user without a positive there. Also sets the validation
+    positives' tensor in `result`."""
+    import numpy as np
+    import torch
+
+    from dataloading import ItemExclusion, draw_test_negatives
+
+    count, sampling = args.valid_negative, args.test_negative_sampling
+    user_values = result['user_values']
+    tensors = {name: torch.from_numpy(result[name].astype(np.int64)) for name in (
+        'train_users', 'train_items', 'valid_users', 'valid_items', 'test_users', 'test_items')}
+
+    def draw(parts, positives, generator):
+        known = list(parts) + ([positives] if sampling == 'paper' else [])
+        users = torch.cat([tensors[f'{part}_users'] for part in known])
+        items = torch.cat([tensors[f'{part}_items'] for part in known])
+        exclusion = ItemExclusion(users, items, result['n_users'], result['n_items'])
+        negatives = draw_test_negatives(
+            exclusion, count, generator, sampling, NEGATIVE_CHUNK_USERS,
+            user_name=lambda user: shown_id(user_values[user].as_py()))
+        held = torch.zeros(result['n_users'], dtype=torch.bool)
+        held[tensors[f'{positives}_users']] = True
+        negatives[~held] = -1
+        return negatives
+
+    test = draw(('train', 'valid'), 'test', torch.Generator().manual_seed(args.seed))
+    valid = None
+    if validating:
+        valid = draw(('train',), 'valid',
+                     torch.Generator().manual_seed(validation_seed(args.seed)))
+        if one_per_user:
+            result['valid_positives'] = validation_positives(
+                result['n_users'], result['valid_users'], result['valid_items'])
+        else:
+            result['valid_positives'] = torch.stack([tensors['valid_users'],
+                                                     tensors['valid_items']], 1)
+    return test, valid
 
 
 def convert_paper_files(args, prefix, progress, start):
@@ -708,7 +866,8 @@ def write(output, result, tensors, metadata, progress, now, start):
     one line, and the closing lines."""
     counts = {'n_train': len(result['train_users']), 'n_test': len(result['test_users'])}
     if 'validation' in metadata:
-        counts['n_valid'] = metadata['validation']['users']
+        counts['n_valid'] = metadata['validation'].get('positives',
+                                                       metadata['validation']['users'])
     metadata = {'version': CACHE_VERSION, 'n_users': result['n_users'],
                 'n_items': result['n_items'], **counts,
                 'valid_negative': tensors[TEST_NEGATIVES_FILE].shape[1], **metadata}

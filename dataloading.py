@@ -4,9 +4,10 @@ import os
 
 import torch
 
-from ncflib.cache import (METADATA_FILE, TEST_FILE, TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE,
-                          TRAIN_FILE, VALID_FILE, VALID_NEGATIVES_FILE, check_counts,
-                          fingerprint, read_metadata, tensor_sha256, validation_seed)
+from ncflib.cache import (METADATA_FILE, SEVERAL_POSITIVES_SPLITS, TEST_FILE,
+                          TEST_NEGATIVE_SAMPLINGS, TEST_NEGATIVES_FILE, TRAIN_FILE, VALID_FILE,
+                          VALID_NEGATIVES_FILE, check_counts, fingerprint, read_metadata,
+                          tensor_sha256, validation_seed)
 from ncflib.cli import UsageError
 from ncflib.files import torch_load
 
@@ -139,29 +140,42 @@ class ItemExclusion:
 @dataclasses.dataclass
 class Dataset:
     """The cached split, on one device: training pairs, test positives and test negatives, and
-    with a validation holdout its positives and negatives."""
+    with a validation holdout its positives and negatives. Positives are one per user (the
+    items' row u: user u's, -1 for none; `*_users` None) or, in a ratio or time split, any
+    number per user ((user, item) pairs sorted by user, in `*_users` and `*_items`)."""
     train_users: torch.Tensor     # [n_train]
     train_items: torch.Tensor     # [n_train]
-    test_items: torch.Tensor      # [n_users]: user u's test positive
-    test_negatives: torch.Tensor  # [n_users, valid_negative]
+    test_items: torch.Tensor      # [n_users]: user u's test positive (or [n_test], with:)
+    test_negatives: torch.Tensor  # [n_users, valid_negative]: -1 rows for users without one
     n_users: int
     n_items: int
     metadata: dict                # metadata.json's
     valid_items: torch.Tensor = None      # [n_users]: u's validation positive, -1 for none
     valid_negatives: torch.Tensor = None  # [n_users, valid_negative]: -1 rows for those users
+    test_users: torch.Tensor = None       # [n_test]: the test positives' users, sorted
+    valid_users: torch.Tensor = None      # [n_valid]
 
     @property
     def has_validation(self):
         return self.valid_items is not None
+
+    def positives(self, split='test'):
+        """(users, items) of the positives of `split` ('test' or 'validation'), sorted by
+        user: the users without one have none."""
+        users, items = ((self.test_users, self.test_items) if split == 'test'
+                        else (self.valid_users, self.valid_items))
+        if users is not None:
+            return users, items
+        users = torch.nonzero(items >= 0).flatten()
+        return users, items[users]
 
     def known_pairs(self):
         """(users, items) of the interactions known before the test: the training pairs and the
         validation positives (what the test set is ranked outside of)."""
         if not self.has_validation:
             return self.train_users, self.train_items
-        users = torch.nonzero(self.valid_items >= 0).flatten()
-        return (torch.cat((self.train_users, users)),
-                torch.cat((self.train_items, self.valid_items[users])))
+        users, items = self.positives('validation')
+        return torch.cat((self.train_users, users)), torch.cat((self.train_items, items))
 
     @property
     def fingerprint(self):
@@ -177,15 +191,14 @@ class Dataset:
         return None
 
 
-def test_negative_exclusion(train_users, train_items, test_items, n_items, sampling='recipe'):
-    """The ItemExclusion that test (or validation) negatives are drawn outside of: the training
-    pairs (recipe), with the positives too (paper); a positive of -1 is no positive."""
-    users, items = train_users, train_items
-    if sampling == 'paper':  # the positive is an interaction too
-        held = torch.nonzero(test_items >= 0).flatten()
-        users = torch.cat((train_users, held))
-        items = torch.cat((train_items, test_items[held]))
-    return ItemExclusion(users, items, len(test_items), n_items)
+def test_negative_exclusion(known_users, known_items, positives, n_users, n_items,
+                            sampling='recipe'):
+    """The ItemExclusion that test (or validation) negatives are drawn outside of: the pairs
+    known before them (recipe), with their `positives` ((users, items)) too (paper)."""
+    users, items = known_users, known_items
+    if sampling == 'paper':  # the positives are interactions too
+        users, items = torch.cat((users, positives[0])), torch.cat((items, positives[1]))
+    return ItemExclusion(users, items, n_users, n_items)
 
 
 def draw_test_negatives(exclusion, count, generator, sampling='recipe', chunk_users=None,
@@ -279,18 +292,21 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print, with_
     _check(train, path, (None, 2), max(n_users, n_items))
     _check(train[:, 0], path, (None,), n_users)
     _check(train[:, 1], path, (None,), n_items)
-    test = negatives = None
+    several = metadata.get('split') in SEVERAL_POSITIVES_SPLITS
+    test = negatives = test_users = None
     counts = {'n_train': len(train)}
     if with_test:
-        test, negatives = _load_positives(data_dir, TEST_FILE, TEST_NEGATIVES_FILE, device,
-                                          recorded, n_users, n_items)
+        test_users, test, negatives = _load_positives(
+            data_dir, TEST_FILE, TEST_NEGATIVES_FILE, device, recorded, n_users, n_items,
+            several=several)
         counts.update(n_test=len(test), valid_negative=negatives.shape[1])
-    valid_items = valid_negatives = None
+    valid_users = valid_items = valid_negatives = None
     if 'validation' in metadata:
-        valid_items, valid_negatives = _load_positives(
+        valid_users, valid_items, valid_negatives = _load_positives(
             data_dir, VALID_FILE, VALID_NEGATIVES_FILE, device, recorded, n_users, n_items,
-            held_out=True, negatives=None if negatives is None else negatives.shape[1])
-        counts.update(n_valid=int((valid_items >= 0).sum()),
+            held_out=True, negatives=None if negatives is None else negatives.shape[1],
+            several=several)
+        counts.update(n_valid=len(valid_items) if several else int((valid_items >= 0).sum()),
                       valid_negative=valid_negatives.shape[1])
     check_counts(metadata, metadata_path, counts)
     # convert.py numbers the items that occur, so every item is in the training or test pairs:
@@ -303,7 +319,8 @@ def load_dataset(data_dir, device, valid_negative=None, seed=1, log=print, with_
                          f'{seen_items}: the cache is inconsistent; run convert.py again')
 
     dataset = Dataset(train[:, 0].contiguous(), train[:, 1].contiguous(), test, negatives,
-                      n_users, n_items, metadata, valid_items, valid_negatives)
+                      n_users, n_items, metadata, valid_items, valid_negatives, test_users,
+                      valid_users)
     sampling = metadata.get('test_negative_sampling', 'recipe')
     drawn = (negatives if with_test else valid_negatives).shape[1]
     metadata['test_negatives'] = f'{drawn} per user ({sampling}), from the cache'
@@ -326,41 +343,58 @@ def redraw_negatives(dataset, count, seed, sampling):
     before the test), and with a validation holdout its negatives as if the test set did not
     exist (outside the training pairs, with validation_seed(seed))."""
     device = dataset.train_items.device
-    if dataset.test_items is not None:
-        users, items = dataset.known_pairs()
-        exclusion = test_negative_exclusion(users, items, dataset.test_items, dataset.n_items,
+
+    def draw(split, known, seed):
+        positives = dataset.positives(split)
+        exclusion = test_negative_exclusion(*known, positives, dataset.n_users, dataset.n_items,
                                             sampling)
-        dataset.test_negatives = draw_test_negatives(
+        negatives = draw_test_negatives(
             exclusion, count, torch.Generator(device=device).manual_seed(seed), sampling)
+        held = torch.zeros(dataset.n_users, dtype=torch.bool, device=device)
+        held[positives[0]] = True
+        negatives[~held] = -1
+        return negatives
+
+    if dataset.test_items is not None:
+        dataset.test_negatives = draw('test', dataset.known_pairs(), seed)
     if dataset.has_validation:
-        exclusion = test_negative_exclusion(dataset.train_users, dataset.train_items,
-                                            dataset.valid_items, dataset.n_items, sampling)
-        generator = torch.Generator(device=device).manual_seed(validation_seed(seed))
-        negatives = draw_test_negatives(exclusion, count, generator, sampling)
-        negatives[dataset.valid_items < 0] = -1
-        dataset.valid_negatives = negatives
+        dataset.valid_negatives = draw('validation', (dataset.train_users, dataset.train_items),
+                                       validation_seed(seed))
 
 
 def _load_positives(data_dir, positives_file, negatives_file, device, recorded, n_users,
-                    n_items, held_out=False, negatives=None):
-    """A cache's positives (row u: user u and their item; -1 for none where `held_out`) and
-    their negatives ([n_users, `negatives` or any count]; -1 rows for a user without a
-    positive), checked: (items [n_users], negatives)."""
+                    n_items, held_out=False, negatives=None, several=False):
+    """A cache's positives and their negatives ([n_users, `negatives` or any count]; -1 rows
+    for a user without a positive), checked: (users, items, negatives). One per user (row u:
+    user u and their item; -1 for none where `held_out`; users None), or with `several` any
+    number per user ((user, item) rows sorted by user)."""
     path = os.path.join(data_dir, positives_file)
     rows = _load_tensor(path, device, recorded.get(positives_file))
-    _check(rows, path, (n_users, 2), max(n_users, n_items), low=-1)
-    if not torch.equal(rows[:, 0], torch.arange(n_users, device=device)):
-        raise UsageError(f'{path}: row u must hold user u')
-    items = rows[:, 1].contiguous()
-    _check(items, path, (n_users,), n_items, low=-1 if held_out else 0)
+    users = None
+    if several:
+        _check(rows, path, (None, 2), max(n_users, n_items))
+        users = rows[:, 0].contiguous()
+        _check(users, path, (None,), n_users)
+        if len(users) > 1 and not bool((users[1:] >= users[:-1]).all()):
+            raise UsageError(f'{path}: its rows must be sorted by user')
+        items = rows[:, 1].contiguous()
+        _check(items, path, (None,), n_items)
+        held = torch.zeros(n_users, dtype=torch.bool, device=device)
+        held[users] = True
+    else:
+        _check(rows, path, (n_users, 2), max(n_users, n_items), low=-1)
+        if not torch.equal(rows[:, 0], torch.arange(n_users, device=device)):
+            raise UsageError(f'{path}: row u must hold user u')
+        items = rows[:, 1].contiguous()
+        _check(items, path, (n_users,), n_items, low=-1 if held_out else 0)
+        held = items >= 0
     path = os.path.join(data_dir, negatives_file)
     drawn = _load_tensor(path, device, recorded.get(negatives_file))
-    _check(drawn, path, (n_users, negatives), n_items, low=-1 if held_out else 0)
-    held = items >= 0
-    if held_out and not bool(((drawn >= 0) == held[:, None]).all()):
+    _check(drawn, path, (n_users, negatives), n_items, low=-1 if held_out or several else 0)
+    if (held_out or several) and not bool(((drawn >= 0) == held[:, None]).all()):
         raise UsageError(f'{path}: a row has negatives of -1 where its user has a positive, or '
                          'the reverse')
-    return items, drawn
+    return users, items, drawn
 
 
 class TrainBatches:

@@ -3,11 +3,14 @@
     python benchmarks/convert_benchmark.py                    # generates the file (ML-20m's shape)
     python benchmarks/convert_benchmark.py --shape ml-32m     # ML-32m's
     python benchmarks/convert_benchmark.py --path ratings.csv  # or times a file you have
+    python benchmarks/convert_benchmark.py --shape ml-32m --own_data   # with one's own filters
 
 The generated file has ML-20m's header and the shape asked for (synthetic.SHAPES: ml-20m, 20M
 rows, 138,493 users, 26,744 items; ml-32m, 32M rows, 200,948 users, 87,585 items; no repeated
-pair), from synthetic.py. Each run is a fresh `python convert.py` process, as a user runs it,
-import time included; its peak RSS is the kernel's accounting of that process alone (wait4).
+pair), from synthetic.py. --own_data converts as for one's own data (README, "Your own data"):
+ratings of 3.5 and more, 10-core filtering and a per-user 80/10/10 split in time order. Each run
+is a fresh `python convert.py` process, as a user runs it, import time included; its peak RSS
+is the kernel's accounting of that process alone (wait4).
 Each child's output goes to a log in the work directory. Stopped (Ctrl-C, SIGTERM), it stops the
 running child with it and ends in one line saying what the work directory holds. The last line
 is JSON.
@@ -35,12 +38,20 @@ from ncflib.cache import METADATA_FILE  # noqa: E402
 from ncflib.runtime import cpu_name  # noqa: E402
 
 
+# One's own data's conversion, as the issue that added it sizes it: a rating threshold, 10-core
+# filtering, a per-user 80/10/10 split in time order.
+OWN_DATA_FLAGS = ('--rating_threshold', '3.5', '--k_core', '10', '--split', 'ratio', '--ratios',
+                  '0.8', '0.1', '0.1', '--ratio_order', 'time')
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--path', help='ratings file to convert (default: generate one)')
     parser.add_argument('--shape', choices=sorted(synthetic.SHAPES), default='ml-20m',
                         help='of the generated file')
     parser.add_argument('--repeat', type=int, default=3, help='runs; the median is reported')
+    parser.add_argument('--own_data', action='store_true',
+                        help='convert with ' + ' '.join(OWN_DATA_FLAGS))
     parser.add_argument('--workdir', default=None,
                         help='where to put the generated file, the caches and the logs '
                              '(default: a new temporary directory)')
@@ -71,7 +82,8 @@ def benchmark(args, timed):
     for run in range(args.repeat):
         output = os.path.join(args.workdir, f'cache{run}')
         start = time.perf_counter()
-        usage = run_script('convert.py', ['--path', path, '--output', output],
+        flags = list(OWN_DATA_FLAGS) if args.own_data else []
+        usage = run_script('convert.py', ['--path', path, '--output', output, *flags],
                            os.path.join(args.workdir, f'convert{run}.txt'),
                            f'converting {path} (run {run + 1})')
         timed.append(time.perf_counter() - start)
@@ -85,6 +97,7 @@ def benchmark(args, timed):
     result = {
         'benchmark': 'convert',
         'file': os.path.basename(path),
+        'flags': ' '.join(OWN_DATA_FLAGS) if args.own_data else '',
         'file_bytes': os.path.getsize(path),
         'rows': metadata['source_rows'],
         'n_users': metadata['n_users'],

@@ -36,6 +36,9 @@ SEED = 1
 # paper: the NCF paper's, distinct items the user never interacted with. A cache of the NCF
 # paper's own files has its source's negatives instead, drawn by nobody here: 'given'.
 TEST_NEGATIVE_SAMPLINGS = ('recipe', 'paper')
+# The splits whose test (and validation) tensors hold any number of positives per user, as
+# (user, item) rows sorted by user (metadata.json's split); the others hold row u: user u's.
+SEVERAL_POSITIVES_SPLITS = ('ratio', 'time')
 # MovieLens 20M after that split (the reference's data; benchmarks and torch.hub default to it).
 ML_20M_USERS, ML_20M_ITEMS, ML_20M_RATINGS = 138_493, 26_744, 20_000_263
 
@@ -54,13 +57,16 @@ def fingerprint(source_sha256, id_maps_sha256, split_sha256=None):
     return hashlib.sha256(':'.join(parts).encode()).hexdigest()[:16]
 
 
-def split_sha256(tensors):
+def split_sha256(tensors, parameters=None):
     """One digest of the split from {file name: {'sha256': ...}}: the training and test tensors,
     and the validation positives where the cache holds a validation holdout (not the negatives,
-    as for the test set)."""
+    as for the test set), and the split's parameters where it has any (metadata.json's
+    split_parameters: a ratio or time split)."""
     names = (TRAIN_FILE, TEST_FILE) + ((VALID_FILE,) if VALID_FILE in tensors else ())
-    return hashlib.sha256(':'.join(tensors[name]['sha256'] for name in names).encode()) \
-        .hexdigest()
+    parts = [tensors[name]['sha256'] for name in names]
+    if parameters:
+        parts.append(json.dumps(parameters, sort_keys=True))
+    return hashlib.sha256(':'.join(parts).encode()).hexdigest()
 
 
 def validation_seed(seed):
@@ -110,9 +116,10 @@ def check_fingerprint(metadata, path):
     if recorded is None or not all(isinstance(part, str) for part in parts):
         return  # caches before version 2 have none
     tensors = metadata.get('tensors')
-    split = split_sha256(tensors) if isinstance(tensors, dict) and all(
-        isinstance(tensors.get(name), dict) and 'sha256' in tensors[name]
-        for name in (TRAIN_FILE, TEST_FILE)) else None
+    split = None
+    if isinstance(tensors, dict) and all(isinstance(tensors.get(name), dict) and 'sha256' in
+                                         tensors[name] for name in (TRAIN_FILE, TEST_FILE)):
+        split = split_sha256(tensors, metadata.get('split_parameters'))
     if recorded != fingerprint(*parts, split):
         raise UsageError(f'{path} records fingerprint {recorded}, but its source, id maps and '
                          f'tensors give {fingerprint(*parts, split)}: metadata.json was edited; '
