@@ -417,13 +417,20 @@ def summarise(runs, models):
 # Paired tests: each pair of models over the same test users
 
 def per_user_figures(path):
-    """(users, HR@TOPK, NDCG@TOPK) of each user of a ranks CSV (ncf.py --ranks_output: user,
-    0-based rank), as ncf.py counts them: a hit where rank < TOPK, gain 1 / log2(rank + 2)."""
+    """(users, HR@TOPK, NDCG@TOPK) of each user of a ranks CSV (ncf.py --ranks_output: a row
+    per test positive, user and its 0-based position in the user's ranking), as ncf.py counts
+    them: a hit where the first position < TOPK; NDCG the gains 1 / log2(position + 2) of the
+    hits over those of the best ranking (one positive: the gain itself)."""
     import numpy as np
     table = np.loadtxt(path, delimiter=',', skiprows=1, dtype=np.int64, ndmin=2)
-    users, ranks = table[:, 0], table[:, 1]
+    users, first, count = np.unique(table[:, 0], return_index=True, return_counts=True)
+    ranks = table[:, 1]
     hit = ranks < TOPK
-    return users, hit.astype(np.float64), np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    gains = np.add.reduceat(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0), first) \
+        if len(ranks) else np.zeros(0)
+    ideal = np.cumsum(1.0 / np.log2(np.arange(TOPK) + 2.0))[np.minimum(count, TOPK) - 1]
+    best = np.minimum.reduceat(ranks, first) if len(ranks) else ranks
+    return users, (best < TOPK).astype(np.float64), gains / ideal
 
 
 def seed_means(runs, directory, models, protocol):

@@ -58,9 +58,23 @@ class Report:
 
 
 def more_metrics(metrics, metrics_at):
-    """The line of --metrics_at's figures."""
-    return ', '.join([f'HR@{k} = {metrics.at[k][0]:.4f}, NDCG@{k} = {metrics.at[k][1]:.4f}'
-                      for k in metrics_at] + [f'MRR = {metrics.mrr:.4f}'])
+    """The lines of figures beyond HR and NDCG at --topk: --metrics_at's; with several
+    positives per user, precision, recall and MAP at each K; in full ranking, coverage and the
+    mean popularity of the top K."""
+    lines = []
+    if metrics_at:
+        lines.append(', '.join([f'HR@{k} = {metrics.at[k][0]:.4f}, NDCG@{k} = '
+                                f'{metrics.at[k][1]:.4f}' for k in metrics_at]
+                               + [f'MRR = {metrics.mrr:.4f}']))
+    ks = list(metrics.at)
+    if metrics.several:
+        lines.append(', '.join(f'Precision@{k} = {metrics.at[k][2]:.4f}, Recall@{k} = '
+                               f'{metrics.at[k][3]:.4f}, MAP@{k} = {metrics.at[k][4]:.4f}'
+                               for k in ks))
+    if metrics.catalogue:
+        lines.append(', '.join(f'Coverage@{k} = {metrics.catalogue[k][0]:.4f}, mean '
+                               f'popularity@{k} = {metrics.catalogue[k][1]:.1f}' for k in ks))
+    return lines
 
 
 def prefixed(figures, prefix):
@@ -85,8 +99,8 @@ def evaluate_once(plan, evaluations, report, metrics_at, ranks_output=None):
         topk = evaluation.ks[0]
         title = f'{split.capitalize()}: ' if named else ''
         report.say(f'{title}HR@{topk} = {metrics.hr:.4f}, NDCG@{topk} = {metrics.ndcg:.4f}')
-        if metrics_at:
-            report.say(more_metrics(metrics, metrics_at))
+        for line in more_metrics(metrics, metrics_at):
+            report.say(line)
         loss_name = 'test_loss' if named and split == 'test' else 'validation_loss'
         report.say(f'{loss_name} = {metrics.loss:.4f}, eval_throughput = '
                    f'{throughputs[-1]:.3e} samples/s, val_time = {val_time:.2f}')
@@ -102,30 +116,31 @@ def evaluate_once(plan, evaluations, report, metrics_at, ranks_output=None):
 
 
 def write_ranks(plan, evaluation, path, report):
-    """CSV `user,rank` at `path`: each counted user of `evaluation` (every process's, in user
-    order) and the 0-based rank of their positive, as the metrics count it; written by rank 0,
-    atomically (its directory made if missing, as check_output_file allows)."""
-    users, ranks = evaluation.ranks()
-    # One slot per user holding rank + 1 (0: another process's user, or one who does not
-    # count). Each user is one process's, so a sum over the processes gathers them all, in one
-    # all-reduce of known size (the processes' shares differ in size: no all_gather padding).
-    n_users = int(runtime.all_reduce_sums([len(evaluation.users)], plan)[0])
-    slots = torch.zeros(n_users, dtype=torch.int64, device=plan.device)
-    slots[users] = ranks.long() + 1
+    """CSV `user,rank` at `path`: a row per test positive of every process (in user order) with
+    its 0-based position in its user's ranking, as the metrics count it (one per user in
+    leave-one-out); written by rank 0, atomically (its directory made if missing, as
+    check_output_file allows)."""
+    offset, users, ranks = evaluation.ranks()
+    # A slot per positive of all processes holding user + 1 and rank: each process fills its own
+    # contiguous share, so a sum over the processes gathers them all, in one all-reduce of known
+    # size (the processes' shares differ in size: no all_gather padding).
+    slots = torch.zeros(evaluation.positive_total, 2, dtype=torch.int64, device=plan.device)
+    slots[offset:offset + len(users), 0] = users + 1
+    slots[offset:offset + len(users), 1] = ranks.long()
     if plan.distributed:
         torch.distributed.all_reduce(slots)
     if plan.rank != 0:
         return
     slots = slots.cpu()
-    counted = torch.nonzero(slots).flatten()
-    rows = ''.join(f'{user},{rank}\n' for user, rank in zip(counted.tolist(),
-                                                           (slots[counted] - 1).tolist()))
+    rows = ''.join(f'{user - 1},{rank}\n' for user, rank in slots.tolist())
 
     def write(temporary):
         with open(temporary, 'w') as file:
             file.write('user,rank\n' + rows)
     atomic_write(path, write, make_parents=True)
-    report.say(f'Ranks of the {len(counted)} test users written to {path}')
+    counted = len(torch.unique(slots[:, 0]))
+    report.say(f'Ranks of the {counted} test users written to {path}' + (
+        f' ({len(slots)} positives)' if len(slots) != counted else ''))
 
 
 @dataclasses.dataclass
@@ -207,8 +222,8 @@ def train(trainer, selection, report, epochs, threshold, seed, saving, started, 
         say(f'         train_loss = {train_loss:.4f}, validation_loss = {metrics.loss:.4f}, '
             f'train_throughput = {train_throughput:.3e} samples/s, '
             f'eval_throughput = {eval_throughput:.3e} samples/s')
-        if metrics_at:
-            say(f'         {more_metrics(metrics, metrics_at)}')
+        for line in more_metrics(metrics, metrics_at):
+            say(f'         {line}')
         figures = metrics.figures(metrics_at)
         report.epoch(epoch, {'train_throughput': train_throughput,
                              **(prefixed(figures, 'valid_') if validating else figures),
@@ -267,6 +282,6 @@ def test_selected(trainer, test, best_state, history, report, metrics_at, select
     topk = test.ks[0]
     report.say(f'Test of {which}: HR@{topk} = {tested.hr:.4f}, NDCG@{topk} = '
                f'{tested.ndcg:.4f}, test_loss = {tested.loss:.4f}')
-    if metrics_at:
-        report.say(f'         {more_metrics(tested, metrics_at)}')
+    for line in more_metrics(tested, metrics_at):
+        report.say(f'         {line}')
     return tested

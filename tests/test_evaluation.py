@@ -11,7 +11,7 @@ import ncf
 from conftest import flags, load_trained_model
 from logger.logger import read_log
 from ncflib import runtime
-from ncflib.evaluation import (Evaluation, NonFiniteScores, duplicate_mask, rank_sums,
+from ncflib.evaluation import (Evaluation, NonFiniteScores, duplicate_mask, ranking_sums,
                                sampled_rank)
 
 
@@ -44,7 +44,7 @@ def hand_scored():
 @pytest.mark.parametrize('k', [1, 2, 3])
 def test_hits_and_ndcg_hand_computed(k):
     items, scores, ranks = hand_scored()
-    hits, ndcg, _ = rank_sums(sampled_rank(scores, duplicate_mask(items)), [k])
+    hits, ndcg = ranking_sums(sampled_rank(scores, duplicate_mask(items)), [k])[:2]
     assert hits.item() == sum(rank < k for rank in ranks)
     expected = sum(1 / math.log2(rank + 2) for rank in ranks if rank < k)
     assert ndcg.item() == pytest.approx(expected)
@@ -57,7 +57,7 @@ def test_metric_matches_brute_force_on_random_lists():
     item_score = torch.randint(0, 40, (15,), generator=generator).float()
     scores = item_score[items]
     for k in (1, 5, 10):
-        hits, ndcg, _ = rank_sums(sampled_rank(scores, duplicate_mask(items)), [k])
+        hits, ndcg = ranking_sums(sampled_rank(scores, duplicate_mask(items)), [k])[:2]
         expected_hits = expected_ndcg = 0.0
         for row in items.tolist():
             positive, others = row[0], set(row[1:]) - {row[0]}
@@ -77,7 +77,7 @@ def test_a_score_that_is_not_finite_ranks_the_positive_last():
                            [0.9, nan, 0.2],     # a negative NaN
                            [inf, 0.1, 0.2],     # the positive infinite
                            [0.9, 0.1, 0.2]])    # a finite row: the positive first
-    hits, ndcg, _ = rank_sums(sampled_rank(scores, duplicate_mask(items)), [2])
+    hits, ndcg = ranking_sums(sampled_rank(scores, duplicate_mask(items)), [2])[:2]
     assert hits.item() == 1 and ndcg.item() == pytest.approx(1.0)
 
 
@@ -126,7 +126,7 @@ def test_full_ranking_compiled_ranks_as_eager(tiny_data, trained):
         plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl=impl),
                                valid_batch_size=60 * dataset.n_items)
         evaluation = Evaluation(plan, dataset, model, 10, 'full', exclusion, metrics_at=(1, 5))
-        assert [last - first for first, last, _, _ in evaluation.chunks] == [60] * 5
+        assert [chunk[1] - chunk[0] for chunk in evaluation.chunks] == [60] * 5
         evaluation.warm_up()
         metrics[impl] = evaluation()
         assert isinstance(evaluation.scorer.all_items, runtime.Compiled) == (impl == 'compile')
@@ -183,6 +183,6 @@ def test_several_k_and_mrr_match_brute_force_in_both_modes(tiny_data, trained, t
 
 def test_mrr_and_ranks_of_a_hand_scored_list():
     items, scores, ranks = hand_scored()
-    sums = rank_sums(sampled_rank(scores, duplicate_mask(items)), [1, 3])
+    sums = ranking_sums(sampled_rank(scores, duplicate_mask(items)), [1, 3])
     assert sums.tolist()[:2] == [2.0, 2.0]  # two positives first
     assert sums[-1].item() == pytest.approx(sum(1 / (rank + 1) for rank in ranks))

@@ -23,7 +23,7 @@ def popularity_hr(data_dir, k=10):
     candidates = torch.cat((dataset.test_items[:, None], dataset.test_negatives), dim=1)
     # Break ties against the positive, as the model's metric does.
     rank = evaluation.sampled_rank(popularity[candidates], evaluation.duplicate_mask(candidates))
-    return evaluation.rank_sums(rank, [k])[0].item() / dataset.n_users
+    return evaluation.ranking_sums(rank, [k])[0].item() / dataset.n_users
 
 
 def test_training_beats_popularity_and_logs(tiny_data, tmp_path, capsys):
@@ -228,7 +228,7 @@ def popularity_full_hr(data_dir, k=10):
     competitors = ~trained
     competitors[rows, dataset.test_items] = False
     rank = ((popularity >= popularity[dataset.test_items][:, None]) & competitors).sum(1)
-    return evaluation.rank_sums(rank, [k])[0].item() / dataset.n_users
+    return evaluation.ranking_sums(rank, [k])[0].item() / dataset.n_users
 
 
 @pytest.mark.parametrize('model', ['neumf', 'gmf', 'mlp', 'mf'])
