@@ -67,11 +67,13 @@ PAPER = 'paper'  # --format of the NCF paper's own files (ncflib/paper_files.py)
 # Each MovieLens layout (and the generic CSV): how to read it (interactions.read_text) and which
 # of its columns hold user, item, rating (where it has one) and timestamp.
 FORMATS = {
-    'ml-20m': dict(delimiter=',', header=True, roles=dict(
+    'ml-20m': dict(delimiter=',', header=True, integer_ids=True, roles=dict(
         user='userId', item='movieId', rating='rating', timestamp='timestamp')),
-    'ml-1m': dict(delimiter='::', header=False, names=('user', 'item', 'rating', 'timestamp'),
+    'ml-1m': dict(delimiter='::', header=False, integer_ids=True,
+                  names=('user', 'item', 'rating', 'timestamp'),
                   roles=dict(user='user', item='item', rating='rating', timestamp='timestamp')),
-    'ml-100k': dict(delimiter='\t', header=False, names=('user', 'item', 'rating', 'timestamp'),
+    'ml-100k': dict(delimiter='\t', header=False, integer_ids=True,
+                    names=('user', 'item', 'rating', 'timestamp'),
                     roles=dict(user='user', item='item', rating='rating', timestamp='timestamp')),
     'csv': dict(delimiter=',', header=True,
                 roles=dict(user='user_id', item='item_id', timestamp='timestamp')),
@@ -125,7 +127,10 @@ def split(columns, min_ratings, validation_holdout=False):
     if not kept_users.any():
         raise UsageError(f'no user has at least {min_ratings} interactions '
                          f'(the most any user has is {counts.max()}); lower --min_ratings')
-    items, timestamps = columns.pop('item'), columns.pop('timestamp').to_numpy()
+    items = columns.pop('item')
+    # without a timestamp column, the file's order is the time order
+    timestamps = columns.pop('timestamp').to_numpy() if 'timestamp' in columns else \
+        np.arange(len(user), dtype=np.int64)
     if not kept_users.all():
         kept_rows = kept_users[user]
         # Users keep their order of first appearance among the users that remain.

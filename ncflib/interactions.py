@@ -16,6 +16,7 @@ SEPARATORS = {'comma': ',', 'tab': '\t', 'semicolon': ';', 'pipe': '|', 'space':
 SPLITS = ('leave_one_out', 'ratio', 'time')
 RATIO_ORDERS = ('random', 'time')
 INTEGER = re.compile(r'^[+-]?[0-9]+$')
+CANONICAL_INTEGER = re.compile(r'^(0|-?[1-9][0-9]{0,17})$')  # as int64 writes it back
 
 
 def header_line(path):
@@ -121,9 +122,11 @@ def read_text(path, spec, label):
         (name, f'gap {index}') if gapped else (name,))][:2 * len(names) - 1 if gapped else None]
     columns = list(roles.values())
     # Explicit types read fastest and leanest (inference holds twice the memory); a column that
-    # does not parse as such is read again: ids as strings, timestamps as floats, then as
-    # date-times.
-    fallbacks = {role: [pa.int64(), pa.string()] if role in ('user', 'item') else
+    # does not parse as such is read again: timestamps as floats, then as date-times. Ids are
+    # read as text (integers where every one is written as an integer is: '007' stays '007'),
+    # but for MovieLens (`integer_ids`), whose ids are integers.
+    fallbacks = {role: ([pa.int64()] if spec.get('integer_ids') else []) + [pa.string()]
+                 if role in ('user', 'item') else
                  [pa.float64()] if role == 'rating' else
                  [pa.int64(), pa.float64(), pa.timestamp('s')] for role in roles}
     reasons = {}  # each role's first conversion error: it names the value that is no number
@@ -213,9 +216,9 @@ def checked_columns(path, table, roles):
 
 
 def checked_ids(where, column):
-    """An id column as int64 (integers) or text (trimmed; where some ids are integers and some
-    are not, all are text). Text that writes one integer two ways ('7' and '007') is refused:
-    whether those are one id or two is the file's to say."""
+    """An id column as int64, where every id is an integer written as int64 writes it back, or
+    as text, kept as written ('007', 'u7'). Text that writes one integer two ways ('7' and
+    '007') is refused: whether those are one id or two is the file's to say."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -224,6 +227,8 @@ def checked_ids(where, column):
     if not pa.types.is_string(column.type):
         raise UsageError(f'{where} holds {column.type} ids: ids are integers or text')
     distinct = pc.unique(column)
+    if pc.all(pc.match_substring_regex(distinct, CANONICAL_INTEGER.pattern)).as_py():
+        return column.cast(pa.int64())
     numeric = pc.filter(distinct, pc.match_substring_regex(distinct, INTEGER.pattern))
     if len(numeric):
         try:
