@@ -249,10 +249,13 @@ def draw_negatives(result, keys, count, generator, sampling):
     chunks of users that bound the memory."""
     from dataloading import ItemExclusion, draw_test_negatives
 
+    import torch
+
     exclusion = ItemExclusion.from_sorted_keys(keys, result['n_users'], result['n_items'])
     user_values = result['user_values']
     return draw_test_negatives(exclusion, count, generator, sampling, NEGATIVE_CHUNK_USERS,
-                               user_name=lambda user: shown_id(user_values[user].as_py()))
+                               user_name=lambda user: shown_id(user_values[user].as_py()),
+                               popular=torch.from_numpy(result['train_items'].astype('int64')))
 
 
 def validation_positives(n_users, users, items):
@@ -433,7 +436,9 @@ def parse_args(argv=None):
                         default='recipe',
                         help="recipe: the reference's, uniform with replacement over the items "
                              'without a training pair; paper: the NCF paper\'s, distinct items '
-                             'the user never interacted with')
+                             'the user never interacted with; popularity: RecBole\'s popN, with '
+                             'replacement, in proportion to training interactions, over the '
+                             'items without a training pair')
     parser.add_argument('-s', '--seed', type=int, default=SEED,
                         help='seed for the test negatives (and, from another stream, the '
                              'validation negatives)')
@@ -804,7 +809,8 @@ def own_negatives(result, args, one_per_user, validating):
         exclusion = ItemExclusion(users, items, result['n_users'], result['n_items'])
         negatives = draw_test_negatives(
             exclusion, count, generator, sampling, NEGATIVE_CHUNK_USERS,
-            user_name=lambda user: shown_id(user_values[user].as_py()))
+            user_name=lambda user: shown_id(user_values[user].as_py()),
+            popular=tensors['train_items'])
         held = torch.zeros(result['n_users'], dtype=torch.bool)
         held[tensors[f'{positives}_users']] = True
         negatives[~held] = -1

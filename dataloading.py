@@ -202,18 +202,25 @@ def test_negative_exclusion(known_users, known_items, positives, n_users, n_item
 
 
 def draw_test_negatives(exclusion, count, generator, sampling='recipe', chunk_users=None,
-                        user_name=None):
+                        user_name=None, popular=None):
     """[n_users, count] test negatives on the exclusion's device, drawn as `sampling` says
     (cache.TEST_NEGATIVE_SAMPLINGS), outside `exclusion` (test_negative_exclusion's): recipe,
     uniform with replacement over the items without a training pair; paper, distinct items
-    without a training pair and other than the test positive. chunk_users: users drawn at once
-    (None: all), which bounds the memory. A user without enough items to draw from is a
-    UsageError naming them by user_name(mapped id)."""
+    without a training pair and other than the test positive; popularity, with replacement, in
+    proportion to each item's training interactions (`popular`: the training pairs' items),
+    over the items without a training pair. chunk_users: users drawn at once (None: all),
+    which bounds the memory. A user without enough items to draw from is a UsageError naming
+    them by user_name(mapped id)."""
     n_users, device = exclusion.n_users, exclusion.keys.device
     user_name = user_name or (lambda user: f'{user} (mapped id)')
     # The recipe draws from the free items, the test positive among them: a user with nothing
     # else free has interacted with every item.
     short = torch.nonzero(exclusion.free_counts < (count if sampling == 'paper' else 2)).flatten()
+    if sampling == 'popularity':  # the training interactions of the user's free items
+        mass = torch.bincount(popular, minlength=exclusion.n_items).double()
+        taken = torch.zeros(n_users, dtype=torch.float64, device=device).index_add_(
+            0, exclusion.keys // exclusion.n_items, mass[exclusion.keys % exclusion.n_items])
+        short = torch.nonzero(taken >= mass.sum()).flatten()
     if len(short):
         user = int(short[0])
         if sampling == 'paper':
@@ -221,6 +228,10 @@ def draw_test_negatives(exclusion, count, generator, sampling='recipe', chunk_us
                              f'items they never interacted with, fewer than the {count} '
                              'distinct test negatives to draw: drop the user from the input or '
                              'draw fewer')
+        if sampling == 'popularity':
+            raise UsageError(f'user {user_name(user)} has interacted with every item that has '
+                             'a training interaction, so no negative can be drawn by '
+                             'popularity: drop the user from the input or draw uniformly')
         raise UsageError(f'user {user_name(user)} has interacted with every item, so no test '
                          'negative exists for them: drop the user from the input')
     negatives = torch.empty(n_users, count, dtype=torch.int64, device=device)
@@ -229,10 +240,28 @@ def draw_test_negatives(exclusion, count, generator, sampling='recipe', chunk_us
         part = torch.arange(first, min(first + chunk, n_users), device=device)
         if sampling == 'paper':
             negatives[part] = exclusion.sample_distinct(part, count, generator)
+        elif sampling == 'popularity':
+            negatives[part] = draw_popular(exclusion, part.repeat_interleave(count), popular,
+                                           generator).view(len(part), count)
         else:
             negatives[part] = exclusion.sample(part.repeat_interleave(count),
                                                generator).view(len(part), count)
     return negatives
+
+
+def draw_popular(exclusion, users, popular, generator):
+    """An item per entry of `users`, in proportion to its training interactions (a random
+    training pair's item), drawn again where it is one of the user's pairs in `exclusion`, until
+    none is: exact, with a few rounds (one synchronisation each) at load or conversion time."""
+    def draw(size):
+        return popular[torch.randint(0, len(popular), (size,), generator=generator,
+                                     device=popular.device)]
+    items = draw(len(users))
+    again = torch.nonzero(exclusion.contains(users, items)).flatten()
+    while len(again):
+        items[again] = draw(len(again))
+        again = again[exclusion.contains(users[again], items[again])]
+    return items
 
 
 def _load_tensor(path, device, recorded):
@@ -349,7 +378,8 @@ def redraw_negatives(dataset, count, seed, sampling):
         exclusion = test_negative_exclusion(*known, positives, dataset.n_users, dataset.n_items,
                                             sampling)
         negatives = draw_test_negatives(
-            exclusion, count, torch.Generator(device=device).manual_seed(seed), sampling)
+            exclusion, count, torch.Generator(device=device).manual_seed(seed), sampling,
+            popular=dataset.train_items)
         held = torch.zeros(dataset.n_users, dtype=torch.bool, device=device)
         held[positives[0]] = True
         negatives[~held] = -1
@@ -401,9 +431,10 @@ class TrainBatches:
     """One epoch of training samples at a time, generated on the device.
 
     Each epoch pairs every training positive of `dataset` with `negative_samples` items drawn
-    uniformly from the whole catalogue (approximate, as the reference: one may be a positive)
+    uniformly from the whole catalogue (approximate, as the reference: one may be a positive),
     or, given an ItemExclusion of the training pairs, from the items the user has no training
-    pair with (exact), and shuffles the whole epoch once. Every rank draws the same epoch from
+    pair with (exact), or with `popularity` in proportion to each item's training interactions
+    (a random training pair's item: one may be a positive), and shuffles the whole epoch once. Every rank draws the same epoch from
     the same generator and takes its own slice of each global batch, so that N processes train
     on exactly the batches one process would (the reference shards before shuffling, so its
     ranks see different label mixes). Each rank's slice is cut into `micro_slices`:
@@ -412,10 +443,11 @@ class TrainBatches:
     """
 
     def __init__(self, dataset, plan, batch_size, negative_samples, grads_accumulated=1,
-                 exclusion=None):
+                 exclusion=None, popularity=False):
         self.users, self.items = dataset.train_users, dataset.train_items
         self.n_items = dataset.n_items
         self.exclusion = exclusion  # given: exact negatives, never one of the user's positives
+        self.popularity = popularity
         self.negative_samples = negative_samples
         self.samples = len(self.users) * (1 + negative_samples)
         self.batch_size, self.rank, self.world_size = batch_size, plan.rank, plan.world_size
@@ -431,7 +463,11 @@ class TrainBatches:
     def epoch(self, generator):
         """(users, items, labels) of this rank: [steps, rank_batch] each."""
         n_positives, device = len(self.users), self.users.device
-        if self.exclusion is None:
+        if self.popularity:
+            negative_items = self.items[torch.randint(
+                0, n_positives, (n_positives * self.negative_samples,), generator=generator,
+                device=device)]
+        elif self.exclusion is None:
             negative_items = torch.randint(0, self.n_items, (n_positives * self.negative_samples,),
                                            generator=generator, device=device)
         else:

@@ -116,7 +116,8 @@ def load(args, plan, shape, read, started):
             if dataset.has_validation else exclusion
     batches = dataloading.TrainBatches(
         dataset, plan, args.batch_size, args.negative_samples, args.grads_accumulated,
-        exclusion=exclusion if args.negative_sampling == 'exact' else None)
+        exclusion=exclusion if args.negative_sampling == 'exact' else None,
+        popularity=args.negative_sampling == 'popularity')
     if args.mode == 'train' and batches.steps == 0:
         raise UsageError(f'--batch_size {args.batch_size} is larger than an epoch '
                          f'({batches.samples} samples): no step would be trained')

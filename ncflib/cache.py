@@ -35,7 +35,9 @@ SEED = 1
 # training pair with (a repeat, or the test positive itself, counts once in evaluation);
 # paper: the NCF paper's, distinct items the user never interacted with. A cache of the NCF
 # paper's own files has its source's negatives instead, drawn by nobody here: 'given'.
-TEST_NEGATIVE_SAMPLINGS = ('recipe', 'paper')
+# popularity: RecBole's popN, with replacement, in proportion to each item's training
+# interactions, over the items the user has no training pair with.
+TEST_NEGATIVE_SAMPLINGS = ('recipe', 'paper', 'popularity')
 # The splits whose test (and validation) tensors hold any number of positives per user, as
 # (user, item) rows sorted by user (metadata.json's split); the others hold row u: user u's.
 SEVERAL_POSITIVES_SPLITS = ('ratio', 'time')

@@ -111,11 +111,12 @@ def parse_args(argv=None):
                         help="sampled: the test positive against its test negatives (the "
                              "reference's); full: against every item without a training "
                              'interaction')
-    parser.add_argument('--negative_sampling', choices=['approximate', 'exact'],
+    parser.add_argument('--negative_sampling', choices=['approximate', 'exact', 'popularity'],
                         default='approximate',
                         help="approximate: training negatives uniform over all items (the "
                              "reference's, one may be a positive); exact: never a training "
-                             'positive of the user')
+                             'positive of the user; popularity: in proportion to each item\'s '
+                             'training interactions (one may be a positive)')
     parser.add_argument('--users', default=None,
                         help="recommend mode: comma-separated user ids (the dataset's own; "
                              'None: all users)')

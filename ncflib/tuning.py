@@ -401,7 +401,8 @@ def run_trial(search, trial, values):
     torch.manual_seed(args.seed)
     batches = dataloading.TrainBatches(
         dataset, plan, args.batch_size, args.negative_samples, args.grads_accumulated,
-        exclusion=search.exclusion if args.negative_sampling == 'exact' else None)
+        exclusion=search.exclusion if args.negative_sampling == 'exact' else None,
+        popularity=args.negative_sampling == 'popularity')
     if batches.steps == 0:
         raise UsageError(f'--batch_size {args.batch_size} is larger than an epoch '
                          f'({batches.samples} samples)')

@@ -274,3 +274,40 @@ def test_the_notice_of_a_cache_without_digests_is_said_only_where_they_are_missi
     torch.save(torch.zeros(300, 50, dtype=torch.long), data / 'test_negatives.pt')
     with pytest.raises(UsageError, match='test_negatives.pt has changed since convert.py'):
         dataloading.load_dataset(str(data), torch.device('cpu'), log=said.append)
+
+
+def test_popularity_negatives_follow_training_interactions_outside_each_users_pairs():
+    """--test_negative_sampling popularity (RecBole's popN): never one of the user's pairs, and
+    among the others in proportion to each item's training interactions; a user who has every
+    popular item has none to draw (one line)."""
+    # item i has i + 1 training interactions (by users 1..), user 0 holds items 0..3
+    items = torch.cat([torch.full((i + 1,), i) for i in range(8)])
+    users = torch.cat([torch.tensor([0, 0, 0, 0]), torch.arange(1, len(items) + 1)])
+    items = torch.cat([torch.arange(4), items])
+    exclusion = ItemExclusion(users, items, len(items) + 1, 8)
+    drawn = dataloading.draw_test_negatives(exclusion, 20_000, torch.Generator().manual_seed(3),
+                                            'popularity', popular=items)
+    assert not exclusion.contains(torch.zeros(20_000, dtype=torch.long), drawn[0]).any()
+    counts = torch.bincount(drawn[0], minlength=8)[4:].double()
+    weights = torch.arange(5, 9, dtype=torch.float64)  # items 4..7 (user 0's pairs count too)
+    expected = 20_000 * weights / weights.sum()
+    assert ((counts - expected).abs() < 4 * expected.sqrt()).all(), (counts, expected)
+    everything = ItemExclusion(torch.zeros(8, dtype=torch.long), torch.arange(8), 1, 8)
+    with pytest.raises(UsageError, match='every item that has a training interaction'):
+        dataloading.draw_test_negatives(everything, 2, torch.Generator(), 'popularity',
+                                        popular=items)
+
+
+def test_popularity_training_negatives_follow_training_interactions():
+    """--negative_sampling popularity: each negative is a random training pair's item."""
+    items = torch.cat([torch.full((4 * (i + 1),), i) for i in range(5)])  # item i: 4(i + 1)
+    users = torch.arange(len(items)) % 7
+    batches = TrainBatches(positives(users, items, 9), plan_of(), 60, 3, popularity=True)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.zeros(9, dtype=torch.float64)
+    for _ in range(200):
+        _, drawn, labels = batches.epoch(generator)
+        counts += torch.bincount(drawn[labels == 0], minlength=9).double()
+    assert counts[5:].sum() == 0  # items without a training interaction are never drawn
+    expected = counts.sum() * torch.arange(1, 6, dtype=torch.float64) / 15
+    assert ((counts[:5] - expected).abs() < 4 * expected.sqrt()).all(), (counts, expected)

@@ -257,6 +257,32 @@ def test_ratio_split_rules(tmp_path, order):
     assert metadata(cache)['split'] == 'ratio'
 
 
+def test_popularity_test_negatives_through_conversion_and_load(tmp_path):
+    """convert.py --test_negative_sampling popularity: test negatives outside each user's
+    training and validation pairs, validation ones outside the training pairs, -1 rows for a
+    user without a positive; recorded, and drawn the same way again at load time for another
+    --valid_negative."""
+    random_file(tmp_path / 'data.csv')
+    cache = run(tmp_path / 'data.csv', tmp_path / 'cache', *COLUMNS, *RATIO,
+                '--test_negative_sampling', 'popularity', negatives=6)
+    assert metadata(cache)['test_negative_sampling'] == 'popularity'
+    for count in (None, 9):
+        dataset = dataloading.load_dataset(str(cache), 'cpu', valid_negative=count,
+                                           log=lambda *args: None)
+        trained = set(zip(dataset.train_users.tolist(), dataset.train_items.tolist()))
+        validated = set(zip(*(part.tolist() for part in dataset.positives('validation'))))
+        popular = set(dataset.train_items.tolist())
+        for negatives, known, split in ((dataset.test_negatives, trained | validated, 'test'),
+                                        (dataset.valid_negatives, trained, 'validation')):
+            held = set(dataset.positives(split)[0].tolist())
+            assert negatives.shape[1] == (count or 6)
+            for user, row in enumerate(negatives.tolist()):
+                if user not in held:
+                    assert row == [-1] * len(row)
+                    continue
+                assert all((user, item) not in known and item in popular for item in row)
+
+
 @pytest.mark.parametrize('cutoffs', [['600'], ['400', '700']])
 def test_time_split_rules(tmp_path, cutoffs):
     """Train before the first cutoff, validation between two, test from the last on; users
