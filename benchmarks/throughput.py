@@ -156,6 +156,43 @@ def time_row(name, plan, dataset, args):
     return figures
 
 
+def time_full_ranking(plan, dataset, args):
+    """Full-ranking evaluation of the default plan's model on the first --full_ranking_users
+    users (the whole catalogue): the ranks' figures alone (HR, NDCG, precision, recall, MAP,
+    MRR: one comparison pass per user), then every figure (with catalogue coverage and mean
+    popularity, a top K per user); the median of --eval_repeats each."""
+    users = min(args.full_ranking_users or dataset.n_users, dataset.n_users)
+    kept = dataset.train_users < users
+    subset = dataloading.Dataset(dataset.train_users[kept], dataset.train_items[kept],
+                                 dataset.test_items[:users], dataset.test_negatives[:users],
+                                 users, dataset.n_items, dataset.metadata)
+    torch.manual_seed(args.seed)
+    model = plan.build_model(args.model_shape, dataset.n_users, dataset.n_items).to(plan.device)
+    exclusion = dataloading.ItemExclusion(subset.train_users, subset.train_items, users,
+                                          dataset.n_items)
+    seconds = {}
+    for name, catalogue in (('ranks', False), ('all', True)):
+        evaluation = Evaluation(plan, subset, model, 10, 'full', exclusion, (1, 5, 20),
+                                catalogue=catalogue)
+        evaluation.warm_up()
+        evaluation()  # warm-up
+        times = []
+        for _ in range(args.eval_repeats):
+            begin = plan.time()
+            evaluation()
+            times.append(plan.time() - begin)
+        seconds[name] = statistics.median(times)
+    figures = {'row': 'full ranking, K 1 5 10 20', 'impl': plan.impl,
+               'precision': plan.precision, 'users': users, 'n_items': dataset.n_items,
+               'ranks_only_s': seconds['ranks'], 'all_metrics_s': seconds['all'],
+               'all_over_ranks_only': round(seconds['all'] / seconds['ranks'], 3),
+               'pairs_per_s': users * dataset.n_items / seconds['all']}
+    print(f'{figures["row"]:>28}: {users:,} users x {dataset.n_items:,} items, ranks alone '
+          f'{seconds["ranks"]:.2f} s, every metric {seconds["all"]:.2f} s '
+          f'({figures["all_over_ranks_only"]}x)', file=sys.stderr, flush=True)
+    return figures
+
+
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--data', help='a cache to use (None: generate synthetic data)')
@@ -175,6 +212,13 @@ def parse_args(argv=None):
     parser.add_argument('-l', '--learning_rate', type=float, default=DEFAULT_LEARNING_RATE)
     parser.add_argument('-b1', '--beta1', type=float, default=DEFAULT_BETAS[0])
     parser.add_argument('-b2', '--beta2', type=float, default=DEFAULT_BETAS[1])
+    parser.add_argument('--full_ranking_users', type=int, default=None,
+                        help='users of the full-ranking row (None: every user on CUDA, 2000 on '
+                             'a CPU)')
+    parser.add_argument('--eval_repeats', type=int, default=3,
+                        help='timed evaluations of the full-ranking row (median)')
+    parser.add_argument('--only_full_ranking', action='store_true',
+                        help='time the full-ranking row alone')
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
     args = parser.parse_args(argv)
@@ -211,9 +255,16 @@ def benchmark(args, results, planned):
           f'{len(dataset.train_users):,} training positives, batch {args.batch_size:,}; '
           f'default: {default.describe()}', file=sys.stderr)
 
+    args.full_ranking_users = args.full_ranking_users or (None if on_cuda else 2000)
+    if args.only_full_ranking:
+        figures = time_full_ranking(default, dataset, args)
+        print(json.dumps(figures))
+        return figures
     planned += [(row, plan) for row, plan in rows_of(default)
                 if not args.impl or row.startswith(('baseline', '+')) or plan.impl in args.impl]
     time_rows(planned, default, dataset, args, results)
+    full_ranking = time_full_ranking(default, dataset, args)
+    sys.stdout.write(json.dumps(full_ranking) + '\n')
     default_row = next(row for row in results if row['default_plan'])
     baseline_row = results[0]
     result = {
@@ -236,6 +287,7 @@ def benchmark(args, results, planned):
         'eval_speedup': round(default_row['eval_samples_per_s']
                               / baseline_row['eval_samples_per_s'], 2),
         'rows': results,
+        'full_ranking': full_ranking,
     }
     other_row = results[-1]
     if other_row['impl'] == default.impl and other_row['precision'] != default.precision:

@@ -189,12 +189,12 @@ class Evaluation:
     candidate, or one that is another positive of the user, counted once. full: against every
     item the user has no known interaction with (`exclusion`: the training pairs for
     validation, and the validation positives too for the test), also giving catalogue coverage
-    and the popularity of each user's top K. `scorer`: a Scorer of `model` to share (one
-    scoring copy for both sets).
+    and the popularity of each user's top K (unless `catalogue` is False: the ranks' figures
+    alone). `scorer`: a Scorer of `model` to share (one scoring copy for both sets).
     """
 
     def __init__(self, plan, dataset, model, topk, eval_mode='sampled', exclusion=None,
-                 metrics_at=(), split='test', scorer=None):
+                 metrics_at=(), split='test', scorer=None, catalogue=True):
         n_users, device = dataset.n_users, plan.device
         first = n_users * plan.rank // plan.world_size
         last = n_users * (plan.rank + 1) // plan.world_size
@@ -219,6 +219,7 @@ class Evaluation:
                         per_user[self.positive_users]) if self.several else None
         self.n_items = dataset.n_items
         self.full = eval_mode == 'full'
+        self.catalogue = self.full and catalogue
         if self.full:
             self.exclusion = exclusion
             self.samples = self.counted * dataset.n_items  # (user, item) pairs that count
@@ -418,6 +419,8 @@ class Evaluation:
             sums += torch.cat([metrics, torch.stack([
                 losses.masked_fill(trained, 0.0).sum().double(), (~trained).sum().double(),
                 (~torch.isfinite(scores)).sum().double()])])
+            if not self.catalogue:
+                continue
             # each counted user's top K among the items without a training interaction (a
             # user with fewer such items: those); weights, not a mask, so as not to wait on the
             # host
@@ -428,4 +431,4 @@ class Evaluation:
                 recommended[index].index_add_(0, best[:, :k].reshape(-1), shown[:, :k].reshape(-1))
                 popularity[index] += ((self.popularity[best[:, :k]] * shown[:, :k]).sum(1)
                                       / shown[:, :k].sum(1).clamp(min=1)).sum()
-        return sums, (recommended, popularity)
+        return sums, (recommended, popularity) if self.catalogue else None

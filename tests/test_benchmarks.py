@@ -27,10 +27,13 @@ def test_throughput_benchmark_attributes_every_knob(tiny_data):
          '--device', 'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32',
          '16', '8', '--impl', 'cpu_fused'], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    *row_lines, last = completed.stdout.strip().splitlines()
+    *row_lines, full_line, last = completed.stdout.strip().splitlines()
     result = json.loads(last)
     # each row printed as it ended, as the final JSON has it
     assert [json.loads(line) for line in row_lines] == result['rows']
+    full = json.loads(full_line)
+    assert full == result['full_ranking'] and full['users'] == 300 and full['n_items'] == 200
+    assert full['ranks_only_s'] > 0 and full['all_metrics_s'] > 0
     assert [row['row'] for row in result['rows'] if row['default_plan']] == [result['default']]
     assert result['shape']['n_users'] == 300 and result['batch_size'] == 4096
     names = [row['row'] for row in result['rows']]
