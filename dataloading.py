@@ -436,10 +436,11 @@ class TrainBatches:
     pair with (exact), or with `popularity` in proportion to each item's training interactions
     (a random training pair's item: one may be a positive), and shuffles the whole epoch once.
     Every rank draws the same epoch from the same generator and takes its own slice of each
-    global batch, so that N processes train on exactly the batches one process would (the reference shards before shuffling, so its
-    ranks see different label mixes). Each rank's slice is cut into `micro_slices`:
-    `grads_accumulated` equal parts (the reference's accumulation), each further split into
-    parts of at most the plan's micro-batch (sizes differing by at most one) where it has one.
+    global batch, so that N processes train on exactly the batches one process would (the
+    reference shards before shuffling, so its ranks see different label mixes). Each rank's
+    slice is cut into `micro_slices`: `grads_accumulated` equal parts (the reference's
+    accumulation), each further split into parts of at most the plan's micro-batch (sizes
+    differing by at most one) where it has one.
     """
 
     def __init__(self, dataset, plan, batch_size, negative_samples, grads_accumulated=1,
