@@ -778,10 +778,11 @@ def filters_line(args, data, user_minimum, item_minimum):
                      f'{args.rating_threshold:g}')
     parts.append(f'{removed["repeated_pairs"]:,} repeated pairs (the latest copy kept)')
     rounds = removed['k_core_rounds']
-    parts.append(f'{len(rounds)} round(s) of users under {user_minimum} and items under '
-                 f'{item_minimum} interactions' + (': ' + '; '.join(
-                     f'{step["users"]:,} users, {step["items"]:,} items ({step["rows"]:,} rows)'
-                     for step in rounds) if rounds else ''))
+    if user_minimum > 1 or item_minimum > 1:
+        parts.append(f'{len(rounds)} round(s) of users under {user_minimum} and items under '
+                     f'{item_minimum} interactions' + (': ' + '; '.join(
+                         f'{step["users"]:,} users, {step["items"]:,} items ({step["rows"]:,} '
+                         'rows)' for step in rounds) if rounds else ''))
     return (f'filters dropped {", then ".join(parts)}; left: {data["n_users"]:,} users, '
             f'{data["n_items"]:,} items, {len(data["user"]):,} interactions')
 

@@ -175,8 +175,9 @@ def run(args, plan, directory, shape, read):
         dataset = setup.dataset
         report.say(f'Load data done [{load_time:.1f} s]. #user={dataset.n_users}, '
                    f'#item={dataset.n_items}, #train={len(dataset.train_users)}, '
-                   f'#test={dataset.n_users}' + (f', #valid={evaluations["validation"].counted}'
-                                                 if dataset.has_validation else ''))
+                   f'#test={evaluations["test"].positive_total}'
+                   + (f', #valid={evaluations["validation"].positive_total}'
+                      if dataset.has_validation else ''))
         report.say(setup.model)
         report.say(f'{sum(p.numel() for p in setup.model.parameters())} parameters')
         report.say(f'{plan.describe()}, {args.eval_mode} evaluation')
