@@ -267,15 +267,14 @@ class Evaluation:
             return []
         if not self.several:
             return [(start, min(start + rows, total)) for start in range(0, total, rows)]
-        firsts = first_of_user[self.positive_users].tolist()  # once, at construction
+        # where each positive's user starts, and how many positives it has: once, at
+        # construction
+        firsts, counts = first_of_user[self.positive_users].tolist(), self.segment[1].tolist()
         chunks, start = [], 0
         while start < total:
             end = min(start + rows, total)
-            if end < total and firsts[end] > start:  # end at the start of that user
-                end = firsts[end]
-            elif end < total:  # one user holds more than a chunk: all of theirs
-                end = next((index for index in range(end, total) if firsts[index] != firsts[
-                    end - 1]), total)
+            if end < total and firsts[end] != end:  # inside a user: end before them, or after
+                end = firsts[end] if firsts[end] > start else firsts[end] + counts[end]
             chunks.append((start, end))
             start = end
         return chunks
@@ -360,6 +359,8 @@ class Evaluation:
                     self.items[start:end].reshape(-1)).float().view(-1, width),
                     self.mask[start:end]) for start, end in self.chunks]
                 segments = [self._segment(start, end) for start, end in self.chunks]
+            # n_items + 2: more than any count ahead (a sampled row is at most the catalogue
+            # and its positive wide)
             ranks = [positions(part, segment, self.n_items + 2)[0]
                      for part, segment in zip(ahead, segments)]
         ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64,
