@@ -740,7 +740,7 @@ def convert_own(args, columns, label, source_hash, progress, start, now):
     for part, name in enumerate(('train', 'valid', 'test')):
         result[f'{name}_users'], result[f'{name}_items'] = user[parts == part], item[parts == part]
     one_per_user = args.split == 'leave_one_out'
-    negatives = own_negatives(result, args, one_per_user, validating)
+    negatives = own_negatives(result, args, one_per_user, validating, user, item, parts)
     now = stage(f'split ({args.split}): {len(result["train_users"]):,} training, '
                 f'{len(result["valid_users"]):,} validation and {len(result["test_users"]):,} '
                 f'test interactions of {n_users:,} users on {n_items:,} items; drew '
@@ -787,12 +787,13 @@ def filters_line(args, data, user_minimum, item_minimum):
             f'{data["n_items"]:,} items, {len(data["user"]):,} interactions')
 
 
-def own_negatives(result, args, one_per_user, validating):
+def own_negatives(result, args, one_per_user, validating, user, item, parts):
     """(test negatives, validation negatives or None): [n_users, --valid_negative] each, drawn
     as the reference's (cache.TEST_NEGATIVE_SAMPLINGS) outside the interactions known before
     them (test: training and validation; validation: training), the paper's outside all of
-    the user's; -1 rows for a user without a positive there. Also sets the validation
-    positives' tensor in `result`."""
+    the user's; -1 rows for a user without a positive there. user, item, parts: every row and
+    its part (0 train, 1 validation, 2 test). Also sets the validation positives' tensor in
+    `result`."""
     import numpy as np
     import torch
 
@@ -802,12 +803,23 @@ def own_negatives(result, args, one_per_user, validating):
     user_values = result['user_values']
     tensors = {name: torch.from_numpy(result[name].astype(np.int64)) for name in (
         'train_users', 'train_items', 'valid_users', 'valid_items', 'test_users', 'test_items')}
+    # One sort of every pair's key (user * n_items + item, distinct) with its part in the low
+    # bits: each set of pairs the negatives are drawn outside of is a filter of it, in order.
+    keyed = user.astype(np.int64) * result['n_items']
+    keyed += item
+    keyed <<= 2
+    keyed += parts
+    keyed.sort()
+    key_parts = (keyed & 3).astype(np.int8)
+    keyed >>= 2
+    index = {'train': 0, 'valid': 1, 'test': 2}
 
-    def draw(parts, positives, generator):
-        known = list(parts) + ([positives] if sampling == 'paper' else [])
-        users = torch.cat([tensors[f'{part}_users'] for part in known])
-        items = torch.cat([tensors[f'{part}_items'] for part in known])
-        exclusion = ItemExclusion(users, items, result['n_users'], result['n_items'])
+    def draw(known, positives, generator):
+        known = [index[part] for part in known] + ([index[positives]] if sampling == 'paper'
+                                                   else [])
+        exclusion = ItemExclusion.from_sorted_keys(
+            torch.from_numpy(keyed[np.isin(key_parts, known)]), result['n_users'],
+            result['n_items'])
         negatives = draw_test_negatives(
             exclusion, count, generator, sampling, NEGATIVE_CHUNK_USERS,
             user_name=lambda user: shown_id(user_values[user].as_py()),
