@@ -186,10 +186,9 @@ def checked_columns(path, table, roles):
     if table.num_rows == 0:
         raise UsageError(f'{path} holds no interactions')
     columns = {}
-    for role, column in zip(roles, table.columns):
-        column = column.combine_chunks()
+    for role, column in zip(roles, table.columns):  # chunked as read: no copy into one
         if pa.types.is_dictionary(column.type):
-            column = column.dictionary_decode()
+            column = column.cast(column.type.value_type)
         where = f'{path}, column {roles[role]!r} ({role})'
         missing = column.null_count
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
