@@ -100,7 +100,8 @@ RESULT_FILE = 'result.json'
 LAST_FILE = 'last.pth'
 RANKS_FILE = 'ranks-{protocol}.csv'
 # What selected each run's epoch, as the table says it.
-SELECTED_ON = {'validation': "validation (each user's latest training interaction held out)",
+SELECTED_ON = {'validation': "validation (held out of training: each user's latest interaction, "
+                             "or the ratio or time split's validation part)",
                'test': "test (the reference's protocol, which flatters every model alike)"}
 
 
@@ -522,8 +523,9 @@ def markdown(summary, dataset, selection, pairs, seeds):
     def cell(figure, digits=4):
         return f'{figure["mean"]:.{digits}f} ± {figure["std"]:.{digits}f}'
     lines = [f'{dataset}; mean ± standard deviation over {next(iter(summary.values()))["seeds"]} '
-             'seeds; sampled: the test positive among its test negatives (the reference\'s '
-             'protocol); full: among every item without a known interaction (the same model).',
+             'seeds; sampled: each test positive among its user\'s test negatives (the '
+             'reference\'s protocol); full: among every item without a known interaction (the '
+             'same model).',
              '', f'Epoch selected on: {SELECTED_ON[selection]}, by sampled HR@{TOPK}; every '
              'figure is the selected model\'s' + (', tested once.' if selection == 'validation'
                                                    else '.'), '',
@@ -643,6 +645,20 @@ def compare(args, progress):
         return report(args, data, metadata, runs, time.perf_counter() - start, tuned)
 
 
+def split_words(metadata):
+    """The split of one's own data, for the dataset's line ('' for leave-one-out)."""
+    parameters = metadata.get('split_parameters') or {}
+    if metadata.get('split') == 'ratio':
+        return (', each user\'s interactions split ' + '/'.join(
+            f'{share:g}' for share in parameters.get('ratios', []) if share)
+            + f' ({parameters.get("order")} order), {metadata.get("n_test"):,} test positives')
+    if metadata.get('split') == 'time':
+        return (', split at time ' + ' and '.join(f'{cutoff:g}' for cutoff in
+                                                   parameters.get('cutoffs', []))
+                + f', {metadata.get("n_test"):,} test positives')
+    return ''
+
+
 def report(args, data, metadata, runs, seconds, tuned=None):
     """results.md, results.json and results.png in OUT, each whole or absent; the table on
     stderr, the summary's JSON on stdout."""
@@ -652,6 +668,7 @@ def report(args, data, metadata, runs, seconds, tuned=None):
     dataset = (f'{metadata.get("source_file", data)}: {metadata["n_users"]:,} users, '
                f'{metadata["n_items"]:,} items, {metadata.get("valid_negative")} test negatives '
                f'per user ({metadata.get("test_negative_sampling", "recipe")})'
+               + split_words(metadata)
                + (f', a validation holdout of {validation["users"]:,} users'
                   if validation else ''))
     pairs = significance(runs, os.path.join(args.out, 'runs'), args.models)

@@ -186,8 +186,9 @@ def test_compare_models_selects_on_a_validation_holdout(tmp_path, monkeypatch, c
         assert run['full']['hr'] == full['test_hr@10'] and 'valid_hr@10' in full
     assert_runs_match_their_ranks(out, result['runs'])
     table = assert_significance(out, result, [('gmf', 'mf')])
-    assert ("Epoch selected on: validation (each user's latest training interaction held out), "
-            'by sampled HR@10; every figure is the selected model\'s, tested once.') in table
+    assert ("Epoch selected on: validation (held out of training: each user's latest "
+            "interaction, or the ratio or time split's validation part), by sampled HR@10; every "
+            'figure is the selected model\'s, tested once.') in table
     assert 'a validation holdout of 300 users' in table
 
 
