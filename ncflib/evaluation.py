@@ -170,6 +170,9 @@ class Scorer:
         self.pairs = plan.compile(self.model.forward, dynamic=True)
         self.all_items = plan.compile(self.model.all_item_scores)
         self.sampled_sums = plan.compile(sampled_sums)
+        # with several positives per user a chunk ends at a user's boundary, so its size
+        # varies: compiled once for any size
+        self.several_sums = plan.compile(sampled_sums, dynamic=True)
         # users per chunk of all-items scoring (full ranking, recommendations)
         self.rows_per_chunk = lambda n_items: plan.scoring_rows(
             n_items, self.model.scoring_bytes_per_pair(plan.dtype))
@@ -322,7 +325,7 @@ class Evaluation:
             if self.full:
                 for rows in sorted({chunk[1] - chunk[0] for chunk in self.chunks}):
                     self.scorer.all_items(self.users[:rows])
-            else:
+            else:  # the two sizes of chunk (with several positives: any size, once)
                 for chunk in {self.chunks[0], self.chunks[-1]} if self.chunks else ():
                     self._sampled_chunk(*chunk)
         return self.plan.time() - start
@@ -333,9 +336,9 @@ class Evaluation:
         return self.segment[0][start:end] - start, self.segment[1][start:end]
 
     def _sampled_chunk(self, start, end):
-        return self.scorer.sampled_sums(self.scorer.model, self.positive_users[start:end],
-                                        self.items[start:end], self.mask[start:end], self.ks,
-                                        self._segment(start, end))
+        sums = self.scorer.several_sums if self.several else self.scorer.sampled_sums
+        return sums(self.scorer.model, self.positive_users[start:end], self.items[start:end],
+                    self.mask[start:end], self.ks, self._segment(start, end))
 
     def _sampled(self):
         sums = torch.zeros(self.width, dtype=torch.float64, device=self.plan.device)
