@@ -5,6 +5,9 @@
                       [--validation_holdout]
     python convert.py --path data/ml-1m --output DIR [--validation_holdout [--seed 1]]
                                                               # the NCF paper's own files
+    python convert.py --path FILE --output DIR --columns user=C item=C [rating=C] [timestamp=C]
+                      [--rating_threshold R] [--k_core K] [--split ratio|time ...]
+                                                              # one's own data (README)
 
 The reference recipe's split: drop users with fewer than `min_ratings` interactions, map user and
 item ids to 0..n-1 in order of first appearance, order each user's interactions by timestamp
@@ -30,6 +33,12 @@ sha256 over the id maps and the `fingerprint` derived from the source, the id ma
 replaced as a whole: a failed, full-disk or interrupted (Ctrl-C, SIGTERM) run ends in one line
 and leaves the previous cache as it was, and a run killed outright leaves either a consistent
 cache or one without metadata.json, which nothing trusts.
+
+One's own data (--columns, or any of the filters or splits below; ncflib/interactions.py):
+read through a mapping of its columns; then, in this order, ratings under --rating_threshold
+dropped, a user-item pair's latest copy kept, k-core filtering to a fixed point; then
+leave-one-out, a per-user --split ratio (random or in time order) or a global --split time
+cutoff, whose test and validation sets hold any number of positives per user.
 
 Vectorised throughout: an ML-20m-sized file takes seconds (see README, "Preprocessing speed").
 """
@@ -623,14 +632,7 @@ def convert(args, progress=None):
                                     'under 3 distinct interactions'), now)
     del keys, test_keys
     metadata = {
-        'split': 'recipe',
-        'test_negative_sampling': args.test_negative_sampling,
-        'min_ratings': args.min_ratings,
-        'seed': args.seed,
-        'source_file': os.path.basename(args.path),
-        'source_sha256': source_hash.hexdigest(),
-        'source_format': label,
-        'source_rows': rows,
+        **source_metadata(args, 'recipe', source_hash, label, rows),
         'dropped_users': result['dropped_users'],
         'dropped_repeats': result['duplicates'],
     }
@@ -639,6 +641,14 @@ def convert(args, progress=None):
                                                      args.seed)
     write(args.output, result, cache_tensors(result, test_negatives, validation_negatives),
           metadata, progress, now, start)
+
+
+def source_metadata(args, split, source_hash, label, rows):
+    """metadata.json's record of a ratings file's split and source."""
+    return {'split': split, 'test_negative_sampling': args.test_negative_sampling,
+            'min_ratings': args.min_ratings, 'seed': args.seed,
+            'source_file': os.path.basename(args.path), 'source_sha256': source_hash.hexdigest(),
+            'source_format': label, 'source_rows': rows}
 
 
 def reference_split(args):
@@ -746,14 +756,7 @@ def convert_own(args, columns, label, source_hash, progress, start, now):
                 f'test interactions of {n_users:,} users on {n_items:,} items; drew '
                 f'{args.valid_negative} negatives per user ({args.test_negative_sampling})', now)
     metadata = {
-        'split': args.split,
-        'test_negative_sampling': args.test_negative_sampling,
-        'min_ratings': args.min_ratings,
-        'seed': args.seed,
-        'source_file': os.path.basename(args.path),
-        'source_sha256': source_hash.hexdigest(),
-        'source_format': label,
-        'source_rows': rows,
+        **source_metadata(args, args.split, source_hash, label, rows),
         'filters': {'rating_threshold': args.rating_threshold, 'k_core': args.k_core,
                     'user_minimum': user_minimum, 'item_minimum': item_minimum, **removed},
         'split_parameters': parameters,

@@ -206,7 +206,7 @@ class Evaluation:
         self.ks = tuple(dict.fromkeys((topk, *metrics_at)))
         self.scorer = scorer or Scorer(plan, model)
         self.users = torch.arange(first, last, device=device)
-        all_users, all_items = dataset.positives(split)
+        all_users, all_items = (part.contiguous() for part in dataset.positives(split))
         # this rank's positives: those of its users (sorted by user); one synchronisation each
         # for the counts that size what follows, at construction
         bounds = torch.searchsorted(all_users, torch.tensor([first, last], device=device))
