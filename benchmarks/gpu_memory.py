@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_memory.py --shape ml-32m            # computed (any machine)
     python benchmarks/gpu_memory.py --shape ml-32m --measure  # and measured (CUDA)
+    python benchmarks/gpu_memory.py --users 100000000 --items 2000000 --rows 10000000000
+                                                              # any size, on paper
 
 Computed, part by part, at the shape's users, items and training positives, the reference's
 batch of 2^20 and model (NeuMF, 64 factors, layers 256 256 128 64), 4 negatives, 100 test
@@ -17,11 +19,18 @@ negatives, bf16 (the CUDA default):
 - scoring: the scoring copy (layers in bf16, output layer fp32) and one evaluation chunk's
   activations.
 
+Past one GPU (--gpu_gib), on paper: how many GPUs TorchRec's row-wise sharding of the
+embedding tables would need, each GPU holding its share of the tables' rows with their dense
+gradients and Adam moments and the rest (data, epoch, dense layers, activations, scoring) as
+every process of ncf's data-parallel recipe holds it today; and how many if everything that
+grows with the data were sharded too (each process drawing only its share of the epoch).
+
 --measure (CUDA) builds random data of the shape on the GPU, draws an epoch, trains steps and
 evaluates with ncf's own code, and reports torch.cuda.max_memory_allocated after each part.
 The last line is JSON.
 """
 import json
+import math
 import os
 import sys
 
@@ -116,7 +125,21 @@ def computed(users, items, positives, shape, batch_size, negatives, valid_negati
     }
     steady = data + kept_epoch + 4 * weights
     total = max(steady - kept_epoch + peak_epoch, steady + activations, steady + scoring)
-    return {name: value / GIB for name, value in parts.items()}, total / GIB, parameters
+    # what does not grow with the data: the dense layers (with gradients and moments), one
+    # step's activations and one evaluation chunk
+    fixed = dense * 4 * 4 + activations + valid_batch_size * model.scoring_bytes_per_pair(
+        runtime.DTYPES[precision])
+    tables = (parameters - dense) * 4 * 4
+    return {name: value / GIB for name, value in parts.items()}, total / GIB, parameters, \
+        {'tables': tables / GIB, 'fixed': fixed / GIB}
+
+
+def gpus_needed(sharded_gib, kept_gib, gpu_gib):
+    """GPUs of `gpu_gib` each that hold `sharded_gib` split evenly between them and
+    `kept_gib` on every one; None where `kept_gib` alone does not fit one."""
+    if kept_gib >= gpu_gib:
+        return None
+    return max(1, math.ceil(sharded_gib / (gpu_gib - kept_gib)))
 
 
 def measured(device, users, items, positives, shape, batch_size, negatives, valid_negative,
@@ -162,6 +185,11 @@ def measured(device, users, items, positives, shape, batch_size, negatives, vali
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog=PROGRAM, description=__doc__.split('\n')[0])
     parser.add_argument('--shape', choices=sorted(synthetic.SHAPES), default='ml-32m')
+    parser.add_argument('--users', type=int, help="users (instead of the shape's)")
+    parser.add_argument('--items', type=int, help="items (instead of the shape's)")
+    parser.add_argument('--rows', type=int, help="interactions (instead of the shape's)")
+    parser.add_argument('--gpu_gib', type=float, default=80.0,
+                        help='memory of one GPU, for the row-wise sharding count (an 80 GB H100)')
     parser.add_argument('-b', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument('--precision', choices=['fp32', 'fp16', 'bf16'], default='bf16')
     parser.add_argument('--measure', action='store_true', help='also measure it (CUDA)')
@@ -172,21 +200,39 @@ def report(args):
     """The computed parts (and, with --measure, the measured ones) on stderr, the JSON last."""
     if args.measure and not torch.cuda.is_available():
         raise cli.UsageError('--measure needs CUDA')
-    users, items, rows = synthetic.SHAPES[args.shape]
+    users, items, rows = (given if given is not None else default for given, default in zip(
+        (args.users, args.items, args.rows), synthetic.SHAPES[args.shape]))
+    if min(users, items) < 1 or rows <= users or args.gpu_gib <= 0:
+        raise cli.UsageError('--users and --items must be positive, --rows more than --users '
+                             '(a test positive each) and --gpu_gib positive')
     positives = rows - users  # a test positive per user
     shape = models.ModelShape()
-    parts, total, parameters = computed(users, items, positives, shape, args.batch_size,
-                                        DEFAULT_NEGATIVE_SAMPLES, VALID_NEGATIVE,
-                                        args.precision, args.batch_size)
-    print(f'{args.shape}: {users:,} users, {items:,} items, {positives:,} training positives; '
+    parts, total, parameters, scaling = computed(users, items, positives, shape,
+                                                 args.batch_size, DEFAULT_NEGATIVE_SAMPLES,
+                                                 VALID_NEGATIVE, args.precision, args.batch_size)
+    name = args.shape if args.users is args.items is args.rows is None else 'given'
+    print(f'{name}: {users:,} users, {items:,} items, {positives:,} training positives; '
           f'NeuMF of {parameters:,} parameters; batch {args.batch_size:,}, {args.precision}',
           file=sys.stderr)
-    for name, gib in parts.items():
-        print(f'  {name:<45} {gib:7.2f} GiB', file=sys.stderr)
+    for part, gib in parts.items():
+        print(f'  {part:<45} {gib:7.2f} GiB', file=sys.stderr)
     print(f'  {"peak (computed)":<45} {total:7.2f} GiB', file=sys.stderr)
-    result = {'benchmark': 'gpu_memory', 'shape': args.shape, 'users': users, 'items': items,
+    tables, fixed = scaling['tables'], scaling['fixed']
+    # Row-wise sharding of the tables alone (the rest as every process holds it today), and
+    # of everything that grows with the data (each process drawing and holding its own share
+    # of the epoch, the data and the scoring copy's rows, as the recipe does not today).
+    gpus = {'tables': gpus_needed(tables, total - tables, args.gpu_gib),
+            'everything': gpus_needed(total - fixed, fixed, args.gpu_gib)}
+    for what, count in (('the tables sharded', gpus['tables']),
+                        ('all that grows with the data sharded', gpus['everything'])):
+        print(f'  GPUs of {args.gpu_gib:g} GiB, {what + ":":<38} '
+              + (str(count) if count else 'none (what each one keeps whole does not fit)'),
+              file=sys.stderr)
+    result = {'benchmark': 'gpu_memory', 'shape': name, 'users': users, 'items': items,
               'positives': positives, 'parameters': parameters, 'batch_size': args.batch_size,
-              'precision': args.precision, 'computed_gib': parts, 'computed_peak_gib': total}
+              'precision': args.precision, 'computed_gib': parts, 'computed_peak_gib': total,
+              'tables_gib': tables, 'fixed_gib': fixed, 'gpu_gib': args.gpu_gib,
+              'row_wise_gpus': gpus}
     if args.measure:
         try:
             result['measured_peak_gib'] = measured('cuda', users, items, positives, shape,

@@ -484,6 +484,32 @@ def test_gpu_memory_adds_up_each_part_and_runs_the_measured_parts(monkeypatch):
                      '3 training steps': None, 'evaluation': None}
 
 
+def test_gpu_memory_at_any_size_and_the_gpus_row_wise_sharding_needs(monkeypatch, capsys):
+    """--users, --items and --rows size it on paper; the GPUs of --gpu_gib that hold the
+    tables (weights, gradients, two moments: 16 bytes a value) split row-wise with the rest on
+    each, and everything that grows with the data split; none where what stays whole does not
+    fit; bad sizes in one line."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import gpu_memory
+
+    users, items = 100_000_000, 2_000_000
+    result = gpu_memory.main(['--users', str(users), '--items', str(items), '--rows',
+                              str(2_000_000_000), '--gpu_gib', '80'])
+    dense = 256 * 256 + 256 + 256 * 128 + 128 + 128 * 64 + 64 + 128 + 1
+    assert result['parameters'] == (users + items) * 192 + dense
+    assert result['tables_gib'] * gpu_memory.GIB == (users + items) * 192 * 16
+    total, fixed = result['computed_peak_gib'], result['fixed_gib']
+    assert result['row_wise_gpus'] == {
+        'tables': None if total - result['tables_gib'] >= 80 else math.ceil(
+            result['tables_gib'] / (80 - (total - result['tables_gib']))),
+        'everything': math.ceil((total - fixed) / (80 - fixed))}
+    assert result['row_wise_gpus']['tables'] is None  # the epoch drawn whole does not fit
+    assert gpu_memory.gpus_needed(10.0, 2.0, 6.0) == 3 and gpu_memory.gpus_needed(1, 7, 6) is None
+    small = gpu_memory.main(['--shape', 'ml-1m'])
+    assert small['row_wise_gpus'] == {'tables': 1, 'everything': 1}
+    fails(gpu_memory.main, ['--users', '10', '--rows', '5'], capsys, '--rows more than --users')
+
+
 def test_gpu_memory_measure_without_cuda_is_one_line(monkeypatch, capsys):
     import torch
     if torch.cuda.is_available():
