@@ -227,8 +227,9 @@ def make_world(base, tiny_data, trained):
 
 
 
-def make_cache(directory, users, items, rows, groups, seed, valid_negative):
-    """Synthetic ratings in `directory`/ratings.csv, converted to `directory`/cache."""
+def make_cache(directory, users, items, rows, groups, seed, valid_negative, *convert_flags):
+    """Synthetic ratings in `directory`/ratings.csv, converted to `directory`/cache (with
+    convert.py's `convert_flags` after the others)."""
     import convert
     import synthetic
 
@@ -236,7 +237,7 @@ def make_cache(directory, users, items, rows, groups, seed, valid_negative):
     synthetic.write_csv(str(ratings), synthetic.generate(users=users, items=items, rows=rows,
                                                          groups=groups, seed=seed))
     convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
-                  '--valid_negative', str(valid_negative)])
+                  '--valid_negative', str(valid_negative), *convert_flags])
     return str(directory / 'cache')
 
 

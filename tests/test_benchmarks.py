@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import ENV, PYTHON, ROOT, assert_one_line_error, fails
+from conftest import ENV, PYTHON, ROOT, assert_one_line_error, fails, make_cache
 from logger.logger import read_log
 from ncflib import runtime
 
@@ -157,20 +157,14 @@ def test_compare_models_selects_on_a_validation_holdout(tmp_path, monkeypatch, c
     """A cache with a validation holdout: each run's epoch is the one ncf.py selected on
     validation, every figure is that model's test (the training's own test of it, and the full
     ranking of its model.pth), and the tables say so."""
-    import convert
-    import synthetic
 
     monkeypatch.syspath_prepend(BENCHMARKS)
     import compare_models
 
-    ratings = tmp_path / 'ratings.csv'
-    synthetic.write_csv(str(ratings), synthetic.generate(users=300, items=200, rows=12000,
-                                                         groups=4, seed=3))
-    convert.main(['--path', str(ratings), '--output', str(tmp_path / 'cache'),
-                  '--valid_negative', '50', '--validation_holdout'])
+    cache = make_cache(tmp_path, 300, 200, 12000, 4, 3, 50, '--validation_holdout')
     out = tmp_path / 'out'
     small = '-e 2 -f 8 --layers 32 16 8 --valid_negative 50 -l 0.01 --precision fp32'
-    result = compare_models.main(['--data', str(tmp_path / 'cache'), '--models', 'gmf', 'mf',
+    result = compare_models.main(['--data', cache, '--models', 'gmf', 'mf',
                                   '--seeds', '3', '--device', 'cpu', '--out', str(out),
                                   *[f'--flags={model}={small}' for model in ('gmf', 'mf')]])
     capsys.readouterr()
@@ -196,9 +190,7 @@ def test_compare_models_tunes_each_model_with_the_same_budget(tiny_data, tmp_pat
                                                              monkeypatch, capsys):
     """--tune: each model's study of N trials (tune.py, on validation), then its runs with the
     best trial's parameters; refused on a cache without a validation holdout."""
-    import convert
     import optuna
-    import synthetic
 
     monkeypatch.syspath_prepend(BENCHMARKS)
     import compare_models
@@ -208,13 +200,9 @@ def test_compare_models_tunes_each_model_with_the_same_budget(tiny_data, tmp_pat
     fails(compare_models.main, ['--data', tiny_data, '--models', 'mf', '--tune', '2', '--out',
                                 str(tmp_path / 'plain')], capsys, '--tune', 'no',
           '--validation_holdout')
-    ratings = tmp_path / 'ratings.csv'
-    synthetic.write_csv(str(ratings), synthetic.generate(users=150, items=100, rows=5000,
-                                                         groups=4, seed=3))
-    convert.main(['--path', str(ratings), '--output', str(tmp_path / 'cache'),
-                  '--valid_negative', '30', '--validation_holdout'])
+    cache = make_cache(tmp_path, 150, 100, 5000, 4, 3, 30, '--validation_holdout')
     out = tmp_path / 'out'
-    result = compare_models.main(['--data', str(tmp_path / 'cache'), '--models', 'mf',
+    result = compare_models.main(['--data', cache, '--models', 'mf',
                                   '--seeds', '3', '4', '--device', 'cpu', '--tune', '2',
                                   '--out', str(out), '--flags=mf=--precision fp32'])
     capsys.readouterr()

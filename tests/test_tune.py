@@ -11,11 +11,10 @@ import optuna
 import pytest
 import torch
 
-from conftest import (PYTHON, ROOT, fails, replace_tensor, snapshot, wait_for_handlers)
+from conftest import (PYTHON, ROOT, fails, make_cache, replace_tensor, snapshot,
+                      wait_for_handlers)
 
-import convert  # noqa: E402
 import ncf  # noqa: E402
-import synthetic  # noqa: E402
 import tune  # noqa: E402
 from ncflib import tuning  # noqa: E402
 
@@ -31,13 +30,8 @@ STATES = optuna.trial.TrialState
 @pytest.fixture(scope='module')
 def holdout_data(tmp_path_factory):
     """A synthetic cache with a validation holdout: 200 users, 150 items."""
-    directory = tmp_path_factory.mktemp('holdout')
-    ratings = directory / 'ratings.csv'
-    synthetic.write_csv(str(ratings), synthetic.generate(users=200, items=150, rows=8000,
-                                                         groups=4, seed=5))
-    convert.main(['--path', str(ratings), '--output', str(directory / 'cache'),
-                  '--valid_negative', '30', '--validation_holdout'])
-    return str(directory / 'cache')
+    return make_cache(tmp_path_factory.mktemp('holdout'), 200, 150, 8000, 4, 5, 30,
+                      '--validation_holdout')
 
 
 @pytest.fixture(scope='module')
