@@ -300,9 +300,9 @@ class Evaluation:
             recommended, popularity = catalogue
             if self.plan.distributed:  # which items any process recommended
                 torch.distributed.all_reduce(recommended)
-            covered = (recommended > 0).sum(1)
+            covered = (recommended > 0).sum(1).tolist()  # once an evaluation
             figures = all_reduce_sums([*popularity.unbind()], self.plan)
-            catalogue = {k: (int(covered[index]) / self.n_items, figures[index] / users)
+            catalogue = {k: (covered[index] / self.n_items, figures[index] / users)
                          for index, k in enumerate(self.ks)}
         return Metrics(hr=at[self.ks[0]][0], ndcg=at[self.ks[0]][1],
                        loss=loss_sum / max(loss_count, 1), at=at, mrr=means[-1],
