@@ -67,15 +67,23 @@ if os.environ.get('NCF_PROBE_LATE_RELEASE'):
 
 
 def gloo_threads():
-    """How many of gloo's threads run in this process (Linux names each in /proc)."""
-    names = []
+    """How many of gloo's threads run in this process (Linux names each in /proc), not counting
+    one that has begun to exit: a joined thread stays listed until the kernel reaps it, which on
+    a loaded machine comes a while after the join returned."""
+    count = 0
     for task in os.listdir('/proc/self/task'):
         try:
             with open(f'/proc/self/task/{task}/comm') as file:
-                names.append(file.read())
-        except FileNotFoundError:  # a thread that ended meanwhile
-            pass
-    return sum(name.startswith(('pt_gloo', 'gloo')) for name in names)
+                name = file.read()
+            with open(f'/proc/self/task/{task}/stat') as file:
+                stat = file.read()
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            continue
+        # the fields after the name in parentheses: state, ppid, pgrp, session, tty_nr, tpgid,
+        # flags (the kernel's PF_EXITING, 0x4, from the first step of a thread's exit)
+        flags = int(stat[stat.rindex(')') + 2:].split()[6])
+        count += name.startswith(('pt_gloo', 'gloo')) and not flags & 0x4
+    return count
 
 
 try:
