@@ -461,8 +461,14 @@ class TrainBatches:
         # The last partial batch is dropped, as in the reference.
         self.steps = self.samples // batch_size
 
-    def epoch(self, generator):
-        """(users, items, labels) of this rank: [steps, rank_batch] each."""
+    @property
+    def rank_part(self):
+        """This rank's slice of a whole batch."""
+        return slice(self.rank * self.rank_batch, (self.rank + 1) * self.rank_batch)
+
+    def epoch(self, generator, whole=False):
+        """(users, items, labels) of this rank: [steps, rank_batch] each; `whole`: every rank's,
+        [steps, batch_size] (rank r's slice at rank_part)."""
         n_positives, device = len(self.users), self.users.device
         if self.popularity:
             negative_items = self.items[torch.randint(
@@ -478,7 +484,8 @@ class TrainBatches:
         # Index s < n_positives is positive s; s >= n_positives is negative s - n_positives,
         # paired with positive (s - n_positives) mod n_positives (the reference's repeat).
         index = order[:self.steps * self.batch_size].view(
-            self.steps, self.world_size, self.rank_batch)[:, self.rank]
+            self.steps, self.world_size, self.rank_batch)
+        index = index.flatten(1) if whole else index[:, self.rank]
         positive = index < n_positives
         source = index % n_positives
         users = self.users[source]

@@ -180,7 +180,8 @@ def run(args, plan, directory, shape, read):
                       if dataset.has_validation else ''))
         report.say(setup.model)
         report.say(f'{sum(p.numel() for p in setup.model.parameters())} parameters')
-        report.say(f'{plan.describe()}, {args.eval_mode} evaluation')
+        report.say(f'{plan.describe()}, {args.eval_mode} evaluation'
+                   + (', sparse embedding updates' if args.embedding_updates == 'sparse' else ''))
         if args.mode == 'test':
             tested = experiment.evaluate_once(plan, evaluations, report, args.metrics_at,
                                               args.ranks_output)
@@ -188,7 +189,7 @@ def run(args, plan, directory, shape, read):
                     'metrics': tested['test'], 'validation': tested.get('validation')}
         trainer = Trainer(plan, setup.model, setup.batches, args.learning_rate,
                           (args.beta1, args.beta2), args.eps, args.optimizer, args.embedding_l2,
-                          args.weight_decay)
+                          args.weight_decay, args.embedding_updates)
         read = setup.read
         return experiment.train(
             trainer, evaluations.get('validation', evaluations['test']), report, args.epochs,

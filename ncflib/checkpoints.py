@@ -8,6 +8,7 @@ import torch
 from ncflib.cli import UsageError, first_line
 from ncflib.files import LOCK_FILE, DirectoryLock, atomic_torch_save, lock_holder, torch_load
 from ncflib.models import DEFAULT_DROPOUT, MODEL_CLASSES, ModelShape
+from ncflib.sparse_updates import SPARSE_OPTIMIZERS
 from ncflib.training import History
 
 # A training run's files in its checkpoint directory.
@@ -183,6 +184,8 @@ def save_training_state(path, trainer, generator, history, settings, fingerprint
     settings (training.RunSettings) and its model (a models.ModelShape)."""
     atomic_torch_save({
         'model': trainer.model.state_dict(), 'optimizer': trainer.optimizer.state_dict(),
+        'table_optimizer': (trainer.sparse.optimizer.state_dict()
+                            if trainer.sparse is not None else None),
         'scaler': trainer.scaler.state_dict(), 'history': history.state_dict(),
         'settings': settings.state_dict(), 'model_shape': shape.record(),
         'rng': {**trainer.plan.rng_state(), 'data': generator.get_state().cpu()},
@@ -279,6 +282,9 @@ def restore_training_state(state, path, trainer, generator, seed, say):
         # checkpoints from before --optimizer trained with Adam
         trained_with = (state.get('settings') or {}).get('optimizer', 'adam')
         restore_optimizer(trainer.optimizer, state['optimizer'], trained_with, path, say)
+        if trainer.sparse is not None and state.get('table_optimizer') is not None:
+            restore_optimizer(trainer.sparse.optimizer, state.get('table_optimizer'),
+                              SPARSE_OPTIMIZERS[trained_with], path, say)
         if state['scaler'] or not trainer.scaler.is_enabled():
             trainer.scaler.load_state_dict(state['scaler'])
         else:
@@ -300,16 +306,17 @@ def restore_training_state(state, path, trainer, generator, seed, say):
 
 
 def restore_optimizer(optimizer, saved, trained_with, path, say):
-    """The optimizer state of a last.pth, of the optimizer `trained_with` ('adam', 'sgd'),
-    into `optimizer`, keeping `optimizer`'s own hyperparameters (this run's flags: a changed
-    learning rate takes effect). A state of another optimizer or of other parameter groups
-    (--optimizer or --weight_decay changed) is not loaded: the optimizer starts afresh, with a
-    notice."""
+    """The optimizer state of a last.pth, of the optimizer `trained_with` ('adam', 'sgd'; for
+    sparse updates' tables 'LazyAdam', 'LazySGD'), into `optimizer`, keeping `optimizer`'s own
+    hyperparameters (this run's flags: a changed learning rate takes effect). A state of
+    another optimizer or of other parameter groups (--optimizer, --weight_decay or
+    --embedding_updates changed) is not loaded: the optimizer starts afresh, with a notice."""
     sizes = [len(group['params']) for group in saved['param_groups']]
-    if trained_with != type(optimizer).__name__.lower() or \
+    if trained_with.lower() != type(optimizer).__name__.lower() or \
             sizes != [len(group['params']) for group in optimizer.param_groups]:
         say(f'Notice: {path} holds the state of another optimizer or of other parameter '
-            'groups (--optimizer or --weight_decay changed): the optimizer starts afresh')
+            'groups (--optimizer, --weight_decay or --embedding_updates changed): the '
+            'optimizer starts afresh')
         return
     ours = [{name: value for name, value in group.items() if name != 'params'}
             for group in optimizer.param_groups]

@@ -20,8 +20,8 @@ class CpuFused:
     """The Functions in place of a model's `inputs` and `hidden` (a mixin over a model class of
     models.py, which gives the parameters)."""
 
-    def inputs(self, user, item):
-        return _GatherInputs.apply(user, item, *self.tables(), self.compute_dtype(user))
+    def inputs(self, user, item, rows=None):
+        return _GatherInputs.apply(user, item, *self.tables(rows), self.compute_dtype(user))
 
     def hidden(self, x):
         return _ReluDropout.apply(x, self.dropout if self.training else 0.0)

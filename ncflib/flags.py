@@ -14,7 +14,7 @@ from ncflib.cli import (ArgumentParser, UsageError, check_log_file, check_output
                         check_paths_apart, check_writable_directory, warn)
 from ncflib.recipe import (DEFAULT_BATCH_SIZE, DEFAULT_BETAS, DEFAULT_EPOCHS, DEFAULT_EPS,
                            DEFAULT_LEARNING_RATE, DEFAULT_NEGATIVE_SAMPLES)
-from ncflib.training import OPTIMIZERS
+from ncflib.training import EMBEDDING_UPDATES, OPTIMIZERS
 
 
 def parse_args(argv=None):
@@ -58,6 +58,10 @@ def parse_args(argv=None):
     parser.add_argument('--optimizer', choices=OPTIMIZERS, default='adam',
                         help="adam: the reference's; sgd: plain SGD, as the NCF paper trains a "
                              'NeuMF from pretrained branches')
+    parser.add_argument('--embedding_updates', choices=EMBEDDING_UPDATES, default='dense',
+                        help="dense: the reference's, every row of every table stepped each "
+                             'step; sparse: only the rows a batch touches (lazy Adam, or SGD), '
+                             'a cost that follows the batch and not the tables')
     parser.add_argument('--embedding_l2', type=float, default=0.0,
                         help='L2 penalty on the embedding rows each sample uses (sum of their '
                              'squares, averaged over the batch), as SGD-trained MF regularises')

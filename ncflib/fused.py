@@ -46,10 +46,8 @@ class FusedNeuMF(NeuMF):
     """`--impl fused`: NeuMF whose input layer is `gather_inputs` (the rest runs under
     torch.compile, which fuses the MLP's ReLU, dropout and casts itself)."""
 
-    def inputs(self, user, item):
-        return gather_inputs(user, item, self.mf_user_embed.weight, self.mf_item_embed.weight,
-                             self.mlp_user_embed.weight, self.mlp_item_embed.weight,
-                             self.compute_dtype(user))
+    def inputs(self, user, item, rows=None):
+        return gather_inputs(user, item, *self.tables(rows), self.compute_dtype(user))
 
 
 # The kernels gather NeuMF's four tables: the other models (two tables) run under --impl

@@ -166,17 +166,25 @@ class NCF(nn.Module):
         return {name: module for name, module in self.named_children()
                 if isinstance(module, nn.Embedding)}
 
-    def tables(self):
+    @staticmethod
+    def table(module, name, rows):
+        """A table's weight, or where `rows` ({table name: rows}, sparse_updates.py's) is given,
+        the rows a step touches, which `user` and `item` then index."""
+        return module.weight if rows is None else rows[name]
+
+    def tables(self, rows=None):
         """The four tables the input layer reads, (mf_user, mf_item, mlp_user, mlp_item)
-        weights, None for a branch the model lacks."""
-        mf = (self.mf_user_embed.weight, self.mf_item_embed.weight) if self.HAS_GMF \
-            else (None, None)
-        mlp = (self.mlp_user_embed.weight, self.mlp_item_embed.weight) if self.HAS_MLP \
+        weights (or `rows`), None for a branch the model lacks."""
+        table = self.table
+        mf = (table(self.mf_user_embed, 'mf_user_embed', rows),
+              table(self.mf_item_embed, 'mf_item_embed', rows)) if self.HAS_GMF else (None, None)
+        mlp = (table(self.mlp_user_embed, 'mlp_user_embed', rows),
+               table(self.mlp_item_embed, 'mlp_item_embed', rows)) if self.HAS_MLP \
             else (None, None)
         return mf + mlp
 
-    def forward(self, user, item, sigmoid=False):
-        gmf, x = self.inputs(user, item)
+    def forward(self, user, item, sigmoid=False, rows=None):
+        gmf, x = self.inputs(user, item, rows)
         if self.HAS_MLP:
             for layer in self.mlp:
                 x = self.hidden(layer(x))
@@ -186,12 +194,13 @@ class NCF(nn.Module):
         x = self.final(x)
         return torch.sigmoid(x) if sigmoid else x
 
-    def inputs(self, user, item):
+    def inputs(self, user, item, rows=None):
         """The GMF product and the MLP input (the user and item MLP embeddings side by side);
         None for a branch the model lacks."""
-        gmf = self.mf_user_embed(user) * self.mf_item_embed(item) if self.HAS_GMF else None
-        mlp_input = torch.cat((self.mlp_user_embed(user), self.mlp_item_embed(item)), dim=1) \
-            if self.HAS_MLP else None
+        mf_user, mf_item, mlp_user, mlp_item = self.tables(rows)
+        gmf = F.embedding(user, mf_user) * F.embedding(item, mf_item) if self.HAS_GMF else None
+        mlp_input = torch.cat((F.embedding(user, mlp_user), F.embedding(item, mlp_item)),
+                              dim=1) if self.HAS_MLP else None
         return gmf, mlp_input
 
     def compute_dtype(self, tensor):
@@ -206,14 +215,15 @@ class NCF(nn.Module):
         x = F.relu(x)
         return F.dropout(x, p=self.dropout, training=self.training) if self.dropout else x
 
-    def embedding_penalty(self, user, item):
+    def embedding_penalty(self, user, item, rows=None):
         """The mean over the samples of the squared norms of the table rows each one uses, in
         fp32: --embedding_l2's penalty, on the rows a batch uses only (as SGD-trained MF
         regularises; a decay of whole tables would shrink every row at every step)."""
         total = 0.0
         for name, embedding in self.embeddings().items():
-            rows = embedding(user if 'user' in name else item)
-            total = total + rows.float().pow(2).sum(1).mean()
+            used = F.embedding(user if 'user' in name else item,
+                               self.table(embedding, name, rows))
+            total = total + used.float().pow(2).sum(1).mean()
         return total
 
     def dense_weights(self):
@@ -334,11 +344,13 @@ class MF(NCF):
         for bias in (self.user_bias, self.item_bias):
             nn.init.zeros_(bias.weight)
 
-    def forward(self, user, item, sigmoid=False):
-        gmf, _ = self.inputs(user, item)
+    def forward(self, user, item, sigmoid=False, rows=None):
+        gmf, _ = self.inputs(user, item, rows)
         # summed in fp32 (the product may be bf16): logits keep fp32's resolution
-        x = gmf.float().sum(1, keepdim=True) + self.user_bias(user).float() \
-            + self.item_bias(item).float() + self.global_bias.float()
+        x = gmf.float().sum(1, keepdim=True) \
+            + F.embedding(user, self.table(self.user_bias, 'user_bias', rows)).float() \
+            + F.embedding(item, self.table(self.item_bias, 'item_bias', rows)).float() \
+            + self.global_bias.float()
         return torch.sigmoid(x) if sigmoid else x
 
     def dense_weights(self):

@@ -9,8 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ncflib.recipe import DEFAULT_BETAS, DEFAULT_EPS, DEFAULT_LEARNING_RATE
+from ncflib.sparse_updates import SparseUpdates
 
 OPTIMIZERS = ('adam', 'sgd')
+# dense: the reference's, whole-table gradients and optimizer steps; sparse: the touched rows'
+EMBEDDING_UPDATES = ('dense', 'sparse')
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
@@ -34,6 +37,7 @@ class RunSettings:
     optimizer: str
     embedding_l2: float
     weight_decay: float
+    embedding_updates: str = 'dense'
 
     @classmethod
     def of(cls, flags):
@@ -102,24 +106,26 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.model, self.autocast, self.embedding_l2 = model, autocast, embedding_l2
 
-    def forward(self, users, items, labels):
+    def forward(self, users, items, labels, rows=None):
         with self.autocast():
-            logits = self.model(users, items)
+            logits = self.model(users, items, rows=rows)
         loss = F.binary_cross_entropy_with_logits(logits.float().view(-1), labels)
         if self.embedding_l2:
-            loss = loss + self.embedding_l2 * self.model.embedding_penalty(users, items)
+            loss = loss + self.embedding_l2 * self.model.embedding_penalty(users, items, rows)
         return loss
 
 
-def parameter_groups(model, weight_decay):
-    """The optimizer's parameters: with weight_decay, the dense layers' weights in a group of
-    their own that decays (the tables' rows are --embedding_l2's)."""
+def parameter_groups(model, weight_decay, tables=True):
+    """The optimizer's parameters (without the tables where not `tables`): with weight_decay,
+    the dense layers' weights in a group of their own that decays (the tables' rows are
+    --embedding_l2's)."""
+    excluded = set() if tables else {id(module.weight) for module in model.embeddings().values()}
+    parameters = [p for p in model.parameters() if id(p) not in excluded]
     if not weight_decay:
-        return model.parameters()
+        return parameters
     dense = {id(weight) for weight in model.dense_weights()}
-    return [{'params': [p for p in model.parameters() if id(p) in dense],
-             'weight_decay': weight_decay},
-            {'params': [p for p in model.parameters() if id(p) not in dense]}]
+    return [{'params': [p for p in parameters if id(p) in dense], 'weight_decay': weight_decay},
+            {'params': [p for p in parameters if id(p) not in dense]}]
 
 
 class Trainer:
@@ -127,15 +133,20 @@ class Trainer:
 
     model: the model to train (the trainer compiles its step and wraps it in DDP as the plan
     says); batches: dataloading.TrainBatches; optimizer: 'adam' or 'sgd' (betas and eps are
-    Adam's); embedding_l2 and weight_decay: the penalties, 0 for none.
+    Adam's); embedding_l2 and weight_decay: the penalties, 0 for none; embedding_updates:
+    'dense' or 'sparse' (the tables' touched rows only: sparse_updates.py).
     """
 
     def __init__(self, plan, model, batches, learning_rate=DEFAULT_LEARNING_RATE,
                  betas=DEFAULT_BETAS, eps=DEFAULT_EPS, optimizer='adam', embedding_l2=0.0,
-                 weight_decay=0.0):
+                 weight_decay=0.0, embedding_updates='dense'):
         self.plan, self.model, self.batches = plan, model, batches
-        self.optimizer = plan.optimizer(parameter_groups(model, weight_decay), optimizer,
-                                        learning_rate, betas, eps)
+        # before DDP wraps the model: the tables then no longer require gradients
+        self.sparse = SparseUpdates(plan, model, batches.batch_size, optimizer, learning_rate,
+                                    betas, eps) if embedding_updates == 'sparse' else None
+        self.optimizer = plan.optimizer(parameter_groups(model, weight_decay,
+                                                         tables=self.sparse is None),
+                                        optimizer, learning_rate, betas, eps)
         self.scaler = plan.grad_scaler()
         self.loss = plan.distributed_model(plan.compile(
             TrainingLoss(model, plan.autocast, embedding_l2)))
@@ -144,22 +155,34 @@ class Trainer:
         self.weights = [(part.stop - part.start) / batches.rank_batch
                         for part in batches.micro_slices]
 
+    def draw(self, generator):
+        """A freshly drawn epoch as `step` takes it: this rank's slice of each batch, or with
+        sparse updates the whole batches (whose touched rows every process gathers)."""
+        return self.batches.epoch(generator, whole=self.sparse is not None)
+
     def step(self, users, items, labels):
-        """One optimisation step on this rank's slice of a batch; returns the slice's loss sum,
-        on the device (reading it here would synchronise every step)."""
+        """One optimisation step on a batch of `draw`'s; returns this rank's loss sum, on the
+        device (reading it here would synchronise every step)."""
         slices = self.batches.micro_slices
         loss_sum = torch.zeros((), dtype=torch.float64, device=users.device)
+        rows = None
+        if self.sparse is not None:
+            users, items, rows = self.sparse.gather(users, items)
+            mine = self.batches.rank_part
+            users, items, labels = users[mine], items[mine], labels[mine]
         for index, (part, weight) in enumerate(zip(slices, self.weights)):
             # DDP all-reduces gradients on the last micro-batch of a step only.
             last = index == len(slices) - 1
             with contextlib.nullcontext() if last or not self.plan.distributed \
                     else self.loss.no_sync():
-                loss = self.loss(users[part], items[part], labels[part]) * weight
+                loss = self.loss(users[part], items[part], labels[part], rows) * weight
                 self.scaler.scale(loss).backward()
             loss_sum += loss.detach() * self.batches.rank_batch
         # With a fused optimizer, GradScaler hands the inf check to the optimizer's kernel: no sync.
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.sparse is not None:
+            self.sparse.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
 
@@ -170,7 +193,7 @@ class Trainer:
 
     def epoch(self, generator, progress=lambda steps: steps):
         """One pass over a freshly drawn epoch; returns this rank's (loss sum, sample count)."""
-        users, items, labels = self.batches.epoch(generator)
+        users, items, labels = self.draw(generator)
         loss_sum = torch.zeros((), dtype=torch.float64, device=users.device)
         for step in progress(range(self.batches.steps)):
             loss_sum += self.step(users[step], items[step], labels[step])
@@ -185,15 +208,20 @@ class Trainer:
         start = self.plan.time()
         rng = self.plan.rng_state()  # dropout draws from it
         positives = len(self.batches.users)
+        rows = None
         for size in sorted({part.stop - part.start for part in self.batches.micro_slices}):
             # Training pairs spread over the whole data, as a real batch's are: compile time is
             # then what a step costs (one table row repeated in every sample would be the
             # backward's worst case). Three distinct tensors, as in a real step (aliased inputs
             # would compile another graph).
-            index = torch.arange(size, device=self.plan.device) * positives // size
+            spread = self.batches.batch_size if self.sparse is not None else size
+            index = torch.arange(spread, device=self.plan.device) * positives // spread
             users, items = self.batches.users[index], self.batches.items[index]
+            if self.sparse is not None:  # slots into the rows a whole batch touches
+                users, items, rows = self.sparse.gather(users, items)
+                users, items, index = users[:size], items[:size], index[:size]
             labels = (index % 5 == 0).float()
-            self.loss(users, items, labels).backward()
+            self.loss(users, items, labels, rows).backward()
         self.optimizer.zero_grad(set_to_none=True)
         self.plan.set_rng_state(rng)
         return self.plan.time() - start

@@ -409,7 +409,8 @@ def run_trial(search, trial, values):
     shape = ModelShape(args.model, args.factors, args.layers, args.dropout)
     model = plan.build_model(shape, dataset.n_users, dataset.n_items).to(plan.device)
     trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2),
-                      args.eps, args.optimizer, args.embedding_l2, args.weight_decay)
+                      args.eps, args.optimizer, args.embedding_l2, args.weight_decay,
+                      args.embedding_updates)
     validation = Evaluation(plan, dataset, model, args.topk, args.eval_mode, search.exclusion,
                             args.metrics_at, split='validation')
 

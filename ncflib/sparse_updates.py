@@ -1,0 +1,143 @@
+"""`--embedding_updates sparse`: a step computes gradients for, and updates, only the table rows
+its batch touches (lazy Adam, or SGD), rather than whole-table gradients and Adam over every row
+of every table, whose cost grows with the data and not with the batch.
+
+Per side (users: the user tables; items: the item tables), over the global batch, which every
+process draws alike (so the rows and their order are the same in each):
+
+    rows   [capacity]  the distinct indices, ascending, then padding (row 0, masked out)
+    slots  [batch]     each sample's position in `rows`
+
+capacity = min(batch, the table's rows): fixed shapes (a compiled step compiles once) and
+nothing read back to the host. The model reads copies of those rows (leaves of autograd), so
+their gradients, [capacity, width], are the touched rows' summed gradients (zeros on the
+padding); under torchrun they are averaged across processes, as DDP averages the dense ones.
+
+Lazy Adam (TensorFlow's LazyAdam, torch's SparseAdam): a touched row's moments and weights take
+Adam's step, bias-corrected by the global step count; an untouched row keeps its moments and
+weights (dense Adam would decay its moments and go on moving it). A row touched at every step
+follows dense Adam; SGD (no momentum) is dense SGD, whose untouched rows do not move either.
+
+Why by hand: torch.optim.SparseAdam takes sparse COO gradients, which neither torch.compile,
+DDP over NCCL nor this recipe's fused backward produce, and coalesces them every step;
+FBGEMM's table-batched embeddings own the tables and their lookup (no NeuMF input layer of
+ours, Triton or cpu_fused, in front of them). Measured against both in benchmarks/RESULTS.md.
+"""
+import torch
+import torch.distributed as dist
+
+from ncflib.cli import UsageError
+
+SPARSE_OPTIMIZERS = {'adam': 'LazyAdam', 'sgd': 'LazySGD'}
+
+
+def touched_rows(index, capacity):
+    """(rows [capacity], slots like `index`, valid [capacity] bool) of one side's indices."""
+    ordered, order = torch.sort(index)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    sorted_slots = new.cumsum(0) - 1
+    slots = torch.empty_like(index).scatter_(0, order, sorted_slots)
+    # every sample of a row writes the same value into its slot
+    rows = index.new_zeros(capacity).scatter_(0, sorted_slots, ordered)
+    valid = torch.arange(capacity, device=index.device) <= sorted_slots[-1]
+    return rows, slots, valid
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Adam on the touched rows of each table (state as torch's Adam: step, exp_avg,
+    exp_avg_sq, the moments table-sized)."""
+
+    def __init__(self, params, lr, betas, eps):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+
+    @torch.no_grad()
+    def step(self, touched):
+        """touched: {table: (rows, valid, gradient of the rows)}."""
+        for group in self.param_groups:
+            beta1, beta2 = group['betas']
+            for table in group['params']:
+                rows, valid, grad = touched[table]
+                state = self.state[table]
+                if not state:
+                    state['step'] = torch.zeros((), device=table.device)
+                    state['exp_avg'] = torch.zeros_like(table)
+                    state['exp_avg_sq'] = torch.zeros_like(table)
+                state['step'] += 1
+                mask = valid.unsqueeze(1).to(grad.dtype)
+                exp_avg = state['exp_avg'].index_select(0, rows)
+                exp_avg_sq = state['exp_avg_sq'].index_select(0, rows)
+                # the padding's changes are zeros, added to row 0 (or any): nothing moves
+                moved_avg = (grad - exp_avg).mul_((1 - beta1) * mask)
+                moved_sq = (grad * grad - exp_avg_sq).mul_((1 - beta2) * mask)
+                state['exp_avg'].index_add_(0, rows, moved_avg)
+                state['exp_avg_sq'].index_add_(0, rows, moved_sq)
+                bias1 = 1 - beta1 ** state['step']
+                bias2_sqrt = (1 - beta2 ** state['step']).sqrt()
+                denominator = exp_avg_sq.add_(moved_sq).sqrt_().div_(bias2_sqrt).add_(group['eps'])
+                change = exp_avg.add_(moved_avg).div_(denominator).mul_(
+                    mask * (-group['lr'] / bias1))
+                table.index_add_(0, rows, change)
+
+
+class LazySGD(torch.optim.Optimizer):
+    """SGD on the touched rows (the padding's gradients are zeros)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    @torch.no_grad()
+    def step(self, touched):
+        for group in self.param_groups:
+            for table in group['params']:
+                rows, _, grad = touched[table]
+                table.index_add_(0, rows, grad, alpha=-group['lr'])
+
+
+class SparseUpdates:
+    """The tables of `model` (its embeddings(): a name with 'user' in it is a user table) updated
+    row by row: `gather` before a step's forward, `step` after its backward. The tables stop
+    requiring gradients (DDP then leaves them out) and the dense optimizer must not hold them."""
+
+    def __init__(self, plan, model, batch_size, optimizer, lr, betas, eps):
+        if plan.precision == 'fp16':
+            raise UsageError('--embedding_updates sparse needs --precision fp32, tf32 or bf16: '
+                             "fp16's loss scaling does not reach the touched rows")
+        self.plan = plan
+        self.tables = {name: module.weight.requires_grad_(False)
+                       for name, module in model.embeddings().items()}
+        self.capacity = {side: min(batch_size, next(table.shape[0] for name, table
+                                                    in self.tables.items() if side in name))
+                         for side in ('user', 'item')}
+        params = list(self.tables.values())
+        self.optimizer = (LazyAdam(params, lr, betas, eps) if optimizer == 'adam'
+                          else LazySGD(params, lr))
+        self.touched = None
+
+    @staticmethod
+    def side(name):
+        return 'user' if 'user' in name else 'item'
+
+    def gather(self, users, items):
+        """For a global batch's users and items: their slots (the model's indices into the rows)
+        and {table name: the touched rows' copy, a leaf of autograd}."""
+        sides = {'user': touched_rows(users, self.capacity['user']),
+                 'item': touched_rows(items, self.capacity['item'])}
+        rows, self.touched = {}, {}
+        for name, table in self.tables.items():
+            index, _, valid = sides[self.side(name)]
+            rows[name] = table.index_select(0, index).requires_grad_()
+            self.touched[table] = (index, valid, rows[name])
+        return sides['user'][1], sides['item'][1], rows
+
+    def step(self):
+        """The touched rows' update from their gradients (averaged across processes first)."""
+        touched = {}
+        for table, (index, valid, leaf) in self.touched.items():
+            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            if self.plan.distributed:
+                dist.all_reduce(grad)
+                grad.div_(self.plan.world_size)
+            touched[table] = (index, valid, grad)
+        self.optimizer.step(touched)
+        self.touched = None
