@@ -73,8 +73,9 @@ def prepare_data(args, shape):
 
 
 def rows_of(default):
-    """(name, plan) per row: the baseline, one knob at a time towards the default, then each
-    implementation with the default's other settings."""
+    """(name, plan, embedding updates) per row: the baseline, one knob at a time towards the
+    default, then each implementation with the default's other settings, the default in the
+    other precision, and the default with sparse embedding updates."""
     plan = runtime.baseline(default)
     rows = [(f'baseline: eager {plan.precision}', plan)]
     for knob, value, name in (('precision', default.precision, default.precision),
@@ -92,10 +93,16 @@ def rows_of(default):
     other = OTHER_PRECISION[default.device.type][default.precision]
     rows.append((f'{default.impl}, {other}',
                  dataclasses.replace(default, precision=other, notes=(), warnings=())))
-    return rows
+    return [(name, plan, 'dense') for name, plan in rows] + [updates_rows(default)[1]]
 
 
-def time_row(name, plan, dataset, args):
+def updates_rows(default):
+    """The default plan with dense, then with sparse embedding updates."""
+    return [(f'{default.impl}, {updates} updates', default, updates)
+            for updates in ('dense', 'sparse')]
+
+
+def time_row(name, plan, updates, dataset, args):
     """Time one configuration; returns its figures."""
     runtime.reset_peak_memory(plan.device)
     torch.manual_seed(args.seed)
@@ -103,9 +110,10 @@ def time_row(name, plan, dataset, args):
     model = plan.build_model(args.model_shape, dataset.n_users,
                              dataset.n_items).to(plan.device)
     batches = dataloading.TrainBatches(dataset, plan, args.batch_size, args.negative_samples)
-    trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2))
+    trainer = Trainer(plan, model, batches, args.learning_rate, (args.beta1, args.beta2),
+                      embedding_updates=updates)
     generator = plan.generator(args.seed)
-    users, items, labels = batches.epoch(generator)
+    users, items, labels = trainer.draw(generator)
 
     def step(index):
         index %= batches.steps
@@ -138,6 +146,7 @@ def time_row(name, plan, dataset, args):
         'precision': plan.precision,
         'fused_optimizer': plan.fused_optimizer,
         'micro_batch': plan.micro_batch,
+        'embedding_updates': updates,
         'step_ms': step_time * 1000,
         'train_step_samples_per_s': args.batch_size / step_time,
         'train_epoch_samples_per_s': batches.steps * args.batch_size / epoch_time,
@@ -219,6 +228,9 @@ def parse_args(argv=None):
                         help='timed evaluations of the full-ranking row (median)')
     parser.add_argument('--only_full_ranking', action='store_true',
                         help='time the full-ranking row alone')
+    parser.add_argument('--only_updates', action='store_true',
+                        help='time the default plan with dense and with sparse embedding '
+                             'updates alone')
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
     args = parser.parse_args(argv)
@@ -231,10 +243,11 @@ def parse_args(argv=None):
 def time_rows(rows, default, dataset, args, results):
     """Time each row, appending its figures to `results` and printing them as a JSON line as
     soon as it is done. The default's row is the first with its implementation and precision."""
-    for name, plan in rows:
-        figures = time_row(name, plan, dataset, args)
+    for name, plan, updates in rows:
+        figures = time_row(name, plan, updates, dataset, args)
         figures['default_plan'] = (plan.impl == default.impl
                                    and plan.precision == default.precision
+                                   and updates == 'dense'
                                    and not any(row['default_plan'] for row in results))
         results.append(figures)
         # one write: a stop (run_main's exception) never parts a row from its line's end
@@ -260,7 +273,18 @@ def benchmark(args, results, planned):
         figures = time_full_ranking(default, dataset, args)
         print(json.dumps(figures))
         return figures
-    planned += [(row, plan) for row, plan in rows_of(default)
+    if args.only_updates:
+        planned += updates_rows(default)
+        time_rows(planned, default, dataset, args, results)
+        dense, sparse = results
+        result = {'benchmark': 'embedding updates', 'device': name,
+                  'shape': {'n_users': dataset.n_users, 'n_items': dataset.n_items},
+                  'batch_size': args.batch_size, 'rows': results,
+                  'sparse_over_dense_epoch': round(sparse['train_epoch_samples_per_s']
+                                                   / dense['train_epoch_samples_per_s'], 2)}
+        print(json.dumps(result))
+        return result
+    planned += [(row, plan, updates) for row, plan, updates in rows_of(default)
                 if not args.impl or row.startswith(('baseline', '+')) or plan.impl in args.impl]
     time_rows(planned, default, dataset, args, results)
     full_ranking = time_full_ranking(default, dataset, args)
@@ -289,7 +313,11 @@ def benchmark(args, results, planned):
         'rows': results,
         'full_ranking': full_ranking,
     }
-    other_row = results[-1]
+    other_row = next(row for row in reversed(results) if row['embedding_updates'] == 'dense')
+    sparse_row = next((row for row in results if row['embedding_updates'] == 'sparse'), None)
+    if sparse_row is not None:
+        result['sparse_over_dense_epoch'] = round(sparse_row['train_epoch_samples_per_s']
+                                                  / default_row['train_epoch_samples_per_s'], 2)
     if other_row['impl'] == default.impl and other_row['precision'] != default.precision:
         # above 1: auto chose the faster precision
         result['default_over_other_precision'] = round(

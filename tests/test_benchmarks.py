@@ -41,8 +41,11 @@ def test_throughput_benchmark_attributes_every_knob(tiny_data):
     other = 'bf16' if chosen == 'fp32' else 'fp32'
     assert names == ['baseline: eager fp32'] + (['+ bf16'] if chosen == 'bf16' else []) + \
         ['+ fused Adam', f'+ micro-batches of {runtime.CPU_MICRO_BATCH}', 'cpu_fused',
-         f'cpu_fused, {other}']
-    assert result['rows'][-1]['precision'] == other
+         f'cpu_fused, {other}', 'cpu_fused, sparse updates']
+    assert result['rows'][-2]['precision'] == other
+    assert [row['embedding_updates'] for row in result['rows']] == ['dense'] * (
+        len(names) - 1) + ['sparse']
+    assert result['sparse_over_dense_epoch'] > 0
     assert result['default'] == 'cpu_fused' and result['baseline'] == 'baseline: eager fp32'
     assert result['default_over_other_precision'] > 0
     for row in result['rows']:
@@ -51,6 +54,17 @@ def test_throughput_benchmark_attributes_every_knob(tiny_data):
             assert row[key] > 0
     for key in ('train_speedup', 'train_step_speedup', 'eval_speedup'):
         assert result[key] > 0
+
+
+def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
+    completed = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
+         '--device', 'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32',
+         '16', '8', '--only_updates'], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert [row['embedding_updates'] for row in result['rows']] == ['dense', 'sparse']
+    assert result['rows'][1]['hr_after_one_epoch'] > 0 and result['sparse_over_dense_epoch'] > 0
 
 
 def test_throughput_stopped_keeps_the_rows_it_printed(tiny_data):
