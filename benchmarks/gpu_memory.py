@@ -12,7 +12,8 @@ negatives, bf16 (the CUDA default):
 - data: the cached tensors on the device (training pairs, test positives and negatives);
 - epoch: what TrainBatches.epoch holds at its peak while it draws an epoch, and keeps after
   (the epoch's users, items and labels: 20 bytes a sample);
-- model: weights (fp32), their dense gradients, Adam's two moments;
+- model: weights (fp32), their gradients (dense; with --embedding_updates sparse the tables'
+  gradients are only the touched rows', with their copies), Adam's two moments;
 - activations: what autograd saves for the backward of one step, from the saved-tensor hooks
   of an eager step of a small batch under autocast, scaled to the batch (torch.compile saves as
   much or less);
@@ -99,9 +100,11 @@ def activation_bytes_per_sample(shape, precision):
 
 
 def computed(users, items, positives, shape, batch_size, negatives, valid_negative, precision,
-             valid_batch_size):
+             valid_batch_size, updates='dense'):
     """{part: GiB} of a training run at this shape, and their total at the peak (the epoch's
-    peak, then the step's activations, are never alive at once)."""
+    peak, then the step's activations, are never alive at once). updates: 'dense' or 'sparse'
+    embedding updates (sparse_updates.py: the tables' gradients are the rows a batch touches,
+    at most min(batch, rows) a side, beside their copies)."""
     model = shape.build(1, 1)  # the tables' rows scale with the data, the layers do not
     widths = {side: sum(table.embedding_dim for name, table in model.embeddings().items()
                         if side in name) for side in ('user', 'item')}
@@ -110,6 +113,8 @@ def computed(users, items, positives, shape, batch_size, negatives, valid_negati
     data = positives * 2 * 8 + users * 2 * 8 + users * valid_negative * 8
     peak_epoch, kept_epoch = epoch_bytes(positives, negatives, batch_size)
     weights = parameters * 4
+    gradients = weights if updates == 'dense' else 4 * (dense + 2 * (
+        min(batch_size, users) * widths['user'] + min(batch_size, items) * widths['item']))
     activations = activation_bytes_per_sample(shape, precision) * batch_size
     scoring = parameters * torch.finfo(runtime.DTYPES[precision]).bits // 8 \
         + valid_batch_size * model.scoring_bytes_per_pair(runtime.DTYPES[precision])
@@ -118,18 +123,18 @@ def computed(users, items, positives, shape, batch_size, negatives, valid_negati
         'epoch (peak while drawn)': peak_epoch,
         'epoch (kept)': kept_epoch,
         'weights (fp32)': weights,
-        'gradients (dense, fp32)': weights,
+        f'gradients ({updates}, fp32)': gradients,
         'Adam state (two moments)': 2 * weights,
         f'activations (batch {batch_size:,}, {precision})': activations,
         'scoring copy and one evaluation chunk': scoring,
     }
-    steady = data + kept_epoch + 4 * weights
+    steady = data + kept_epoch + 3 * weights + gradients
     total = max(steady - kept_epoch + peak_epoch, steady + activations, steady + scoring)
     # what does not grow with the data: the dense layers (with gradients and moments), one
     # step's activations and one evaluation chunk
-    fixed = dense * 4 * 4 + activations + valid_batch_size * model.scoring_bytes_per_pair(
-        runtime.DTYPES[precision])
-    tables = (parameters - dense) * 4 * 4
+    fixed = dense * 4 * 4 + (gradients - dense * 4 if updates == 'sparse' else 0) \
+        + activations + valid_batch_size * model.scoring_bytes_per_pair(runtime.DTYPES[precision])
+    tables = (parameters - dense) * 4 * (4 if updates == 'dense' else 3)
     return {name: value / GIB for name, value in parts.items()}, total / GIB, parameters, \
         {'tables': tables / GIB, 'fixed': fixed / GIB}
 
@@ -192,6 +197,8 @@ def parse_args(argv=None):
                         help='memory of one GPU, for the row-wise sharding count (an 80 GB H100)')
     parser.add_argument('-b', '--batch_size', type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument('--precision', choices=['fp32', 'fp16', 'bf16'], default='bf16')
+    parser.add_argument('--embedding_updates', choices=['dense', 'sparse'], default='dense',
+                        help="ncf.py's: the tables' gradients whole (dense) or the touched rows")
     parser.add_argument('--measure', action='store_true', help='also measure it (CUDA)')
     return parser.parse_args(argv)
 
@@ -209,10 +216,12 @@ def report(args):
     shape = models.ModelShape()
     parts, total, parameters, scaling = computed(users, items, positives, shape,
                                                  args.batch_size, DEFAULT_NEGATIVE_SAMPLES,
-                                                 VALID_NEGATIVE, args.precision, args.batch_size)
+                                                 VALID_NEGATIVE, args.precision, args.batch_size,
+                                                 args.embedding_updates)
     name = args.shape if args.users is args.items is args.rows is None else 'given'
     print(f'{name}: {users:,} users, {items:,} items, {positives:,} training positives; '
-          f'NeuMF of {parameters:,} parameters; batch {args.batch_size:,}, {args.precision}',
+          f'NeuMF of {parameters:,} parameters; batch {args.batch_size:,}, {args.precision}, '
+          f'{args.embedding_updates} embedding updates',
           file=sys.stderr)
     for part, gib in parts.items():
         print(f'  {part:<45} {gib:7.2f} GiB', file=sys.stderr)
@@ -230,7 +239,8 @@ def report(args):
               file=sys.stderr)
     result = {'benchmark': 'gpu_memory', 'shape': name, 'users': users, 'items': items,
               'positives': positives, 'parameters': parameters, 'batch_size': args.batch_size,
-              'precision': args.precision, 'computed_gib': parts, 'computed_peak_gib': total,
+              'precision': args.precision, 'embedding_updates': args.embedding_updates,
+              'computed_gib': parts, 'computed_peak_gib': total,
               'tables_gib': tables, 'fixed_gib': fixed, 'gpu_gib': args.gpu_gib,
               'row_wise_gpus': gpus}
     if args.measure:

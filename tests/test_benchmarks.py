@@ -478,6 +478,13 @@ def test_gpu_memory_adds_up_each_part_and_runs_the_measured_parts(monkeypatch):
     assert parts['epoch (peak while drawn)'] > parts['epoch (kept)']
     steady = sum(parts[name] for name in ('data', 'weights', 'gradients', 'Adam state'))
     assert result['computed_peak_gib'] * gpu_memory.GIB > steady + parts['activations']
+    # sparse updates: the tables' gradients are the touched rows and their copies, at most a
+    # batch's (2^20 > either table) a side
+    sparse = gpu_memory.main(['--shape', 'ml-32m', '--embedding_updates', 'sparse'])
+    gradients = sparse['computed_gib']['gradients (sparse, fp32)'] * gpu_memory.GIB
+    assert gradients == 4 * (dense + 2 * (users + items) * 192)
+    assert sparse['computed_peak_gib'] == pytest.approx(
+        result['computed_peak_gib'] + (gradients - parts['gradients']) / gpu_memory.GIB)
 
     from ncflib import models
     peaks = gpu_memory.measured('cpu', 60, 50, 3000, models.ModelShape(factors=8,
