@@ -65,6 +65,14 @@ def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert [row['embedding_updates'] for row in result['rows']] == ['dense', 'sparse']
     assert result['rows'][1]['hr_after_one_epoch'] > 0 and result['sparse_over_dense_epoch'] > 0
+    completed = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
+         '--device', 'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32',
+         '16', '8', '--only_updates', '--steps_only'], capture_output=True, text=True,
+        timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result['sparse_over_dense_step'] > 0 and 'epoch_s' not in result['rows'][0]
 
 
 def test_throughput_stopped_keeps_the_rows_it_printed(tiny_data):
