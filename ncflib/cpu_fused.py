@@ -54,7 +54,9 @@ class _GatherInputs(torch.autograd.Function):
     """The branches' inputs from their tables (an autograd Function takes them one by one; None
     for a branch the model lacks): the GMF product and the MLP input, cast once to the compute
     dtype. The backward forms each gathered row's gradient once and adds it into a dense table
-    gradient (Adam's semantics need the dense one)."""
+    gradient (Adam's semantics need the dense one), or, for the touched rows of sparse updates
+    (sparse_updates.py: a `gradient_sink` on the rows), straight into their gradient, which
+    then takes every micro-batch's without a zero-filled tensor and a sum for each."""
 
     @staticmethod
     def forward(ctx, user, item, mf_user, mf_item, mlp_user, mlp_item, dtype):
@@ -69,6 +71,8 @@ class _GatherInputs(torch.autograd.Function):
         ctx.save_for_backward(user, item, mf_u, mf_i)
         ctx.tables = [None if t is None else (t.shape, t.dtype)
                       for t in (mf_user, mf_item, mlp_user, mlp_item)]
+        ctx.sinks = [getattr(t, 'gradient_sink', None) for t in (mf_user, mf_item, mlp_user,
+                                                                  mlp_item)]
         return gmf, mlp_input
 
     @staticmethod
@@ -82,9 +86,13 @@ class _GatherInputs(torch.autograd.Function):
             # Contiguous halves: index_add_ takes a much slower path on strided rows.
             rows[2:] = (half.contiguous() for half in grad_mlp_input.to(ctx.tables[2][1])
                         .split(ctx.half, dim=1))
-        grads = [None if table is None else
-                 user.new_zeros(table[0], dtype=table[1]).index_add_(0, index, row)
-                 for table, index, row in zip(ctx.tables, (user, item, user, item), rows)]
+        grads = []
+        for table, sink, index, row in zip(ctx.tables, ctx.sinks, (user, item, user, item),
+                                           rows):
+            if sink is not None:
+                sink.index_add_(0, index, row)
+            grads.append(None if table is None or sink is not None else
+                         user.new_zeros(table[0], dtype=table[1]).index_add_(0, index, row))
         return (None, None, *grads, None)
 
 

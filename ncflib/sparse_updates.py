@@ -5,18 +5,21 @@ of every table, whose cost grows with the data and not with the batch.
 Per side (users: the user tables; items: the item tables), over the global batch, which every
 process draws alike (so the rows and their order are the same in each):
 
-    rows   [capacity]  the distinct indices, ascending, then padding (row 0, masked out)
+    rows   [capacity]  the distinct indices, ascending, then the first one again as padding
     slots  [batch]     each sample's position in `rows`
 
 capacity = min(batch, the table's rows): fixed shapes (a compiled step compiles once) and
 nothing read back to the host. The model reads copies of those rows (leaves of autograd), so
-their gradients, [capacity, width], are the touched rows' summed gradients (zeros on the
-padding); under torchrun they are averaged across processes, as DDP averages the dense ones.
+their gradients, [capacity, width], are the touched rows' summed gradients; under torchrun they
+are averaged across processes, as DDP averages the dense ones.
 
 Lazy Adam (TensorFlow's LazyAdam, torch's SparseAdam): a touched row's moments and weights take
 Adam's step, bias-corrected by the global step count; an untouched row keeps its moments and
-weights (dense Adam would decay its moments and go on moving it). A row touched at every step
-follows dense Adam; SGD (no momentum) is dense SGD, whose untouched rows do not move either.
+weights (dense Adam would decay its moments and go on moving it). The step is torch's own Adam
+kernel (fused where the plan's is) on the gathered rows, written back with index_copy_: the
+padding repeats the first row with the first row's gradient, so its copies compute, and write,
+exactly what the first row's slot does. A row touched at every step follows dense Adam
+bit for bit; SGD (no momentum) is dense SGD, whose untouched rows do not move either.
 
 Why by hand: torch.optim.SparseAdam takes sparse COO gradients, which neither torch.compile,
 DDP over NCCL nor this recipe's fused backward produce, and coalesces them every step;
@@ -25,6 +28,7 @@ ours, Triton or cpu_fused, in front of them). Measured against both in benchmark
 """
 import torch
 import torch.distributed as dist
+from torch.optim.adam import adam
 
 from ncflib.cli import UsageError
 
@@ -32,56 +36,53 @@ SPARSE_OPTIMIZERS = {'adam': 'LazyAdam', 'sgd': 'LazySGD'}
 
 
 def touched_rows(index, capacity):
-    """(rows [capacity], slots like `index`, valid [capacity] bool) of one side's indices."""
+    """(rows [capacity], slots like `index`, source [capacity]: the slot whose gradient each
+    entry of `rows` takes, itself or 0 for the padding) of one side's indices."""
     ordered, order = torch.sort(index)
     new = torch.ones_like(ordered, dtype=torch.bool)
     new[1:] = ordered[1:] != ordered[:-1]
     sorted_slots = new.cumsum(0) - 1
     slots = torch.empty_like(index).scatter_(0, order, sorted_slots)
-    # every sample of a row writes the same value into its slot
-    rows = index.new_zeros(capacity).scatter_(0, sorted_slots, ordered)
-    valid = torch.arange(capacity, device=index.device) <= sorted_slots[-1]
-    return rows, slots, valid
+    # every sample of a row writes the same value into its slot; the padding is the first row
+    rows = ordered[:1].expand(capacity).clone().scatter_(0, sorted_slots, ordered)
+    source = torch.arange(capacity, device=index.device)
+    source = source.masked_fill_(source > sorted_slots[-1], 0)
+    return rows, slots, source
 
 
 class LazyAdam(torch.optim.Optimizer):
     """Adam on the touched rows of each table (state as torch's Adam: step, exp_avg,
-    exp_avg_sq, the moments table-sized)."""
+    exp_avg_sq, the moments table-sized). fused: torch's fused Adam kernel."""
 
-    def __init__(self, params, lr, betas, eps):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+    def __init__(self, params, lr, betas, eps, fused=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, fused=fused))
 
     @torch.no_grad()
     def step(self, touched):
-        """touched: {table: (rows, valid, gradient of the rows)}."""
+        """touched: {table: (rows, source, the rows as gathered (updated here), their
+        gradient)}."""
         for group in self.param_groups:
-            beta1, beta2 = group['betas']
             for table in group['params']:
-                rows, valid, grad = touched[table]
+                rows, source, weights, grad = touched[table]
                 state = self.state[table]
                 if not state:
                     state['step'] = torch.zeros((), device=table.device)
                     state['exp_avg'] = torch.zeros_like(table)
                     state['exp_avg_sq'] = torch.zeros_like(table)
-                state['step'] += 1
-                mask = valid.unsqueeze(1).to(grad.dtype)
                 exp_avg = state['exp_avg'].index_select(0, rows)
                 exp_avg_sq = state['exp_avg_sq'].index_select(0, rows)
-                # the padding's changes are zeros, added to row 0 (or any): nothing moves
-                moved_avg = (grad - exp_avg).mul_((1 - beta1) * mask)
-                moved_sq = (grad * grad - exp_avg_sq).mul_((1 - beta2) * mask)
-                state['exp_avg'].index_add_(0, rows, moved_avg)
-                state['exp_avg_sq'].index_add_(0, rows, moved_sq)
-                bias1 = 1 - beta1 ** state['step']
-                bias2_sqrt = (1 - beta2 ** state['step']).sqrt()
-                denominator = exp_avg_sq.add_(moved_sq).sqrt_().div_(bias2_sqrt).add_(group['eps'])
-                change = exp_avg.add_(moved_avg).div_(denominator).mul_(
-                    mask * (-group['lr'] / bias1))
-                table.index_add_(0, rows, change)
+                adam(
+                    [weights], [grad.index_select(0, source)], [exp_avg], [exp_avg_sq], [],
+                    [state['step']], foreach=False, fused=group['fused'], amsgrad=False,
+                    beta1=group['betas'][0], beta2=group['betas'][1], lr=group['lr'],
+                    weight_decay=0.0, eps=group['eps'], maximize=False)
+                table.index_copy_(0, rows, weights)
+                state['exp_avg'].index_copy_(0, rows, exp_avg)
+                state['exp_avg_sq'].index_copy_(0, rows, exp_avg_sq)
 
 
 class LazySGD(torch.optim.Optimizer):
-    """SGD on the touched rows (the padding's gradients are zeros)."""
+    """SGD on the touched rows (the padding's gradients are zeros: adding them moves nothing)."""
 
     def __init__(self, params, lr):
         super().__init__(params, dict(lr=lr))
@@ -90,7 +91,7 @@ class LazySGD(torch.optim.Optimizer):
     def step(self, touched):
         for group in self.param_groups:
             for table in group['params']:
-                rows, _, grad = touched[table]
+                rows, _, _, grad = touched[table]
                 table.index_add_(0, rows, grad, alpha=-group['lr'])
 
 
@@ -110,8 +111,8 @@ class SparseUpdates:
                                                     in self.tables.items() if side in name))
                          for side in ('user', 'item')}
         params = list(self.tables.values())
-        self.optimizer = (LazyAdam(params, lr, betas, eps) if optimizer == 'adam'
-                          else LazySGD(params, lr))
+        self.optimizer = (LazyAdam(params, lr, betas, eps, plan.fused_optimizer)
+                          if optimizer == 'adam' else LazySGD(params, lr))
         self.touched = None
 
     @staticmethod
@@ -125,19 +126,23 @@ class SparseUpdates:
                  'item': touched_rows(items, self.capacity['item'])}
         rows, self.touched = {}, {}
         for name, table in self.tables.items():
-            index, _, valid = sides[self.side(name)]
+            index, _, source = sides[self.side(name)]
             rows[name] = table.index_select(0, index).requires_grad_()
-            self.touched[table] = (index, valid, rows[name])
+            # zeroed once a step: cpu_fused's backward adds each micro-batch's rows into it
+            rows[name].gradient_sink = torch.zeros_like(rows[name])
+            self.touched[table] = (index, source, rows[name])
         return sides['user'][1], sides['item'][1], rows
 
     def step(self):
         """The touched rows' update from their gradients (averaged across processes first)."""
         touched = {}
-        for table, (index, valid, leaf) in self.touched.items():
-            grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        for table, (index, source, leaf) in self.touched.items():
+            # autograd's sum (the other implementations), else the sink's, in which cpu_fused
+            # added them
+            grad = leaf.gradient_sink if leaf.grad is None else leaf.grad + leaf.gradient_sink
             if self.plan.distributed:
                 dist.all_reduce(grad)
                 grad.div_(self.plan.world_size)
-            touched[table] = (index, valid, grad)
+            touched[table] = (index, source, leaf.detach(), grad)
         self.optimizer.step(touched)
         self.touched = None

@@ -18,28 +18,30 @@ from test_distributed import hrs_of, torchrun
 
 
 def test_the_touched_rows_of_a_batch():
-    rows, slots, valid = touched_rows(torch.tensor([5, 2, 5, 9, 2]), 4)
-    assert rows.tolist() == [2, 5, 9, 0]          # ascending, then padding
+    rows, slots, source = touched_rows(torch.tensor([5, 2, 5, 9, 2]), 4)
+    assert rows.tolist() == [2, 5, 9, 2]          # ascending, then the first again
     assert slots.tolist() == [1, 0, 1, 2, 0]
-    assert valid.tolist() == [True, True, True, False]
-    rows, slots, valid = touched_rows(torch.tensor([3, 3]), 2)
-    assert (rows.tolist(), slots.tolist(), valid.tolist()) == ([3, 0], [0, 0], [True, False])
+    assert source.tolist() == [0, 1, 2, 0]        # the padding takes the first row's gradient
+    rows, slots, source = touched_rows(torch.tensor([3, 3]), 2)
+    assert (rows.tolist(), slots.tolist(), source.tolist()) == ([3, 3], [0, 0], [0, 0])
 
 
-def test_lazy_adam_is_adam_on_rows_touched_at_every_step_and_leaves_the_others():
+@pytest.mark.parametrize('fused', [False, True])
+def test_lazy_adam_is_adam_on_rows_touched_at_every_step_and_leaves_the_others(fused):
     torch.manual_seed(0)
     start = torch.randn(10, 3)
     dense, lazy = start.clone().requires_grad_(), start.clone()
-    adam = torch.optim.Adam([dense], lr=0.1, betas=(0.8, 0.9), eps=1e-6)
-    lazy_adam = LazyAdam([lazy], lr=0.1, betas=(0.8, 0.9), eps=1e-6)
+    adam = torch.optim.Adam([dense], lr=0.1, betas=(0.8, 0.9), eps=1e-6, fused=fused)
+    lazy_adam = LazyAdam([lazy], lr=0.1, betas=(0.8, 0.9), eps=1e-6, fused=fused)
     for step in range(6):
         index = torch.tensor([1, 4, 4] + ([7] if step == 0 else []))  # 7 once, 0 never
-        rows, slots, valid = touched_rows(index, 5)
+        rows, slots, source = touched_rows(index, 5)
         grad = torch.randn(len(index), 3)
         dense.grad = torch.zeros(10, 3).index_add_(0, index, grad)
         adam.step()
-        lazy_adam.step({lazy: (rows, valid, torch.zeros(5, 3).index_add_(0, slots, grad))})
-    assert torch.allclose(lazy[[1, 4]], dense.detach()[[1, 4]], atol=1e-6)
+        lazy_adam.step({lazy: (rows, source, lazy[rows],
+                               torch.zeros(5, 3).index_add_(0, slots, grad))})
+    assert torch.equal(lazy[[1, 4]], dense.detach()[[1, 4]])  # the same kernel, bit for bit
     untouched = [0, 2, 3, 5, 6, 8, 9]
     assert torch.equal(lazy[untouched], start[untouched])
     # dense Adam keeps moving row 7 on its moment; lazy Adam stepped it once
