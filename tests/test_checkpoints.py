@@ -347,7 +347,7 @@ def test_resume_where_loss_scaling_starts_or_stops(saved_scaling, scaling):
     def trainer(scaled):
         model = torch.nn.Linear(2, 1)
         return types.SimpleNamespace(
-            plan=plan, optimizer=torch.optim.Adam(model.parameters()),
+            plan=plan, optimizer=torch.optim.Adam(model.parameters()), sparse=None,
             scaler=torch.amp.GradScaler('cpu', enabled=scaled, init_scale=1024.0))
     saved = trainer(saved_scaling)
     state = {'history': History().state_dict(), 'optimizer': saved.optimizer.state_dict(),
