@@ -60,25 +60,32 @@ class LazyAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, touched):
         """touched: {table: (rows, source, the rows as gathered (updated here), their
-        gradient)}."""
+        gradient)}. One call of Adam's kernel for every table of a group."""
         for group in self.param_groups:
-            for table in group['params']:
-                rows, source, weights, grad = touched[table]
-                state = self.state[table]
-                if not state:
-                    state['step'] = torch.zeros((), device=table.device)
-                    state['exp_avg'] = torch.zeros_like(table)
-                    state['exp_avg_sq'] = torch.zeros_like(table)
-                exp_avg = state['exp_avg'].index_select(0, rows)
-                exp_avg_sq = state['exp_avg_sq'].index_select(0, rows)
-                adam(
-                    [weights], [grad.index_select(0, source)], [exp_avg], [exp_avg_sq], [],
-                    [state['step']], foreach=False, fused=group['fused'], amsgrad=False,
-                    beta1=group['betas'][0], beta2=group['betas'][1], lr=group['lr'],
-                    weight_decay=0.0, eps=group['eps'], maximize=False)
-                table.index_copy_(0, rows, weights)
-                state['exp_avg'].index_copy_(0, rows, exp_avg)
-                state['exp_avg_sq'].index_copy_(0, rows, exp_avg_sq)
+            tables = group['params']
+            for table in tables:
+                if not self.state[table]:
+                    self.state[table] = {'step': torch.zeros((), device=table.device),
+                                         'exp_avg': torch.zeros_like(table),
+                                         'exp_avg_sq': torch.zeros_like(table)}
+            states = [self.state[table] for table in tables]
+            rows = [touched[table][0] for table in tables]
+            weights = [touched[table][2] for table in tables]
+            exp_avgs = [state['exp_avg'].index_select(0, index)
+                        for state, index in zip(states, rows)]
+            exp_avg_sqs = [state['exp_avg_sq'].index_select(0, index)
+                           for state, index in zip(states, rows)]
+            adam(weights, [touched[table][3].index_select(0, touched[table][1])
+                           for table in tables],
+                 exp_avgs, exp_avg_sqs, [], [state['step'] for state in states],
+                 foreach=False, fused=group['fused'], amsgrad=False, beta1=group['betas'][0],
+                 beta2=group['betas'][1], lr=group['lr'], weight_decay=0.0, eps=group['eps'],
+                 maximize=False)
+            for table, state, index, weight, exp_avg, exp_avg_sq in zip(
+                    tables, states, rows, weights, exp_avgs, exp_avg_sqs):
+                table.index_copy_(0, index, weight)
+                state['exp_avg'].index_copy_(0, index, exp_avg)
+                state['exp_avg_sq'].index_copy_(0, index, exp_avg_sq)
 
 
 class LazySGD(torch.optim.Optimizer):
