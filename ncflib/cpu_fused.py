@@ -55,8 +55,8 @@ class _GatherInputs(torch.autograd.Function):
     for a branch the model lacks): the GMF product and the MLP input, cast once to the compute
     dtype. The backward forms each gathered row's gradient once and adds it into a dense table
     gradient (Adam's semantics need the dense one), or, for the touched rows of sparse updates
-    (sparse_updates.py: a `gradient_sink` on the rows), straight into their gradient, which
-    then takes every micro-batch's without a zero-filled tensor and a sum for each."""
+    (sparse_updates.py: rows marked `gradient_sink`), straight into their `.grad`, which then
+    takes every micro-batch's without a zero-filled tensor and a sum for each."""
 
     @staticmethod
     def forward(ctx, user, item, mf_user, mf_item, mlp_user, mlp_item, dtype):
@@ -71,8 +71,8 @@ class _GatherInputs(torch.autograd.Function):
         ctx.save_for_backward(user, item, mf_u, mf_i)
         ctx.tables = [None if t is None else (t.shape, t.dtype)
                       for t in (mf_user, mf_item, mlp_user, mlp_item)]
-        ctx.sinks = [getattr(t, 'gradient_sink', None) for t in (mf_user, mf_item, mlp_user,
-                                                                  mlp_item)]
+        ctx.sinks = [t.grad if getattr(t, 'gradient_sink', False) else None
+                     for t in (mf_user, mf_item, mlp_user, mlp_item)]
         return gmf, mlp_input
 
     @staticmethod

@@ -135,8 +135,10 @@ class SparseUpdates:
         for name, table in self.tables.items():
             index, _, source = sides[self.side(name)]
             rows[name] = table.index_select(0, index).requires_grad_()
-            # zeroed once a step: cpu_fused's backward adds each micro-batch's rows into it
-            rows[name].gradient_sink = torch.zeros_like(rows[name])
+            # zeroed once a step, and summed into in place: by autograd, or (a gradient sink)
+            # by cpu_fused's backward, each micro-batch's rows straight into it
+            rows[name].grad = torch.zeros_like(rows[name])
+            rows[name].gradient_sink = True
             self.touched[table] = (index, source, rows[name])
         return sides['user'][1], sides['item'][1], rows
 
@@ -144,9 +146,7 @@ class SparseUpdates:
         """The touched rows' update from their gradients (averaged across processes first)."""
         touched = {}
         for table, (index, source, leaf) in self.touched.items():
-            # autograd's sum (the other implementations), else the sink's, in which cpu_fused
-            # added them
-            grad = leaf.gradient_sink if leaf.grad is None else leaf.grad + leaf.gradient_sink
+            grad = leaf.grad
             if self.plan.distributed:
                 dist.all_reduce(grad)
                 grad.div_(self.plan.world_size)
