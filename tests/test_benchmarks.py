@@ -73,6 +73,10 @@ def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result['sparse_over_dense_step'] > 0 and 'epoch_s' not in result['rows'][0]
+    completed = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
+         '--steps_only'], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(completed, '--steps_only goes with --only_updates')
 
 
 def test_throughput_stopped_keeps_the_rows_it_printed(tiny_data):

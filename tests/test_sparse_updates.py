@@ -140,3 +140,5 @@ def test_sparse_updates_refuse_fp16_and_a_changed_resume(tiny_data, tmp_path, ca
                              embedding_updates='sparse', allow_changed_settings=True))
     assert 'the optimizer starts afresh' in capsys.readouterr().out
     assert len(resumed['hrs']) == 2
+    fails(ncf.main, flags(tiny_data, embedding_updates='lazy'), capsys,
+          "--embedding_updates: invalid choice: 'lazy'", code=2)
