@@ -104,6 +104,16 @@ class Plan:
         """Whether the training step and the scoring run under torch.compile."""
         return self.impl in ('compile', 'fused')
 
+    @property
+    def whole_step(self):
+        """Whether the compiled training step holds the optimizer's update too (whole_step.py):
+        --impl compile on a CPU, in one process (DDP's all-reduce hooks into autograd, which
+        this step leaves out; on CUDA, unmeasured). Not where auto chose to compile: a compiler
+        failure there must run the eager implementation, and this step's eager form differs
+        from it in the last bits (its Adam is not the fused kernel)."""
+        return self.impl == 'compile' and self.device.type == 'cpu' and not self.distributed \
+            and not self.compile_fallback
+
     def autocast(self):
         """Mixed precision for the training forward: the weights stay fp32. Off where the
         compute dtype is fp32 (fp32, and tf32, whose TF32 products are a matmul setting)."""
@@ -178,7 +188,8 @@ class Plan:
                    else 'whole batches')
         line = (f'Precision: {self.precision}, implementation: {self.impl}, device: {self.device}, '
                 f'processes: {self.world_size}, {batches}, '
-                f'{"fused" if self.fused_optimizer else "plain"} optimizer')
+                f'{"fused" if self.fused_optimizer else "plain"} optimizer'
+                f'{", the optimizer inside the compiled step" if self.whole_step else ""}')
         return line + (f' ({"; ".join(self.notes)})' if self.notes else '')
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ncflib.recipe import DEFAULT_BETAS, DEFAULT_EPS, DEFAULT_LEARNING_RATE
 from ncflib.sparse_updates import SparseUpdates
+from ncflib.whole_step import WholeStep
 
 OPTIMIZERS = ('adam', 'sgd')
 # dense: the reference's, whole-table gradients and optimizer steps; sparse: the touched rows'
@@ -148,8 +149,11 @@ class Trainer:
                                                          tables=self.sparse is None),
                                         optimizer, learning_rate, betas, eps)
         self.scaler = plan.grad_scaler()
-        self.loss = plan.distributed_model(plan.compile(
-            TrainingLoss(model, plan.autocast, embedding_l2)))
+        loss = TrainingLoss(model, plan.autocast, embedding_l2)
+        # the plan's whole-step graph (optimizer included), or the loss's graph and autograd
+        self.whole_step = WholeStep(plan, loss, batches, self.optimizer, self.sparse) \
+            if plan.whole_step else None
+        self.loss = None if plan.whole_step else plan.distributed_model(plan.compile(loss))
         # Each micro-batch's mean loss counts by its share of the slice: the gradients then add
         # up to the slice's, whatever the micro-batch sizes.
         self.weights = [(part.stop - part.start) / batches.rank_batch
@@ -163,6 +167,8 @@ class Trainer:
     def step(self, users, items, labels):
         """One optimisation step on a batch of `draw`'s; returns this rank's loss sum, on the
         device (reading it here would synchronise every step)."""
+        if self.whole_step is not None:
+            return self.whole_step(users, items, labels)
         slices = self.batches.micro_slices
         loss_sum = torch.zeros((), dtype=torch.float64, device=users.device)
         rows = None
@@ -209,7 +215,13 @@ class Trainer:
         rng = self.plan.rng_state()  # dropout draws from it
         positives = len(self.batches.users)
         rows = None
-        for size in sorted({part.stop - part.start for part in self.batches.micro_slices}):
+        if self.whole_step is not None:  # one graph of the whole batch
+            index = torch.arange(self.batches.batch_size, device=self.plan.device) \
+                * positives // self.batches.batch_size
+            self.whole_step.warm_up(self.batches.users[index], self.batches.items[index],
+                                    (index % 5 == 0).float())
+        for size in sorted({part.stop - part.start for part in self.batches.micro_slices}
+                           if self.whole_step is None else ()):
             # Training pairs spread over the whole data, as a real batch's are: compile time is
             # then what a step costs (one table row repeated in every sample would be the
             # backward's worst case). Three distinct tensors, as in a real step (aliased inputs
