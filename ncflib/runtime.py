@@ -147,7 +147,7 @@ class Plan:
         on the CPU (to load weights into before it moves to the device)."""
         return shape.build(n_users, n_items, model_classes(self.impl))
 
-    def compile(self, function, dynamic=False):
+    def compile(self, function, dynamic=False, options=None):
         """`function` (or module) under torch.compile, as one graph (fullgraph), for the
         compiled implementations; else unchanged. Shapes are static unless `dynamic`: a step
         and an evaluation chunk have at most two shapes a run. Where auto chose to compile, a
@@ -156,7 +156,7 @@ class Plan:
         if not self.compiled:
             return function
         logging.getLogger('torch._dynamo.convert_frame').addFilter(_not_the_recompile_limit)
-        compiled = torch.compile(function, dynamic=dynamic, fullgraph=True)
+        compiled = torch.compile(function, dynamic=dynamic, fullgraph=True, options=options)
         if isinstance(function, torch.nn.Module):
             return CompiledModule(function, compiled, self)
         return Compiled(function, compiled, self)
