@@ -96,9 +96,10 @@ def rows_of(default):
     return [(name, plan, 'dense') for name, plan in rows] + [updates_rows(default)[1]]
 
 
-def updates_rows(default):
-    """The default plan with dense, then with sparse embedding updates."""
-    return [(f'{default.impl}, {updates} updates', default, updates)
+def updates_rows(plan):
+    """`plan` with dense, then with sparse embedding updates."""
+    whole = ' (whole step)' if plan.whole_step else ''
+    return [(f'{plan.impl}{whole}, {updates} updates', plan, updates)
             for updates in ('dense', 'sparse')]
 
 
@@ -215,7 +216,10 @@ def parse_args(argv=None):
                         help='global batch (None: 1048576 on CUDA, 65536 on a CPU)')
     parser.add_argument('--steps', type=int, default=10, help='timed training steps')
     parser.add_argument('--impl', action='append', choices=runtime.IMPLEMENTATIONS[1:],
-                        help='time only these implementations after the knob rows (repeatable)')
+                        help='time only these implementations after the knob rows (with '
+                             '--only_updates: these after the default) (repeatable)')
+    parser.add_argument('--precision', choices=runtime.PRECISIONS,
+                        default='auto', help="the default plan's precision")
     parser.add_argument('--model', choices=models.MODELS, default=models.DEFAULT_MODEL)
     parser.add_argument('-f', '--factors', type=int, default=models.DEFAULT_FACTORS)
     parser.add_argument('--layers', nargs='+', type=int, default=list(models.DEFAULT_LAYERS))
@@ -266,7 +270,8 @@ def time_rows(rows, default, dataset, args, results):
 def benchmark(args, results, planned):
     """Every row, then the JSON of them all; `results` and `planned` (lists) say how far it got."""
     args.model_shape = models.ModelShape(args.model, args.factors, args.layers, args.dropout)
-    default = runtime.resolve(runtime.PlanOptions(device=args.device), args.model_shape)
+    default = runtime.resolve(runtime.PlanOptions(device=args.device, precision=args.precision),
+                              args.model_shape)
     on_cuda = default.device.type == 'cuda'
     args.batch_size = args.batch_size or (2 ** 20 if on_cuda else 2 ** 16)
     data = prepare_data(args, args.shape or ('ml-20m' if on_cuda else 'ml-1m'))
@@ -282,9 +287,11 @@ def benchmark(args, results, planned):
         print(json.dumps(figures))
         return figures
     if args.only_updates:
-        planned += updates_rows(default)
+        planned += updates_rows(default) + [
+            row for impl in args.impl or () if impl != default.impl
+            for row in updates_rows(dataclasses.replace(default, impl=impl))]
         time_rows(planned, default, dataset, args, results)
-        dense, sparse = results
+        dense, sparse = results[:2]
         result = {'benchmark': 'embedding updates', 'device': name,
                   'shape': {'n_users': dataset.n_users, 'n_items': dataset.n_items},
                   'batch_size': args.batch_size, 'rows': results,

@@ -68,11 +68,15 @@ def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
     completed = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
          '--device', 'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32',
-         '16', '8', '--only_updates', '--steps_only'], capture_output=True, text=True,
-        timeout=300)
+         '16', '8', '--only_updates', '--steps_only', '--impl', 'compile', '--precision',
+         'fp32'], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert result['sparse_over_dense_step'] > 0 and 'epoch_s' not in result['rows'][0]
+    assert [(row['row'], row['precision']) for row in result['rows']] == [
+        ('cpu_fused, dense updates', 'fp32'), ('cpu_fused, sparse updates', 'fp32'),
+        ('compile (whole step), dense updates', 'fp32'),
+        ('compile (whole step), sparse updates', 'fp32')]
     completed = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
          '--steps_only'], capture_output=True, text=True, timeout=300)
