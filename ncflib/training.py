@@ -207,21 +207,23 @@ class Trainer:
 
     def warm_up(self):
         """Compile the step before the clock of the first epoch starts: a forward and backward
-        of each micro-batch shape, leaving the weights, the optimizer and every random state as
-        they were. Returns the seconds it took (0 when not compiled)."""
+        of each micro-batch shape (or the whole step, where the plan compiles it whole), leaving
+        the weights, the optimizer and every random state as they were. Returns the seconds it
+        took (0 when not compiled)."""
         if not self.plan.compiled:
             return 0.0
         start = self.plan.time()
         rng = self.plan.rng_state()  # dropout draws from it
         positives = len(self.batches.users)
         rows = None
-        if self.whole_step is not None:  # one graph of the whole batch
+        sizes = sorted({part.stop - part.start for part in self.batches.micro_slices})
+        if self.whole_step is not None:  # one graph, of the whole batch
             index = torch.arange(self.batches.batch_size, device=self.plan.device) \
                 * positives // self.batches.batch_size
             self.whole_step.warm_up(self.batches.users[index], self.batches.items[index],
                                     (index % 5 == 0).float())
-        for size in sorted({part.stop - part.start for part in self.batches.micro_slices}
-                           if self.whole_step is None else ()):
+            sizes = []
+        for size in sizes:
             # Training pairs spread over the whole data, as a real batch's are: compile time is
             # then what a step costs (one table row repeated in every sample would be the
             # backward's worst case). Three distinct tensors, as in a real step (aliased inputs
