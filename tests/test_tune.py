@@ -257,7 +257,7 @@ def test_a_stopped_worker_s_trial_is_retried_once(holdout_data, space_file, tmp_
     worker.send_signal(signal.SIGKILL if how == 'kill' else signal.SIGTERM)
     _, stderr = worker.communicate(timeout=120)
     if how == 'sigterm':
-        assert worker.returncode == 128 + signal.SIGTERM
+        assert worker.returncode == 128 + signal.SIGTERM, stderr
         assert len(stderr.splitlines()) == 1 and stderr.startswith('tune.py: interrupted: ') \
             and 'the same command continues it' in stderr, stderr
     else:
