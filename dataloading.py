@@ -458,6 +458,9 @@ class TrainBatches:
         sizes = [size for _ in range(grads_accumulated) for size in even_split(accumulated, splits)]
         starts = [sum(sizes[:index]) for index in range(len(sizes))]
         self.micro_slices = [slice(start, start + size) for start, size in zip(starts, sizes)]
+        # Each micro-batch's mean loss counts by its share of the slice: the gradients then add
+        # up to the slice's, whatever the micro-batch sizes.
+        self.micro_shares = [size / self.rank_batch for size in sizes]
         # The last partial batch is dropped, as in the reference.
         self.steps = self.samples // batch_size
 

@@ -273,6 +273,11 @@ def benchmark(args, results, planned):
     default = runtime.resolve(runtime.PlanOptions(device=args.device, precision=args.precision),
                               args.model_shape)
     on_cuda = default.device.type == 'cuda'
+    runnable = runtime.implementations(default.device)
+    for impl in args.impl or ():
+        if impl not in runnable:
+            raise cli.UsageError(f'--impl {impl} does not run on {default.device.type} here '
+                                 f'(these do: {", ".join(runnable)})')
     args.batch_size = args.batch_size or (2 ** 20 if on_cuda else 2 ** 16)
     data = prepare_data(args, args.shape or ('ml-20m' if on_cuda else 'ml-1m'))
     dataset = dataloading.load_dataset(data, default.device)

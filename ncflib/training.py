@@ -154,10 +154,6 @@ class Trainer:
         self.whole_step = WholeStep(plan, loss, batches, self.optimizer, self.sparse) \
             if plan.whole_step else None
         self.loss = None if plan.whole_step else plan.distributed_model(plan.compile(loss))
-        # Each micro-batch's mean loss counts by its share of the slice: the gradients then add
-        # up to the slice's, whatever the micro-batch sizes.
-        self.weights = [(part.stop - part.start) / batches.rank_batch
-                        for part in batches.micro_slices]
 
     def draw(self, generator):
         """A freshly drawn epoch as `step` takes it: this rank's slice of each batch, or with
@@ -176,7 +172,7 @@ class Trainer:
             users, items, rows = self.sparse.gather(users, items)
             mine = self.batches.rank_part
             users, items, labels = users[mine], items[mine], labels[mine]
-        for index, (part, weight) in enumerate(zip(slices, self.weights)):
+        for index, (part, weight) in enumerate(zip(slices, self.batches.micro_shares)):
             # DDP all-reduces gradients on the last micro-batch of a step only.
             last = index == len(slices) - 1
             with contextlib.nullcontext() if last or not self.plan.distributed \

@@ -1,7 +1,7 @@
 """`--impl compile` on a CPU, one process: the whole training step as one compiled graph, the
 optimizer included. At small batches a step's time is overhead, not arithmetic: autograd's engine,
 the optimizer's Python and a kernel launch per operation cost more than the products of a batch of
-32 (benchmarks/RESULTS.md, "The step at batch 32"). Here torch.func computes the gradients inside
+32 (benchmarks/RESULTS.md, "The whole step compiled"). Here torch.func computes the gradients inside
 the graph, and the update is torch's own Adam (or SGD) arithmetic, traced into the same graph, on
 the optimizers' own state: checkpoints, resume and a later run without this are unchanged.
 
@@ -101,9 +101,7 @@ class WholeStep:
             (name, sparse.side(name), sparse.capacity[sparse.side(name)])
             for name in sparse.tables]
         self.rank_batch = batches.rank_batch
-        # each micro-batch's mean loss counts by its share of the batch (as in Trainer.step)
-        self.slices = [(part, (part.stop - part.start) / batches.rank_batch)
-                       for part in batches.micro_slices]
+        self.slices = list(zip(batches.micro_slices, batches.micro_shares))
         names = {id(parameter): name for name, parameter in loss.named_parameters()}
         # the graph's inputs by name, in the order `arguments` gives them
         self.names = [names[id(parameter)] for group in optimizer.param_groups

@@ -81,6 +81,11 @@ def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
          '--steps_only'], capture_output=True, text=True, timeout=300)
     assert_one_line_error(completed, '--steps_only goes with --only_updates')
+    completed = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
+         '--device', 'cpu', '--only_updates', '--impl', 'fused'], capture_output=True,
+        text=True, timeout=300)
+    assert_one_line_error(completed, '--impl fused does not run on cpu here')
 
 
 def test_throughput_stopped_keeps_the_rows_it_printed(tiny_data):
