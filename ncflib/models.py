@@ -12,10 +12,12 @@ Parameter names are the reference's in every model (GMF's tables are `mf_*_embed
 the reverse, and a NeuMF starts from a trained GMF and MLP by copying tensors of the same names
 (`NeuMF.load_branches`). The forward is in three replaceable parts (`inputs`, `hidden`, the
 output): cpu_fused.py and fused.py override the first two with faster ones over the same
-parameters, so checkpoints and optimizer states are the same for every implementation.
+parameters (cpu_fused.py's `inputs` applies the first MLP layer too), so checkpoints and
+optimizer states are the same for every implementation.
 """
 import copy
 import dataclasses
+import itertools
 import math
 import numbers
 
@@ -183,10 +185,14 @@ class NCF(nn.Module):
             else (None, None)
         return mf + mlp
 
+    # Whether `inputs` gives the first MLP layer's activations rather than that layer's input
+    # (cpu_fused.py computes that layer per distinct user and item of the batch).
+    FIRST_LAYER_IN_INPUTS = False
+
     def forward(self, user, item, sigmoid=False, rows=None):
         gmf, x = self.inputs(user, item, rows)
         if self.HAS_MLP:
-            for layer in self.mlp:
+            for layer in itertools.islice(self.mlp, int(self.FIRST_LAYER_IN_INPUTS), None):
                 x = self.hidden(layer(x))
         x = x if gmf is None else gmf if x is None else torch.cat((gmf, x), dim=1)
         if x.dtype != self.final.weight.dtype and not torch.is_autocast_enabled(x.device.type):
