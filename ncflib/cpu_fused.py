@@ -70,19 +70,27 @@ MODEL_CLASSES = {model.NAME: model for model in (CpuFusedNeuMF, CpuFusedGMF, Cpu
 # gathers and sums per row cost about what they save (forward and backward of NeuMF 256-128-64
 # at ML-100k, 2 vCPU AMD EPYC: level at 320 samples, 12% faster at 640, 40% at 2,048).
 DISTINCT_FROM = 512
+# The counts of distinct rows are rounded up to a multiple of this (the padding repeats a row and
+# takes no gradient): oneDNN's bf16 matrix products compile a kernel for each new shape (~0.7 ms
+# each on 2 vCPU AMD EPYC), and rounded counts repeat after a few steps.
+DISTINCT_ROWS_ROUNDING = 64
 
 
 def distinct(index, n_rows):
-    """(the distinct values of `index`, ascending; each entry's position among them), for
-    indices into a table of `n_rows`. Marking the table's rows costs less than torch.unique's
-    sort where the table is not much larger than the index (at 65,536 indices into 6,040 rows,
-    0.44 ms against 2.2 ms on 2 vCPU AMD EPYC); past that, the sort's cost does not grow with
-    the table."""
+    """(the distinct values of `index`, ascending, then the first one again up to a multiple of
+    DISTINCT_ROWS_ROUNDING; each entry's position among them), for indices into a table of
+    `n_rows`. Marking the table's rows costs less than torch.unique's sort where the table is
+    not much larger than the index (at 65,536 indices into 6,040 rows, 0.44 ms against 2.2 ms on
+    2 vCPU AMD EPYC); past that, the sort's cost does not grow with the table."""
     if n_rows > 4 * index.numel():
-        return torch.unique(index, sorted=True, return_inverse=True)
-    marks = torch.zeros(n_rows, dtype=index.dtype, device=index.device).index_fill_(0, index, 1)
-    values = marks.nonzero().squeeze(1)
-    return values, marks.cumsum_(0).sub_(1).index_select(0, index)
+        values, slots = torch.unique(index, sorted=True, return_inverse=True)
+    else:
+        marks = torch.zeros(n_rows, dtype=index.dtype, device=index.device)
+        marks.index_fill_(0, index, 1)
+        values = marks.nonzero().squeeze(1)
+        slots = marks.cumsum_(0).sub_(1).index_select(0, index)
+    padding = -len(values) % DISTINCT_ROWS_ROUNDING
+    return torch.cat((values, values[:1].expand(padding))) if padding else values, slots
 
 
 def gradient_sink(table):

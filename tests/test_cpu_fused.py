@@ -98,13 +98,17 @@ def test_evaluation_is_the_same_and_needs_no_grad():
 
 @pytest.mark.parametrize('n_rows', [7, 100_000])  # marks, then torch.unique
 def test_distinct_rows_and_each_entry_s_position(n_rows):
+    rounding = cpu_fused.DISTINCT_ROWS_ROUNDING
     index = torch.tensor([5, 2, 5, 6, 2, 0])
     values, slots = distinct(index, n_rows)
-    assert values.tolist() == [0, 2, 5, 6] and slots.tolist() == [2, 1, 2, 3, 1, 0]
+    assert values.tolist() == [0, 2, 5, 6] + [0] * (rounding - 4)  # padded with the first
+    assert slots.tolist() == [2, 1, 2, 3, 1, 0]
     generator = torch.Generator().manual_seed(0)
     index = torch.randint(0, min(n_rows, 5000), (3000,), generator=generator)
     values, slots = distinct(index, n_rows)
-    assert torch.equal(values, torch.unique(index)) and torch.equal(values[slots], index)
+    unique = torch.unique(index)
+    assert len(values) == -(-len(unique) // rounding) * rounding
+    assert torch.equal(values[:len(unique)], unique) and torch.equal(values[slots], index)
 
 
 def test_relu_dropout_mask_and_gradient():
