@@ -105,6 +105,13 @@ class Plan:
         return self.impl in ('compile', 'fused')
 
     @property
+    def static_shapes(self):
+        """Whether a step's tensors keep their shapes from step to step: under torch.compile (a
+        new shape compiles again) and on CUDA (sizing a tensor by a count read back would wait
+        for the device). Elsewhere, eager on a CPU, a count is read for free."""
+        return self.compiled or self.device.type == 'cuda'
+
+    @property
     def whole_step(self):
         """Whether the compiled training step holds the optimizer's update too (whole_step.py):
         --impl compile on a CPU, in one process (DDP's all-reduce hooks into autograd, which

@@ -8,10 +8,13 @@ process draws alike (so the rows and their order are the same in each):
     rows   [capacity]  the distinct indices, ascending, then the first one again as padding
     slots  [batch]     each sample's position in `rows`
 
-capacity = min(batch, the table's rows): fixed shapes (a compiled step compiles once) and
-nothing read back to the host. The model reads copies of those rows (leaves of autograd), so
-their gradients, [capacity, width], are the touched rows' summed gradients; under torchrun they
-are averaged across processes, as DDP averages the dense ones.
+capacity = min(batch, the table's rows) where the plan keeps static shapes (a compiled step
+compiles once, and CUDA reads nothing back to the host); elsewhere (eager on a CPU) the rows are
+exactly the distinct ones, whose count costs nothing to read: no padding gathered and updated
+(at ML-20m's shape, batch 2^16, a batch touches ~44,700 users: the capacity is 65,536). The
+model reads copies of those rows (leaves of autograd), so their gradients, [capacity, width],
+are the touched rows' summed gradients; under torchrun they are averaged across processes, as
+DDP averages the dense ones.
 
 Lazy Adam (TensorFlow's LazyAdam, torch's SparseAdam): a touched row's moments and weights take
 Adam's step, bias-corrected by the global step count; an untouched row keeps its moments and
@@ -35,16 +38,22 @@ from ncflib.cli import UsageError
 SPARSE_OPTIMIZERS = {'adam': 'LazyAdam', 'sgd': 'LazySGD'}
 
 
-def touched_rows(index, capacity):
+def touched_rows(index, capacity=None):
     """(rows [capacity], slots like `index`, source [capacity]: the slot whose gradient each
-    entry of `rows` takes, itself or 0 for the padding) of one side's indices."""
+    entry of `rows` takes, itself or 0 for the padding) of one side's indices; capacity None:
+    the distinct rows alone (their count read on the host), and source None."""
     ordered, order = torch.sort(index)
     new = torch.ones_like(ordered, dtype=torch.bool)
     new[1:] = ordered[1:] != ordered[:-1]
     sorted_slots = new.cumsum(0) - 1
     slots = torch.empty_like(index).scatter_(0, order, sorted_slots)
+    exact = capacity is None
+    if exact:
+        capacity = int(sorted_slots[-1]) + 1
     # every sample of a row writes the same value into its slot; the padding is the first row
     rows = ordered[:1].expand(capacity).clone().scatter_(0, sorted_slots, ordered)
+    if exact:
+        return rows, slots, None
     source = torch.arange(capacity, device=index.device)
     source = source.masked_fill_(source > sorted_slots[-1], 0)
     return rows, slots, source
@@ -59,8 +68,8 @@ class LazyAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, touched):
-        """touched: {table: (rows, source, the rows as gathered (updated here), their
-        gradient)}. One call of Adam's kernel for every table of a group."""
+        """touched: {table: (rows, source (None: each row its own slot), the rows as gathered
+        (updated here), their gradient)}. One call of Adam's kernel for every table of a group."""
         for group in self.param_groups:
             tables = group['params']
             for table in tables:
@@ -75,8 +84,8 @@ class LazyAdam(torch.optim.Optimizer):
                         for state, index in zip(states, rows)]
             exp_avg_sqs = [state['exp_avg_sq'].index_select(0, index)
                            for state, index in zip(states, rows)]
-            adam(weights, [touched[table][3].index_select(0, touched[table][1])
-                           for table in tables],
+            adam(weights, [grad if source is None else grad.index_select(0, source)
+                           for _, source, _, grad in (touched[table] for table in tables)],
                  exp_avgs, exp_avg_sqs, [], [state['step'] for state in states],
                  foreach=False, fused=group['fused'], amsgrad=False, beta1=group['betas'][0],
                  beta2=group['betas'][1], lr=group['lr'], weight_decay=0.0, eps=group['eps'],
@@ -129,8 +138,9 @@ class SparseUpdates:
     def gather(self, users, items):
         """For a global batch's users and items: their slots (the model's indices into the rows)
         and {table name: the touched rows' copy, a leaf of autograd}."""
-        sides = {'user': touched_rows(users, self.capacity['user']),
-                 'item': touched_rows(items, self.capacity['item'])}
+        capacity = self.capacity if self.plan.static_shapes else {'user': None, 'item': None}
+        sides = {'user': touched_rows(users, capacity['user']),
+                 'item': touched_rows(items, capacity['item'])}
         rows, self.touched = {}, {}
         for name, table in self.tables.items():
             index, _, source = sides[self.side(name)]

@@ -24,6 +24,21 @@ def test_the_touched_rows_of_a_batch():
     assert source.tolist() == [0, 1, 2, 0]        # the padding takes the first row's gradient
     rows, slots, source = touched_rows(torch.tensor([3, 3]), 2)
     assert (rows.tolist(), slots.tolist(), source.tolist()) == ([3, 3], [0, 0], [0, 0])
+    # without a capacity (no static shapes: eager on a CPU), the distinct rows alone
+    rows, slots, source = touched_rows(torch.tensor([5, 2, 5, 9, 2]))
+    assert (rows.tolist(), slots.tolist(), source) == ([2, 5, 9], [1, 0, 1, 2, 0], None)
+
+
+@pytest.mark.parametrize('impl, static', [('eager', False), ('cpu_fused', False),
+                                          ('compile', True)])
+def test_the_rows_a_step_gathers_are_the_touched_ones_or_a_fixed_capacity(impl, static):
+    plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl=impl))
+    assert plan.static_shapes == static
+    net = plan.build_model(ModelShape('neumf', 8, (16, 8), 0.0), 50, 40)
+    sparse = SparseUpdates(plan, net, 400, 'adam', 0.01, (0.9, 0.999), 1e-8)
+    _, _, rows = sparse.gather(torch.tensor([7, 3, 7]), torch.tensor([1, 1, 2]))
+    assert len(rows['mlp_user_embed']) == (50 if static else 2)
+    assert len(rows['mf_item_embed']) == (40 if static else 2)
 
 
 @pytest.mark.parametrize('fused', [False, True])
