@@ -68,7 +68,7 @@ MODEL_CLASSES = {model.NAME: model for model in (CpuFusedNeuMF, CpuFusedGMF, Cpu
 
 # The (micro-)batch from which the first layer is computed per distinct row: below it, the
 # gathers and sums per row cost about what they save (forward and backward of NeuMF 256-128-64
-# at ML-100k, 2 vCPU AMD EPYC: level at 320 samples, 12% faster at 640, 40% at 2,048).
+# at ML-100k, in one process, 2 vCPU AMD EPYC: level at 320 samples, 12% faster at 640).
 DISTINCT_FROM = 512
 # The counts of distinct rows are rounded up to a multiple of this (the padding repeats a row and
 # takes no gradient): oneDNN's bf16 matrix products compile a kernel for each new shape (~0.7 ms

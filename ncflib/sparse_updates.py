@@ -48,7 +48,7 @@ def touched_rows(index, capacity=None):
     sorted_slots = new.cumsum(0) - 1
     slots = torch.empty_like(index).scatter_(0, order, sorted_slots)
     exact = capacity is None
-    if exact:
+    if exact:  # read on the host: free on a CPU, where alone it runs (Plan.static_shapes)
         capacity = int(sorted_slots[-1]) + 1
     # every sample of a row writes the same value into its slot; the padding is the first row
     rows = ordered[:1].expand(capacity).clone().scatter_(0, sorted_slots, ordered)
