@@ -108,7 +108,7 @@ class Plan:
     def static_shapes(self):
         """Whether a step's tensors keep their shapes from step to step: under torch.compile (a
         new shape compiles again) and on CUDA (sizing a tensor by a count read back would wait
-        for the device). Elsewhere, eager on a CPU, a count is read for free."""
+        for the device). Elsewhere (eager and cpu_fused on a CPU) a count is read for free."""
         return self.compiled or self.device.type == 'cuda'
 
     @property

@@ -9,12 +9,12 @@ process draws alike (so the rows and their order are the same in each):
     slots  [batch]     each sample's position in `rows`
 
 capacity = min(batch, the table's rows) where the plan keeps static shapes (a compiled step
-compiles once, and CUDA reads nothing back to the host); elsewhere (eager on a CPU) the rows are
-exactly the distinct ones, whose count costs nothing to read: no padding gathered and updated
-(at ML-20m's shape, batch 2^16, a batch touches ~44,700 users: the capacity is 65,536). The
-model reads copies of those rows (leaves of autograd), so their gradients, [capacity, width],
-are the touched rows' summed gradients; under torchrun they are averaged across processes, as
-DDP averages the dense ones.
+compiles once, and CUDA reads nothing back to the host); elsewhere (eager and cpu_fused on a
+CPU) the rows are exactly the distinct ones, whose count costs nothing to read: no padding
+gathered and updated (at ML-20m's shape, batch 2^16, a batch touches ~44,700 users: the
+capacity is 65,536). The model reads copies of those rows (leaves of autograd), so their
+gradients, [capacity, width], are the touched rows' summed gradients; under torchrun they are
+averaged across processes, as DDP averages the dense ones.
 
 Lazy Adam (TensorFlow's LazyAdam, torch's SparseAdam): a touched row's moments and weights take
 Adam's step, bias-corrected by the global step count; an untouched row keeps its moments and
