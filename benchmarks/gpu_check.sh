@@ -7,10 +7,13 @@
 #                                          == eager in fp32 on CUDA, bf16 / fp16 / tf32 within
 #                                          tolerance
 #   bash benchmarks/gpu_check.sh kernels   the Triton kernel tests on the GPU (pytest -m gpu)
+#   bash benchmarks/gpu_check.sh data      the ML-20m-shaped cache alone (CPU work: it can run
+#                                          beside tests and kernels)
 #   bash benchmarks/gpu_check.sh speed     throughput.py at ML-20m's shape, batch 2^20 (the
 #                                          reference's configuration, each knob, compile, fused,
-#                                          the default in fp16), then HR@10 per epoch of the
-#                                          default beside --plain --precision fp32
+#                                          the default in fp16)
+#   bash benchmarks/gpu_check.sh accuracy  HR@10 per epoch of the default beside --plain
+#                                          --precision fp32
 #   bash benchmarks/gpu_check.sh serve     --mode recommend for every user, --eval_mode full,
 #                                          inference.py default beside --plain fp16, and with two
 #                                          GPUs the 2-process launch
@@ -21,17 +24,21 @@
 # The CUDA tests and the Triton kernel tests are two stages: with a cold cache the CUDA tests
 # compile six runs under torch.compile (some 25 s each on an H200) and the kernel tests some 30
 # Triton kernels (a few seconds each), together past one stage's 4 minutes. Each has its own
-# step timeout within them (230 s and 200 s); a rerun on the same machine finds both compilers'
-# caches in WORK.
+# step timeout within them (230 s and 200 s), each runs its tests in JOBS (default 4) processes,
+# and the two can run at once beside the data stage (each uses the GPU lightly, and the
+# compilers the CPU); a rerun on the same machine finds both compilers' caches in WORK. The
+# speed and accuracy stages time the GPU: run them alone.
 #
 # Every stage but summary (which reads only what the others wrote) first checks that torch,
-# triton, pyarrow and gcc (which torch.compile and Triton compile with) are there, and stops in
-# one line naming those missing, before any work. OUT (default ./gpu-check) collects what each
+# triton, pyarrow and gcc (which torch.compile and Triton compile with) are there, the test
+# stages also optuna and pytest-xdist (collecting the suite imports optuna; a machine without a
+# registry takes them as carried wheels), and stops in one line naming those missing, before any
+# work. OUT (default ./gpu-check) collects what each
 # step printed; WORK (default /tmp/ncf-gpu) holds the ML-20m-shaped data, the checkpoints and
 # torch.compile's and Triton's caches, shared by the stages and by the tests (a stage on a fresh
 # machine makes what it needs again). EPOCHS (default 3) epochs for the HR comparison.
 set -uo pipefail
-STAGES='tests kernels speed serve memory summary'
+STAGES='tests kernels data speed accuracy serve memory summary'
 STAGE=${1:-}
 if [ -z "${STAGE}" ]; then
     sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2
@@ -46,8 +53,9 @@ fi
 require_tools() {
     local missing
     missing=$(python -c 'import importlib.util
-print(" ".join(name for name in ("torch", "triton", "pyarrow")
-               if importlib.util.find_spec(name) is None))' 2>/dev/null) || missing=python
+import sys
+print(" ".join(name for name in sys.argv[1:] if importlib.util.find_spec(name) is None))' \
+        "$@" 2>/dev/null) || missing=python
     command -v gcc > /dev/null || missing="${missing:+${missing} }gcc"
     if [ -n "${missing}" ]; then
         echo "gpu_check.sh: error: the ${STAGE} stage needs ${missing// /, }, not found" \
@@ -55,12 +63,17 @@ print(" ".join(name for name in ("torch", "triton", "pyarrow")
         exit 1
     fi
 }
-[ "${STAGE}" = summary ] || require_tools
+case ${STAGE} in
+summary) ;;
+tests|kernels) require_tools torch triton pyarrow optuna xdist ;;
+*) require_tools torch triton pyarrow ;;
+esac
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-./gpu-check}
 WORK=${WORK:-/tmp/ncf-gpu}
 EPOCHS=${EPOCHS:-3}
+JOBS=${JOBS:-4}
 DATA="${WORK}/synthetic-ml-20m/cache"
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-${WORK}/inductor} \
     TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-${WORK}/triton}
@@ -89,7 +102,7 @@ throughput.prepare_data(throughput.parse_args(sys.argv[1:]), 'ml-20m')
 PY
 }
 
-# A trained default model for the serving steps (the speed stage's, or one epoch now).
+# A trained default model for the serving steps (the accuracy stage's, or one epoch now).
 model() {
     [ -f "${WORK}/default/model.pth" ] || step model 120 python ncf.py --data "${DATA}" -e 1 \
         --checkpoint_dir "${WORK}/default"
@@ -99,14 +112,20 @@ case ${STAGE} in
 tests)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "${OUT}/gpu.txt" 2>&1
     cat "${OUT}/gpu.txt" >&2
-    step tests 230 python -m pytest -q -m cuda tests
+    step tests 230 python -m pytest -q -n "${JOBS}" -m cuda tests
     ;;
 kernels)
-    step kernels 200 python -m pytest -q -m gpu tests
+    step kernels 200 python -m pytest -q -n "${JOBS}" -m gpu tests
+    ;;
+data)
+    data
     ;;
 speed)
     data
     step throughput 200 python benchmarks/throughput.py --data "${DATA}"
+    ;;
+accuracy)
+    data
     rm -rf "${WORK}/default" "${WORK}/plain"
     step hr_default 90 python ncf.py --data "${DATA}" -e "${EPOCHS}" \
         --checkpoint_dir "${WORK}/default"

@@ -566,11 +566,11 @@ def gpu_check(stage, tmp_path, path=None):
 def test_gpu_check_lists_its_stages_and_refuses_others(tmp_path):
     usage = gpu_check(None, tmp_path)
     assert usage.returncode == 2
-    for stage in ('tests', 'kernels', 'speed', 'serve', 'memory', 'summary'):
+    for stage in ('tests', 'kernels', 'data', 'speed', 'accuracy', 'serve', 'memory', 'summary'):
         assert f'gpu_check.sh {stage} ' in usage.stderr
     unknown = gpu_check('test', tmp_path)
     assert unknown.returncode == 2
-    assert_one_line_error(unknown, 'no stage test: one of tests, kernels, speed')
+    assert_one_line_error(unknown, 'no stage test: one of tests, kernels, data, speed')
     assert not (tmp_path / 'gpu-check').exists()
 
 
@@ -583,7 +583,9 @@ def test_gpu_check_stops_before_any_work_without_its_tools(tmp_path):
     os.symlink(subprocess.run(['sh', '-c', 'command -v dirname'], capture_output=True,
                               text=True).stdout.strip(), bin_directory / 'dirname')
     for options, stage, missing in (('', 'tests', 'needs gcc, not found'),
-                                    ('-S', 'kernels', 'needs torch, triton, pyarrow, gcc,')):
+                                    ('-S', 'kernels',
+                                     'needs torch, triton, pyarrow, optuna, xdist, gcc,'),
+                                    ('-S', 'speed', 'needs torch, triton, pyarrow, gcc,')):
         python.write_text(f'#!/bin/sh\nexec {PYTHON} {options} "$@"\n')
         python.chmod(0o755)
         completed = gpu_check(stage, tmp_path, path=str(bin_directory))
