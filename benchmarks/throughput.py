@@ -130,6 +130,7 @@ def time_row(name, plan, updates, dataset, args):
         step(index)
         step_times.append(plan.time() - begin)
     step_time = statistics.median(step_times)
+    profile = profile_steps(name, step, plan, args) if args.profile else None
     figures = {
         'row': name,
         'impl': plan.impl,
@@ -142,6 +143,8 @@ def time_row(name, plan, updates, dataset, args):
         'train_step_samples_per_s': args.batch_size / step_time,
         'first_step_s': first_step,
     }
+    if profile is not None:
+        figures['profile'] = profile
     line = (f'{name:>28}: step {figures["step_ms"]:.2f} ms = '
             f'{figures["train_step_samples_per_s"]:.3e} samples/s')
     if not args.steps_only:
@@ -167,6 +170,32 @@ def time_row(name, plan, updates, dataset, args):
     figures['peak_memory_gib'] = runtime.peak_memory_gib(plan.device)
     print(f'{line}, first step after {first_step:.2f} s', file=sys.stderr, flush=True)
     return figures
+
+
+def profile_steps(name, step, plan, args):
+    """The --profile operators with the most self time per step over --steps more steps, as
+    [name, ms per step, calls per step]: on CUDA the kernels, by device time (the operators
+    that launched them would count it twice), on a CPU the operators, by host time. Printed as
+    a table too."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_cuda = plan.device.type == 'cuda'
+    if on_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        for index in range(3, 3 + args.steps):
+            step(index)
+        plan.time()  # the queued kernels finish inside the profile
+    key = 'self_device_time_total' if on_cuda else 'self_cpu_time_total'
+    kind = torch.autograd.DeviceType.CUDA if on_cuda else torch.autograd.DeviceType.CPU
+    events = sorted((event for event in profiler.key_averages() if event.device_type == kind),
+                    key=lambda event: getattr(event, key), reverse=True)[:args.profile]
+    rows = [[event.key, round(getattr(event, key) / 1000 / args.steps, 4),
+             round(event.count / args.steps, 2)] for event in events]
+    print(f'{name}: the {len(rows)} {"kernels" if on_cuda else "operators"} with the most self '
+          'time per step', file=sys.stderr)
+    for operator, ms, calls in rows:
+        print(f'    {ms:9.4f} ms {calls:6g}x  {operator[:100]}', file=sys.stderr)
+    return rows
 
 
 def time_full_ranking(plan, dataset, args):
@@ -241,9 +270,15 @@ def parse_args(argv=None):
     parser.add_argument('--steps_only', action='store_true',
                         help='with --only_updates: time the steps alone, not an epoch and an '
                              'evaluation (for shapes whose epoch takes minutes)')
+    parser.add_argument('--profile', type=int, default=0, metavar='K',
+                        help="each row's K operators with the most self time per step (on "
+                             "CUDA the kernels' device time), after its timed steps, in its "
+                             "JSON as 'profile' (0: none)")
     parser.add_argument('--workdir', default=os.path.join(tempfile.gettempdir(), 'ncf-bench'))
     parser.add_argument('-s', '--seed', type=int, default=1)
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f'--profile must be at least 0, not {args.profile}')
     for name in ('batch_size', 'steps'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f'--{name} must be at least 1, not {getattr(args, name)}')

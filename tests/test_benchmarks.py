@@ -60,10 +60,17 @@ def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
     completed = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
          '--device', 'cpu', '--batch_size', '4096', '--steps', '2', '-f', '8', '--layers', '32',
-         '16', '8', '--only_updates'], capture_output=True, text=True, timeout=300)
+         '16', '8', '--only_updates', '--profile', '3'], capture_output=True, text=True,
+        timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     assert [row['embedding_updates'] for row in result['rows']] == ['dense', 'sparse']
+    for row in result['rows']:  # --profile: the three operators with the most time per step
+        assert len(row['profile']) == 3 and all(name for name, _, _ in row['profile'])
+        times = [ms for _, ms, _ in row['profile']]
+        assert times == sorted(times, reverse=True) and times[-1] > 0
+        assert all(calls > 0 for _, _, calls in row['profile'])
+    assert completed.stderr.count('operators with the most self time per step') == 2
     assert result['rows'][1]['hr_after_one_epoch'] > 0 and result['sparse_over_dense_epoch'] > 0
     completed = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
@@ -81,6 +88,10 @@ def test_throughput_times_dense_and_sparse_updates_alone(tiny_data):
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
          '--steps_only'], capture_output=True, text=True, timeout=300)
     assert_one_line_error(completed, '--steps_only goes with --only_updates')
+    completed = subprocess.run(
+        [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
+         '--profile', '-1'], capture_output=True, text=True, timeout=300)
+    assert_one_line_error(completed, '--profile must be at least 0, not -1')
     completed = subprocess.run(
         [sys.executable, os.path.join(BENCHMARKS, 'throughput.py'), '--data', tiny_data,
          '--device', 'cpu', '--only_updates', '--impl', 'fused'], capture_output=True,
