@@ -190,15 +190,17 @@ def test_low_precision_tables_get_gradients_in_their_dtype(kernels):
 
 @pytest.mark.parametrize('exact', [True, False])
 def test_fused_adam_steps_match(kernels, exact):
-    """Four steps of Adam(fused=True) over the dense gradients: parameters and both moments as
-    with torch's own gradients, the rows outside the later batches included (their moments
+    """Adam(fused=True) over the dense gradients: parameters and both moments as with torch's
+    own gradients. Bit for bit after one step from exact tables (after an Adam step they are
+    exact no longer, and a GPU's atomic sums of the GMF products then round in any order);
+    within rounding after four, the rows outside the later batches included (their moments
     decay and the parameters keep moving as Adam's do with zero gradients)."""
     n_users, n_items, F, H, B = 13, 11, 5, 6, 80
     ts_fused = tables(n_users, n_items, F, H, exact=exact)
     ts_ref = [t.detach().clone().requires_grad_() for t in ts_fused]
     opts = [torch.optim.Adam(ts, lr=0.01, betas=(0.25, 0.5), fused=True)
             for ts in (ts_fused, ts_ref)]
-    for step in range(4):
+    for step in range(1 if exact else 4):
         user, item = indices(n_users, n_items, B, seed=10 + step, spare=2 if step else 0)
         w = weights(B, F, H, torch.float32, exact=exact, seed=20 + step)
         for fn, ts, opt in ((fused.gather_inputs, ts_fused, opts[0]),
@@ -213,7 +215,7 @@ def test_fused_adam_steps_match(kernels, exact):
         for key in ('exp_avg', 'exp_avg_sq'):
             assert check(opts[0].state[a][key], opts[1].state[b][key])
         # The last two rows occurred in the first batch only: moments decayed, not zero.
-        assert opts[0].state[a]['exp_avg'][-2:].abs().min() > 0
+        assert exact or opts[0].state[a]['exp_avg'][-2:].abs().min() > 0
 
 
 # torch.compile and the custom ops -----------------------------------------------------------
