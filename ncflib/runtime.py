@@ -21,6 +21,7 @@ import platform
 import re
 import statistics
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,8 @@ CUDA_SCORING_PAIRS = 2 ** 24
 COMPILE_CACHE_ENV = 'NCF_COMPILE_CACHE'
 # Beside it, the CPU precision measured fastest, per CPU, thread count, torch and model shape.
 CPU_PRECISION_FILE = 'cpu_precision.json'
+# The start of the UserWarning torch.compile gives on CUDA while TF32 is off.
+TF32_ADVICE = 'TensorFloat32 tensor cores for float32 matrix multiplication available'
 
 
 def cache_home():
@@ -544,6 +547,9 @@ def resolve(options=PlanOptions(), model_shape=ModelShape(), valid_batch_size=2 
     if not cpu:
         # TF32 matrix products only where asked for: fp32 stays strict
         torch.set_float32_matmul_precision('high' if precision == 'tf32' else 'highest')
+        # torch.compile advises TF32 whenever it is off; here that is the plan's choice
+        # (--precision tf32 turns it on), so the advice is noise in every run's output
+        warnings.filterwarnings('ignore', message=TF32_ADVICE)
     return Plan(device=device, precision=precision, impl=impl,
                 micro_batch=CPU_MICRO_BATCH if cpu else None, valid_batch_size=valid_batch_size,
                 fused_optimizer=True, rank=processes.rank, world_size=processes.world_size,

@@ -3,13 +3,15 @@ the batch's update, every implementation training as the eager model does, resum
 uninterrupted run, a run that diverges stopping, and one pinned golden-number run."""
 import dataclasses
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import dataloading
 import ncf
-from conftest import SMALL, assert_one_line_error, fails, flags
+from conftest import ENV, ROOT, SMALL, assert_one_line_error, fails, flags
 from logger.logger import read_log
 from ncflib import checkpoints, evaluation, runtime, training
 from ncflib.models import NeuMF
@@ -158,6 +160,20 @@ def test_every_implementation_trains_as_eager_does(device, impl, small_data, cap
 def test_gpu_mixed_precision_and_fused_adam(tiny_data):
     result = ncf.main(flags(tiny_data, epochs=3, amp=True, device='cuda'))
     assert result['best_hr'] > popularity_hr(tiny_data)
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_run_prints_no_tf32_advice(tiny_data, tmp_path):
+    """torch.compile's advice to turn TF32 on is not printed: the plan chose the precision. In
+    a process of its own: torch gives the advice once per process."""
+    completed = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'ncf.py')]
+        + flags(tiny_data, epochs=1, device='cuda', impl='compile',
+                checkpoint_dir=tmp_path / 'ck', log_path=tmp_path / 'log.json'),
+        capture_output=True, text=True, env=ENV, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = completed.stdout + completed.stderr
+    assert 'Compiled' in output and runtime.TF32_ADVICE not in output
 
 
 @pytest.mark.cuda
