@@ -187,7 +187,10 @@ def profile_steps(name, step, plan, args):
         plan.time()  # the queued kernels finish inside the profile
     key = 'self_device_time_total' if on_cuda else 'self_cpu_time_total'
     kind = torch.autograd.DeviceType.CUDA if on_cuda else torch.autograd.DeviceType.CPU
-    events = sorted((event for event in profiler.key_averages() if event.device_type == kind),
+    # not the user annotations (an optimizer's step): their device time is their kernels'
+    events = sorted((event for event in profiler.key_averages()
+                     if event.device_type == kind
+                     and not getattr(event, "is_user_annotation", False)),
                     key=lambda event: getattr(event, key), reverse=True)[:args.profile]
     rows = [[event.key, round(getattr(event, key) / 1000 / args.steps, 4),
              round(event.count / args.steps, 2)] for event in events]
