@@ -210,14 +210,17 @@ def recommend_users(args, plan, setup):
     id_maps = read_id_maps(args.data, setup.dataset.metadata)
     users = recommend.requested_users(id_maps[0], recommend.read_users(args.users,
                                                                        args.users_file))
-    items, logits = recommend.recommend(plan, setup.model, setup.known_exclusion, users,
-                                        args.topk)
+    items, logits, compiling = recommend.recommend(plan, setup.model, setup.known_exclusion,
+                                                   users, args.topk)
     rows = recommend.write(args.output, id_maps, users, items, logits)
     seconds = plan.time() - start
     print(f'Recommended up to {args.topk} items for each of {len(users)} users ({rows} rows)'
           + (f' to {args.output}' if args.output else '')
-          + f' in {seconds:.2f} s after loading the data', file=sys.stderr)
-    return {'users': len(users), 'rows': rows, 'seconds': seconds}
+          + f' in {seconds:.2f} s after loading the data'
+          + (f' ({compiling:.1f} s of it compiling the scoring)' if compiling else ''),
+          file=sys.stderr)
+    return {'users': len(users), 'rows': rows, 'seconds': seconds,
+            'compile_seconds': compiling}
 
 
 def evaluations_of(args, plan, setup):

@@ -182,6 +182,13 @@ class Scorer:
             for copy, trained in zip(self.model.parameters(), self.source.parameters()):
                 copy.copy_(trained)
 
+    def score_chunk_sizes(self, users, sizes):
+        """All-items scores of the first rows of `users` once per chunk size in `sizes`: under
+        a compiled plan, each size's compilation done before a clock starts."""
+        with torch.no_grad():
+            for rows in sorted(sizes):
+                self.all_items(users[:rows])
+
 
 class Evaluation:
     """This rank's share of the users (contiguous chunks) of the test set, or of the validation
@@ -321,11 +328,11 @@ class Evaluation:
             return 0.0
         start = self.plan.time()
         self.scorer.refresh()
-        with torch.no_grad():
-            if self.full:
-                for rows in sorted({chunk[1] - chunk[0] for chunk in self.chunks}):
-                    self.scorer.all_items(self.users[:rows])
-            else:  # the two sizes of chunk (with several positives: any size, once)
+        if self.full:
+            self.scorer.score_chunk_sizes(self.users,
+                                          {chunk[1] - chunk[0] for chunk in self.chunks})
+        else:  # the two sizes of chunk (with several positives: any size, once)
+            with torch.no_grad():
                 for chunk in {self.chunks[0], self.chunks[-1]} if self.chunks else ():
                     self._sampled_chunk(*chunk)
         return self.plan.time() - start

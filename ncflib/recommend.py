@@ -8,7 +8,7 @@ Writes CSV `user_id,rank,item_id,score` (score: the model's probability), to --o
 
     wanted = read_users(users, users_file)            # their own ids, or None: every user
     users = requested_users(user_ids, wanted)         # mapped ids
-    items, logits = recommend(plan, model, exclusion, users, topk)
+    items, logits, compiling = recommend(plan, model, exclusion, users, topk)
     write(output, (user_ids, item_ids), users, items, logits)
 """
 import csv
@@ -126,11 +126,20 @@ def csv_rows(user_ids, item_ids, users, items, logits):
 
 
 def recommend(plan, model, exclusion, users, topk):
-    """(items, logits) of each of `users` (mapped ids, a list): its `topk` items that are not
-    among its training items, best first, scored by a copy of `model` cast once to the plan's
-    precision; on the device."""
+    """(items, logits, seconds compiling) of each of `users` (mapped ids, a list): its `topk`
+    items that are not among its training items, best first, scored by a copy of `model` cast
+    once to the plan's precision; on the device. A compiled plan compiles the scoring of each
+    chunk size first (0 seconds where it does not compile)."""
     users = torch.tensor(users, device=plan.device, dtype=torch.long)
-    return top_items(Scorer(plan, model), exclusion, users, topk)
+    scorer = Scorer(plan, model)
+    compiling = 0.0
+    if plan.compiled:
+        start = plan.time()
+        scorer.refresh()
+        rows = scorer.rows_per_chunk(exclusion.n_items)
+        scorer.score_chunk_sizes(users, {min(rows, len(users)), len(users) % rows} - {0})
+        compiling = plan.time() - start
+    return (*top_items(scorer, exclusion, users, topk), compiling)
 
 
 def write(output, id_maps, users, items, logits):
