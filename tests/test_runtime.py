@@ -10,7 +10,7 @@ import torch
 
 import ncf
 from conftest import SMALL, fails, flags
-from ncflib import runtime
+from ncflib import fused, runtime
 from ncflib.cli import UsageError
 from ncflib.models import ModelShape, NeuMF
 
@@ -108,6 +108,9 @@ def test_implementation_auto_and_misuse(monkeypatch):
     assert runtime.resolve_impl(CPU, 'compile') == ('compile', None)
     with pytest.raises(UsageError, match='cpu_fused is for CPUs'):
         runtime.resolve_impl(CUDA, 'cpu_fused')
+    # Triton defines its own jit helpers (tl.cdiv...) when imported, reading TRITON_INTERPRET:
+    # imported first without it, they would break every interpreted kernel after this test
+    fused.available()
     monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     with pytest.raises(UsageError, match='--impl fused'):
         runtime.resolve_impl(CPU, 'fused')
@@ -214,10 +217,6 @@ def test_together_shares_a_failure_and_the_collectives_of_one_process():
                         'by a remote worker hanging. GLHF!')
     assert runtime.peer_failure(gloo) == 'Read error [127.0.0.1]:20386: Connection reset by peer'
     assert runtime.peer_failure(ValueError('no')) is None
-
-
-
-
 
 
 def test_autocast_only_where_the_compute_dtype_is_not_fp32():
