@@ -94,10 +94,11 @@ def distinct(index, n_rows):
 
 
 def gradient_sink(table):
-    """Where a table's gradient goes: for the touched rows of sparse updates (sparse_updates.py
-    marks them `gradient_sink`), their `.grad`, summed into, which then takes every
-    micro-batch's gradient without a zero-filled tensor and a sum for each; None for a dense
-    table, whose gradient the backward returns (Adam's dense semantics need it)."""
+    """Where a table's gradient goes: for a table marked `gradient_sink` (sparse updates'
+    touched rows, and a dense table whose gradient the trainer keeps from step to step: see
+    Plan.kept_table_gradients), its `.grad`, summed into, which then takes every micro-batch's
+    gradient without a zero-filled tensor and a sum for each; else None, and the backward
+    returns a table-sized gradient (under DDP, which all-reduces what autograd hands over)."""
     return table.grad if getattr(table, 'gradient_sink', False) else None
 
 

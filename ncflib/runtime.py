@@ -124,6 +124,15 @@ class Plan:
         return self.impl == 'compile' and self.device.type == 'cpu' and not self.distributed \
             and not self.compile_fallback
 
+    @property
+    def kept_table_gradients(self):
+        """Whether the tables' dense gradients are kept from step to step, the backward adding
+        each micro-batch's rows into them and the step zeroing only the rows it touched:
+        cpu_fused's Functions write the gradients themselves (autograd's embedding backward
+        makes a table-sized one of its own), and not under DDP, which needs autograd to hand
+        every gradient over for its all-reduce."""
+        return self.impl == 'cpu_fused' and not self.distributed
+
     def autocast(self):
         """Mixed precision for the training forward: the weights stay fp32. Off where the
         compute dtype is fp32 (fp32, and tf32, whose TF32 products are a matmul setting)."""

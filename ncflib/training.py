@@ -148,6 +148,16 @@ class Trainer:
         self.optimizer = plan.optimizer(parameter_groups(model, weight_decay,
                                                          tables=self.sparse is None),
                                         optimizer, learning_rate, betas, eps)
+        # {table: 'user' or 'item'}: dense gradients kept from step to step (the plan says
+        # where), which cpu_fused's backward sums into (gradient sinks, as sparse updates'
+        # rows are): no table-sized zero-fill, allocation and sum for every micro-batch
+        self.kept_gradients = {}
+        for name, module in model.embeddings().items():
+            table = module.weight
+            table.gradient_sink = self.sparse is None and plan.kept_table_gradients
+            if table.gradient_sink:
+                table.grad = torch.zeros_like(table)
+                self.kept_gradients[table] = SparseUpdates.side(name)
         self.scaler = plan.grad_scaler()
         loss = TrainingLoss(model, plan.autocast, embedding_l2)
         # the plan's whole-step graph (optimizer included), or the loss's graph and autograd
@@ -185,8 +195,19 @@ class Trainer:
         self.scaler.update()
         if self.sparse is not None:
             self.sparse.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.clear_gradients(users, items)
         return loss_sum
+
+    def clear_gradients(self, users, items):
+        """Every gradient to None for the next step, but a kept table gradient: the rows of the
+        step's `users` or `items` zeroed, the only rows a step's table gradient has (its
+        samples' rows, and --embedding_l2's penalty of those rows)."""
+        for group in self.optimizer.param_groups:
+            for parameter in group['params']:
+                if parameter not in self.kept_gradients:
+                    parameter.grad = None
+        for table, side in self.kept_gradients.items():
+            table.grad.index_fill_(0, users if side == 'user' else items, 0)
 
     def weights_are_finite(self):
         """Whether no weight is NaN or infinite (one synchronisation, once an epoch)."""

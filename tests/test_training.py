@@ -14,7 +14,7 @@ import ncf
 from conftest import ENV, ROOT, SMALL, assert_one_line_error, fails, flags
 from logger.logger import read_log
 from ncflib import checkpoints, evaluation, runtime, training
-from ncflib.models import NeuMF
+from ncflib.models import MODELS, ModelShape, NeuMF
 from ncflib.training import History, Trainer
 
 
@@ -92,6 +92,44 @@ def test_micro_batches_of_any_size_give_the_same_update():
         assert split_loss == pytest.approx(whole_loss, rel=1e-6)
         for key in whole:
             assert torch.allclose(whole[key], split[key], atol=1e-6), key
+
+
+@pytest.mark.parametrize('model', MODELS)  # MF's biases take autograd's gradient
+def test_kept_table_gradients_train_as_gradients_made_for_each_micro_batch(model, monkeypatch):
+    """cpu_fused keeps the tables' dense gradients from step to step, sums each micro-batch into
+    them and zeroes the step's rows after it: training as with a table-sized gradient made for
+    each micro-batch (bit for bit in whole batches; within rounding in micro-batches, whose
+    rows add up in another order), and every step leaves the same tensor, all zeros (users
+    40-49 are never drawn: rows that no step touches)."""
+    positives = dataloading.Dataset(train_users=torch.arange(40).repeat_interleave(5),
+                                    train_items=torch.arange(200) % 31, test_items=None,
+                                    test_negatives=None, n_users=50, n_items=31, metadata={})
+    plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='cpu_fused'))
+
+    def trained(micro_batch, kept):
+        monkeypatch.setattr(runtime.Plan, 'kept_table_gradients', property(lambda _: kept))
+        torch.manual_seed(0)
+        net = plan.build_model(ModelShape(model, 8, (16, 8), 0.0), 50, 31)
+        batches = dataloading.TrainBatches(positives, dataclasses.replace(
+            plan, micro_batch=micro_batch), 1200, 5)  # one step an epoch, of 1,200 samples
+        trainer = Trainer(plan, net, batches, 0.01, (0.9, 0.999), 1e-8, embedding_l2=1e-3)
+        tables = [module.weight for module in net.embeddings().values()]
+        gradients = [table.grad for table in tables]
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            trainer.epoch(generator)
+            for table, gradient in zip(tables, gradients):
+                assert table.grad is gradient and (gradient is None or not gradient.any())
+        assert all(gradient is not None for gradient in gradients) == kept
+        return net.state_dict()
+
+    for micro_batch in (None, 600):  # the first MLP layer per distinct row from 512 samples
+        kept, made = trained(micro_batch, True), trained(micro_batch, False)
+        for key in made:
+            if micro_batch is None:
+                assert torch.equal(kept[key], made[key]), key
+            else:
+                assert torch.allclose(kept[key], made[key], atol=1e-6), key
 
 
 @pytest.mark.parametrize('impl', ['auto', 'compile'])
