@@ -199,15 +199,22 @@ class Trainer:
         return loss_sum
 
     def clear_gradients(self, users, items):
-        """Every gradient to None for the next step, but a kept table gradient: the rows of the
-        step's `users` or `items` zeroed, the only rows a step's table gradient has (its
-        samples' rows, and --embedding_l2's penalty of those rows)."""
+        """Every gradient to None for the next step, but a kept table gradient, zeroed: the rows
+        of the step's `users` or `items`, the only rows a step's table gradient has (its
+        samples' rows, and --embedding_l2's penalty of those rows), or all of it where they are
+        more than an eighth of its rows (on 2 vCPU AMD EPYC a row zeroed by index costs what
+        seven zeroed in order do: at 65,536 indices into 138,493 rows of 128, 6.9 ms against 2.0;
+        at 2,048 into 200,948, 0.14 ms against 3.3)."""
         for group in self.optimizer.param_groups:
             for parameter in group['params']:
                 if parameter not in self.kept_gradients:
                     parameter.grad = None
         for table, side in self.kept_gradients.items():
-            table.grad.index_fill_(0, users if side == 'user' else items, 0)
+            index = users if side == 'user' else items
+            if len(index) * 8 > len(table):
+                table.grad.zero_()
+            else:
+                table.grad.index_fill_(0, index, 0)
 
     def weights_are_finite(self):
         """Whether no weight is NaN or infinite (one synchronisation, once an epoch)."""

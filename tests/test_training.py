@@ -94,22 +94,26 @@ def test_micro_batches_of_any_size_give_the_same_update():
             assert torch.allclose(whole[key], split[key], atol=1e-6), key
 
 
+@pytest.mark.parametrize('n_rows', [(50, 31), (10_000, 10_000)])  # all zeroed, or by index
 @pytest.mark.parametrize('model', MODELS)  # MF's biases take autograd's gradient
-def test_kept_table_gradients_train_as_gradients_made_for_each_micro_batch(model, monkeypatch):
+def test_kept_table_gradients_train_as_gradients_made_for_each_micro_batch(model, n_rows,
+                                                                          monkeypatch):
     """cpu_fused keeps the tables' dense gradients from step to step, sums each micro-batch into
     them and zeroes the step's rows after it: training as with a table-sized gradient made for
     each micro-batch (bit for bit in whole batches; within rounding in micro-batches, whose
     rows add up in another order), and every step leaves the same tensor, all zeros (users
-    40-49 are never drawn: rows that no step touches)."""
+    from 40 are never drawn: rows that no step touches)."""
+    n_users, n_items = n_rows
     positives = dataloading.Dataset(train_users=torch.arange(40).repeat_interleave(5),
                                     train_items=torch.arange(200) % 31, test_items=None,
-                                    test_negatives=None, n_users=50, n_items=31, metadata={})
+                                    test_negatives=None, n_users=n_users, n_items=n_items,
+                                    metadata={})
     plan = runtime.resolve(runtime.PlanOptions(device='cpu', precision='fp32', impl='cpu_fused'))
 
     def trained(micro_batch, kept):
         monkeypatch.setattr(runtime.Plan, 'kept_table_gradients', property(lambda _: kept))
         torch.manual_seed(0)
-        net = plan.build_model(ModelShape(model, 8, (16, 8), 0.0), 50, 31)
+        net = plan.build_model(ModelShape(model, 8, (16, 8), 0.0), n_users, n_items)
         batches = dataloading.TrainBatches(positives, dataclasses.replace(
             plan, micro_batch=micro_batch), 1200, 5)  # one step an epoch, of 1,200 samples
         trainer = Trainer(plan, net, batches, 0.01, (0.9, 0.999), 1e-8, embedding_l2=1e-3)
