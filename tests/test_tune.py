@@ -1,9 +1,11 @@
 """tune.py: a search on the validation holdout in a real SQLite study, resumed, shared by two
 workers, a worker killed or stopped mid-trial, other data or another space refused, and the test
 set never read before the search has ended."""
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 
@@ -221,23 +223,32 @@ def test_two_workers_share_one_study(holdout_data, space_file, tmp_path):
     assert any('Best of 5 trials' in out for out, _ in results)
 
 
-def wait_for_running(output, deadline=120):
+# A running trial with one to nine of SLOW's 12 epochs reported, read from optuna's tables.
+RUNNING_TRIAL = """SELECT number FROM trials JOIN trial_intermediate_values USING (trial_id)
+                   WHERE state = 'RUNNING' GROUP BY trial_id HAVING COUNT(*) BETWEEN 1 AND 9"""
+
+
+def wait_for_running(worker, output, deadline=120):
     """The number of a running trial, once it has trained an epoch (so, well into its
     training: its heartbeat beats) and while at least three of SLOW's 12 epochs remain (a trial
     seen at its end may have ended, and the next one begun, by the time the test stops its
-    worker; a window of one or two epochs can pass between two looks on a loaded machine,
-    reading the study taking longer than an epoch)."""
+    worker). Each look is one read-only query on a connection closed after it: optuna's own
+    storage would create tables where there are none yet and keep its connections open, and a
+    worker that waits on a lock over sqlite's timeout fails its commit."""
+    database = output / 'study.db'
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if (output / 'study.db').exists():
+        assert worker.poll() is None, worker.communicate()
+        if database.exists():
             try:
-                running = [t for t in load(output).trials if t.state == STATES.RUNNING
-                           and 1 <= len(t.intermediate_values) <= 9]
-            except Exception:  # the worker is creating the study's tables
+                with contextlib.closing(sqlite3.connect(f'file:{database}?mode=ro', uri=True,
+                                                        timeout=0.1)) as connection:
+                    running = connection.execute(RUNNING_TRIAL).fetchall()
+            except sqlite3.Error:  # the worker is creating the study's tables, or writing
                 running = []
             if running:
-                return running[0].number
-        time.sleep(0.05)
+                return running[0][0]
+        time.sleep(0.02)
     pytest.fail('no trial started')
 
 
@@ -252,7 +263,7 @@ def test_a_stopped_worker_s_trial_is_retried_once(holdout_data, space_file, tmp_
     worker = start_worker(*argv)
     if how == 'sigterm':
         wait_for_handlers(worker)
-    number = wait_for_running(output)
+    number = wait_for_running(worker, output)
     stopped = time.monotonic()
     worker.send_signal(signal.SIGKILL if how == 'kill' else signal.SIGTERM)
     _, stderr = worker.communicate(timeout=120)
